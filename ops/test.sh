@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one test command (README, .ci/run): installs what is missing, builds, starts the local
+# stack, runs the Rust unit tests and the integration tests (pytest, against the real stack,
+# checked with confluent-kafka, boto3, pyarrow and DuckDB), then stops the stack it started.
+#
+#   bash ops/test.sh              # everything
+#   bash ops/test.sh -k restart   # extra arguments go to pytest
+#
+# AEGIS_KEEP_STACK=1 leaves the stack running afterwards.
+set -euo pipefail
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+
+log() { printf '\n== %s\n' "$*"; }
+
+log "system packages"
+bash ops/install-deps.sh
+
+log "build (cargo, target dir ${CARGO_TARGET_DIR:-target})"
+cargo build --locked --bins --tests
+export AEGIS_BIN="${CARGO_TARGET_DIR:-$REPO/target}/debug/aegis-audit"
+
+log "lint (rustfmt, clippy)"
+cargo fmt --check
+cargo clippy --locked --all-targets -- -D warnings
+
+log "unit tests"
+cargo test --locked --lib --bins
+
+log "local stack"
+started_here=0
+if ! bash ops/stack.sh status >/dev/null 2>&1; then
+    started_here=1
+fi
+bash ops/stack.sh up
+if [[ $started_here == 1 && "${AEGIS_KEEP_STACK:-0}" != 1 ]]; then
+    trap 'bash ops/stack.sh down >/dev/null 2>&1 || true' EXIT
+fi
+eval "$(bash ops/stack.sh env)"
+
+log "integration tests (pytest, real stack)"
+"$AEGIS_PYTHON" -m pytest -q -p no:cacheprovider tests/py "$@"

@@ -1,0 +1,577 @@
+//! Configuration: one TOML file plus `AEGIS_*` environment overrides, validated into a typed
+//! [`Config`] before any client is built.
+//!
+//! Environment keys use `__` between levels: `AEGIS_KAFKA__BROKERS`, `AEGIS_SEGMENT__MAX_RECORDS`.
+//! Unknown keys are rejected (`deny_unknown_fields`) so a typo never silently falls back to a default.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+/// Config errors always name the key (or file) at fault; they are never retryable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config: {0}")]
+    Parse(String),
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("config file {path}: not found (pass --config or set AEGIS_CONFIG)")]
+    MissingFile { path: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { key, message: message.into() }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub s3: S3Config,
+    pub dynamodb: DynamoConfig,
+    #[serde(default)]
+    pub aws: AwsConfig,
+    #[serde(default)]
+    pub segment: SegmentConfig,
+    #[serde(default)]
+    pub validation: ValidationConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap servers, comma separated.
+    pub brokers: String,
+    /// Topic the decision events arrive on.
+    pub topic: String,
+    /// Consumer group; run more instances with the same group to scale out.
+    #[serde(default = "defaults::group_id")]
+    pub group_id: String,
+    /// Dead-letter topic for records that fail decoding or validation.
+    #[serde(default)]
+    pub dead_letter_topic: Option<String>,
+    /// Partition count `init` creates the topic with.
+    #[serde(default = "defaults::partitions")]
+    pub partitions: i32,
+    #[serde(default = "defaults::replication_factor")]
+    pub replication_factor: i32,
+    #[serde(default = "defaults::session_timeout_ms")]
+    pub session_timeout_ms: u32,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through verbatim.
+    #[serde(default)]
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix of the trail; segments land under `<prefix>/year=/month=/day=/environment=/`.
+    #[serde(default = "defaults::prefix")]
+    pub prefix: String,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Path-style addressing, needed by MinIO and moto.
+    #[serde(default)]
+    pub force_path_style: bool,
+    /// Object Lock retention in days (compliance mode). `None` writes without retention.
+    #[serde(default)]
+    pub object_lock_retention_days: Option<u32>,
+    #[serde(default)]
+    pub sse: Sse,
+    /// KMS key id for `sse = "aws:kms"`.
+    #[serde(default)]
+    pub sse_kms_key_id: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Sse {
+    #[default]
+    #[serde(rename = "none")]
+    None,
+    #[serde(rename = "AES256")]
+    Aes256,
+    #[serde(rename = "aws:kms")]
+    Kms,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DynamoConfig {
+    /// Single-table index of decisions, overrides and safety flags (derived; rebuildable from S3).
+    pub table: String,
+    /// Chain heads, one item per topic-partition: the authoritative progress marker and fence.
+    pub chain_table: String,
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// Concurrent BatchWriteItem calls per flush.
+    #[serde(default = "defaults::write_concurrency")]
+    pub write_concurrency: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AwsConfig {
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Static credentials (local stacks); otherwise the default AWS credential chain is used.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentConfig {
+    /// Flush a partition's segment after this many records...
+    #[serde(default = "defaults::max_records")]
+    pub max_records: usize,
+    /// ...or this many payload bytes...
+    #[serde(default = "defaults::max_bytes")]
+    pub max_bytes: usize,
+    /// ...or when its oldest record is this old.
+    #[serde(default = "defaults::max_age_ms")]
+    pub max_age_ms: u64,
+    /// Parquet row group size in rows.
+    #[serde(default = "defaults::row_group_rows")]
+    pub row_group_rows: usize,
+    #[serde(default = "defaults::zstd_level")]
+    pub zstd_level: i32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Records larger than this are rejected (dead-lettered), not indexed.
+    #[serde(default = "defaults::max_record_bytes")]
+    pub max_record_bytes: usize,
+    /// `occurred_at` further than this from the Kafka timestamp (or now) is rejected.
+    #[serde(default = "defaults::max_clock_skew_days")]
+    pub max_clock_skew_days: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "defaults::initial_backoff_ms")]
+    pub initial_backoff_ms: u64,
+    #[serde(default = "defaults::max_backoff_ms")]
+    pub max_backoff_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address of the HTTP endpoint serving /metrics, /healthz and /readyz. Empty disables it.
+    #[serde(default = "defaults::metrics_listen")]
+    pub listen: String,
+}
+
+mod defaults {
+    pub fn group_id() -> String {
+        "aegis-audit".into()
+    }
+    pub fn partitions() -> i32 {
+        6
+    }
+    pub fn replication_factor() -> i32 {
+        1
+    }
+    pub fn session_timeout_ms() -> u32 {
+        30_000
+    }
+    pub fn prefix() -> String {
+        "trail".into()
+    }
+    pub fn write_concurrency() -> usize {
+        8
+    }
+    // Athena wants few large files: ~100k records of ~500 B is ~15-25 MB of ZSTD Parquet.
+    pub fn max_records() -> usize {
+        100_000
+    }
+    pub fn max_bytes() -> usize {
+        64 * 1024 * 1024
+    }
+    pub fn max_age_ms() -> u64 {
+        60_000
+    }
+    pub fn row_group_rows() -> usize {
+        128 * 1024
+    }
+    pub fn zstd_level() -> i32 {
+        3
+    }
+    pub fn max_record_bytes() -> usize {
+        256 * 1024
+    }
+    pub fn max_clock_skew_days() -> u32 {
+        365
+    }
+    pub fn initial_backoff_ms() -> u64 {
+        200
+    }
+    pub fn max_backoff_ms() -> u64 {
+        30_000
+    }
+    pub fn metrics_listen() -> String {
+        "127.0.0.1:9898".into()
+    }
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        Self {
+            max_records: defaults::max_records(),
+            max_bytes: defaults::max_bytes(),
+            max_age_ms: defaults::max_age_ms(),
+            row_group_rows: defaults::row_group_rows(),
+            zstd_level: defaults::zstd_level(),
+        }
+    }
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self { max_record_bytes: defaults::max_record_bytes(), max_clock_skew_days: defaults::max_clock_skew_days() }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self { initial_backoff_ms: defaults::initial_backoff_ms(), max_backoff_ms: defaults::max_backoff_ms() }
+    }
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { listen: defaults::metrics_listen() }
+    }
+}
+
+impl Config {
+    /// Loads `path` (TOML) with `AEGIS_*` overrides and validates the result.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        if !path.exists() {
+            return Err(ConfigError::MissingFile { path: path.display().to_string() });
+        }
+        Self::from_figment(Figment::from(Toml::file(path)).merge(env_provider()))
+    }
+
+    /// Parses TOML text and validates it, without environment overrides (tests, examples).
+    pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)))
+    }
+
+    /// Parses TOML text with `AEGIS_*` overrides, as [`Config::load`] does for a file.
+    pub fn from_toml_str_with_env(text: &str) -> Result<Self, ConfigError> {
+        Self::from_figment(Figment::from(Toml::string(text)).merge(env_provider()))
+    }
+
+    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(invalid("kafka.brokers", "must not be empty (e.g. \"127.0.0.1:9092\")"));
+        }
+        if !is_valid_topic(&self.kafka.topic) {
+            return Err(invalid("kafka.topic", "must be 1-249 chars of [a-zA-Z0-9._-]"));
+        }
+        if let Some(dlq) = &self.kafka.dead_letter_topic {
+            if !is_valid_topic(dlq) || dlq == &self.kafka.topic {
+                return Err(invalid("kafka.dead_letter_topic", "must be a valid topic name other than kafka.topic"));
+            }
+        }
+        if self.kafka.group_id.is_empty() {
+            return Err(invalid("kafka.group_id", "must not be empty"));
+        }
+        if self.kafka.partitions < 1 {
+            return Err(invalid("kafka.partitions", "must be at least 1"));
+        }
+        if self.kafka.replication_factor < 1 {
+            return Err(invalid("kafka.replication_factor", "must be at least 1"));
+        }
+        if !is_valid_bucket(&self.s3.bucket) {
+            return Err(invalid("s3.bucket", "must be a valid S3 bucket name (3-63 chars of [a-z0-9.-])"));
+        }
+        if self.s3.prefix.starts_with('/') || self.s3.prefix.split('/').any(|p| p == ".." || p == ".") {
+            return Err(invalid("s3.prefix", "must be a relative key prefix without '.' or '..' segments"));
+        }
+        if self.s3.object_lock_retention_days == Some(0) {
+            return Err(invalid(
+                "s3.object_lock_retention_days",
+                "must be at least 1, or omitted to disable retention",
+            ));
+        }
+        match (self.s3.sse, &self.s3.sse_kms_key_id) {
+            (Sse::Kms, None) => return Err(invalid("s3.sse_kms_key_id", "is required when s3.sse = \"aws:kms\"")),
+            (Sse::None | Sse::Aes256, Some(_)) => {
+                return Err(invalid("s3.sse_kms_key_id", "is only used with s3.sse = \"aws:kms\""))
+            }
+            _ => {}
+        }
+        for (key, url) in
+            [("s3.endpoint_url", &self.s3.endpoint_url), ("dynamodb.endpoint_url", &self.dynamodb.endpoint_url)]
+        {
+            if let Some(url) = url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    return Err(invalid(key, format!("must be an http(s) URL, got {url:?}")));
+                }
+            }
+        }
+        if self.dynamodb.table.len() < 3 {
+            return Err(invalid("dynamodb.table", "must be a DynamoDB table name (3-255 chars)"));
+        }
+        if self.dynamodb.chain_table.len() < 3 || self.dynamodb.chain_table == self.dynamodb.table {
+            return Err(invalid("dynamodb.chain_table", "must be a table name different from dynamodb.table"));
+        }
+        if self.dynamodb.write_concurrency == 0 {
+            return Err(invalid("dynamodb.write_concurrency", "must be at least 1"));
+        }
+        if self.aws.access_key_id.is_some() != self.aws.secret_access_key.is_some() {
+            return Err(invalid("aws.secret_access_key", "aws.access_key_id and aws.secret_access_key go together"));
+        }
+        if self.segment.max_records == 0 {
+            return Err(invalid("segment.max_records", "must be at least 1"));
+        }
+        if self.segment.max_bytes < 1024 {
+            return Err(invalid("segment.max_bytes", "must be at least 1024"));
+        }
+        if self.segment.max_age_ms < 10 {
+            return Err(invalid("segment.max_age_ms", "must be at least 10"));
+        }
+        if self.segment.row_group_rows == 0 {
+            return Err(invalid("segment.row_group_rows", "must be at least 1"));
+        }
+        if !(1..=22).contains(&self.segment.zstd_level) {
+            return Err(invalid("segment.zstd_level", "must be between 1 and 22"));
+        }
+        // DynamoDB items are capped at 400 KB; the index keeps the payload's fields, so cap records below it.
+        if self.validation.max_record_bytes == 0 || self.validation.max_record_bytes > 350 * 1024 {
+            return Err(invalid("validation.max_record_bytes", "must be between 1 and 358400 (DynamoDB item limit)"));
+        }
+        if self.retry.initial_backoff_ms == 0 || self.retry.max_backoff_ms < self.retry.initial_backoff_ms {
+            return Err(invalid("retry.max_backoff_ms", "needs 0 < retry.initial_backoff_ms <= retry.max_backoff_ms"));
+        }
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("metrics.listen", "must be host:port (e.g. \"0.0.0.0:9898\") or empty"));
+        }
+        Ok(())
+    }
+
+    pub fn max_age(&self) -> Duration {
+        Duration::from_millis(self.segment.max_age_ms)
+    }
+
+    /// The effective config as TOML with secrets replaced, for `config check`.
+    pub fn redacted_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.aws.secret_access_key.is_some() {
+            shown.aws.secret_access_key = Some("<redacted>".into());
+        }
+        for (k, v) in shown.kafka.properties.iter_mut() {
+            if k.contains("password") || k.contains("secret") || k.contains("jaas") {
+                *v = "<redacted>".into();
+            }
+        }
+        toml_string(&shown)
+    }
+}
+
+fn env_provider() -> Env {
+    // Only AEGIS_<SECTION>__<KEY> are config keys; other AEGIS_* variables (AEGIS_CONFIG,
+    // AEGIS_LOG_FORMAT, scripts' own settings) are not, and must not trip deny_unknown_fields.
+    Env::prefixed("AEGIS_").filter(|key| key.as_str().contains("__")).split("__")
+}
+
+fn toml_string(config: &Config) -> String {
+    // figment brings serde + toml support; round-trip through its value type keeps this dependency-free.
+    let value = figment::value::Value::serialize(config).expect("config serialises");
+    let mut out = String::new();
+    write_toml(&mut out, &value, "");
+    out
+}
+
+fn write_toml(out: &mut String, value: &figment::value::Value, table: &str) {
+    use figment::value::Value;
+    let Value::Dict(_, dict) = value else { return };
+    let mut nested = Vec::new();
+    for (key, v) in dict {
+        match v {
+            Value::Dict(..) => nested.push((key, v)),
+            // TOML has no null: show unset options as comments so the output still parses.
+            Value::Empty(..) => out.push_str(&format!("# {} (unset)\n", toml_key(key))),
+            _ => out.push_str(&format!("{} = {}\n", toml_key(key), toml_scalar(v))),
+        }
+    }
+    for (key, v) in nested {
+        let name = if table.is_empty() { key.clone() } else { format!("{table}.{key}") };
+        out.push_str(&format!("\n[{name}]\n"));
+        write_toml(out, v, &name);
+    }
+}
+
+fn toml_key(key: &str) -> String {
+    if !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+        key.to_string()
+    } else {
+        format!("{key:?}")
+    }
+}
+
+fn toml_scalar(value: &figment::value::Value) -> String {
+    use figment::value::Value;
+    match value {
+        Value::String(_, s) => format!("{s:?}"),
+        Value::Char(_, c) => format!("\"{c}\""),
+        Value::Bool(_, b) => b.to_string(),
+        Value::Num(_, n) => n
+            .to_u128()
+            .map(|v| v.to_string())
+            .or_else(|| n.to_i128().map(|v| v.to_string()))
+            .or_else(|| n.to_f64().map(|v| v.to_string()))
+            .unwrap_or_default(),
+        Value::Empty(..) => "\"\"".into(),
+        Value::Array(_, items) => format!("[{}]", items.iter().map(toml_scalar).collect::<Vec<_>>().join(", ")),
+        Value::Dict(..) => String::new(),
+    }
+}
+
+/// figment errors can span lines (one per nested error); operators want one line.
+fn one_line(error: &figment::Error) -> String {
+    // figment names keys `default.<path>` (its profile); operators know them as `<path>`.
+    error.clone().into_iter().map(|e| e.to_string().replace("key \"default.", "key \"")).collect::<Vec<_>>().join("; ")
+}
+
+pub fn is_valid_topic(topic: &str) -> bool {
+    !topic.is_empty()
+        && topic.len() <= 249
+        && topic != "."
+        && topic != ".."
+        && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+}
+
+fn is_valid_bucket(bucket: &str) -> bool {
+    (3..=63).contains(&bucket.len())
+        && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+        && bucket.as_bytes()[0].is_ascii_alphanumeric()
+        && bucket.as_bytes()[bucket.len() - 1].is_ascii_alphanumeric()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:9092"
+        topic = "decisions"
+        [s3]
+        bucket = "audit-bucket"
+        [dynamodb]
+        table = "audit-index"
+        chain_table = "audit-chain"
+    "#;
+
+    // Env overrides are process-global; tests that set them hold this lock.
+    static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        Config::from_toml_str(text)
+    }
+
+    #[test]
+    fn minimal_config_gets_documented_defaults() {
+        let c = parse(MINIMAL).unwrap();
+        assert_eq!(c.kafka.group_id, "aegis-audit");
+        assert_eq!(c.s3.prefix, "trail");
+        assert_eq!(c.segment.max_records, 100_000);
+        assert_eq!(c.segment.max_age_ms, 60_000);
+        assert_eq!(c.s3.sse, Sse::None);
+        assert_eq!(c.metrics.listen, "127.0.0.1:9898");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = parse(&format!("{MINIMAL}\n[segment]\nmax_recrods = 5\n")).unwrap_err().to_string();
+        assert!(err.contains("max_recrods"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let err = parse(&format!("{MINIMAL}\n[segment]\nmax_records = \"many\"\n")).unwrap_err().to_string();
+        assert!(err.contains("max_records"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let err = parse(
+            "[kafka]\nbrokers = \"x:1\"\n[s3]\nbucket = \"abc\"\n[dynamodb]\ntable = \"abc\"\nchain_table = \"abd\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("topic"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        let cases = [
+            ("[kafka]\nbrokers = \"\"\ntopic = \"t\"", "kafka.brokers"),
+            ("[kafka]\nbrokers = \"b:1\"\ntopic = \"a/b\"", "kafka.topic"),
+        ];
+        for (kafka, key) in cases {
+            let text =
+                MINIMAL.replace("[kafka]\n        brokers = \"127.0.0.1:9092\"\n        topic = \"decisions\"", kafka);
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains(key), "{err} should name {key}");
+        }
+        let err = parse(&MINIMAL.replace("audit-bucket", "Bad_Bucket")).unwrap_err().to_string();
+        assert!(err.contains("s3.bucket"), "{err}");
+        let err = parse(&format!("{MINIMAL}\n[metrics]\nlisten = \"nope\"\n")).unwrap_err().to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+        let kms = MINIMAL.replace("bucket = \"audit-bucket\"", "bucket = \"audit-bucket\"\nsse = \"aws:kms\"");
+        assert!(parse(&kms).unwrap_err().to_string().contains("s3.sse_kms_key_id"));
+    }
+
+    #[test]
+    fn env_overrides_file_values() {
+        let _guard = ENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        std::env::set_var("AEGIS_SEGMENT__MAX_RECORDS", "42");
+        std::env::set_var("AEGIS_KAFKA__BROKERS", "broker-a:9092");
+        std::env::set_var("AEGIS_BIN", "/not/a/config/key");
+        let c = Config::from_toml_str_with_env(MINIMAL);
+        std::env::remove_var("AEGIS_BIN");
+        std::env::remove_var("AEGIS_SEGMENT__MAX_RECORDS");
+        std::env::remove_var("AEGIS_KAFKA__BROKERS");
+        let c = c.unwrap();
+        assert_eq!(c.segment.max_records, 42);
+        assert_eq!(c.kafka.brokers, "broker-a:9092");
+    }
+
+    #[test]
+    fn redacted_output_hides_secrets_and_round_trips() {
+        let text = format!("{MINIMAL}\n[aws]\naccess_key_id = \"AKIA\"\nsecret_access_key = \"hunter2\"\n")
+            .replace("topic = \"decisions\"", "topic = \"decisions\"\n[kafka.properties]\n\"sasl.password\" = \"pw\"");
+        let c = parse(&text).unwrap();
+        let shown = c.redacted_toml();
+        assert!(!shown.contains("hunter2") && !shown.contains("\"pw\""), "{shown}");
+        assert!(shown.contains("<redacted>"));
+        let again = parse(&shown).unwrap();
+        assert_eq!(again.segment.max_records, c.segment.max_records);
+        assert_eq!(again.kafka.topic, "decisions");
+    }
+}

@@ -1,0 +1,451 @@
+//! Decode and validate one Kafka record value against `schemas/decision-event.schema.json`.
+//!
+//! Decoding is a pure function of (payload bytes, Kafka timestamp, validation config): the same
+//! record always gets the same verdict, on replay and on recovery of an interrupted flush. That is
+//! why "too far in the future/past" is measured against the record's Kafka timestamp, never the
+//! wall clock.
+
+use std::borrow::Cow;
+
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+use crate::config::ValidationConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventType {
+    Decision,
+    Override,
+    SafetyFlag,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Decision => "decision",
+            EventType::Override => "override",
+            EventType::SafetyFlag => "safety_flag",
+        }
+    }
+}
+
+/// A validated event. Strings are owned: events wait in a segment buffer until the flush.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecisionEvent {
+    pub decision_id: String,
+    pub event_type: EventType,
+    pub occurred_at: DateTime<Utc>,
+    pub environment: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub action: String,
+    pub confidence_score: Option<f64>,
+    pub policy_version: String,
+    pub model_version: String,
+    pub request_id: String,
+    pub reviewer_id: Option<String>,
+    pub override_reason: Option<String>,
+    pub original_action: Option<String>,
+    pub safety_category: Option<String>,
+    pub severity: Option<String>,
+    /// The `metadata` object re-serialised compactly as JSON text.
+    pub metadata: Option<String>,
+}
+
+impl DecisionEvent {
+    /// `occurred_at` as fixed-width RFC 3339 UTC (microseconds, `Z`), so it sorts as text.
+    pub fn occurred_at_key(&self) -> String {
+        self.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    }
+
+    pub fn date(&self) -> (i32, u32, u32) {
+        (self.occurred_at.year(), self.occurred_at.month(), self.occurred_at.day())
+    }
+}
+
+/// Why a record was rejected. `code()` is stable (metrics label, dead-letter header); the
+/// Display text is for humans.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RejectReason {
+    #[error("record has no value (null payload)")]
+    NullPayload,
+    #[error("record is {size} bytes, over validation.max_record_bytes = {limit}")]
+    Oversize { size: usize, limit: usize },
+    #[error("payload is not valid UTF-8 (first bad byte at {position})")]
+    NotUtf8 { position: usize },
+    #[error("payload is not JSON: {0}")]
+    NotJson(String),
+    #[error("payload does not match the event schema: {0}")]
+    Schema(String),
+    #[error("unknown event_type {0:?} (expected decision, override or safety_flag)")]
+    UnknownEventType(String),
+    #[error("field `{field}` is invalid: {message}")]
+    InvalidField { field: &'static str, message: String },
+    #[error("occurred_at {value:?} is not an RFC 3339 timestamp: {message}")]
+    BadTimestamp { value: String, message: String },
+    #[error("occurred_at {value} is more than {max_days} days from the record's Kafka timestamp {reference}")]
+    TimestampOutOfRange { value: String, reference: String, max_days: u32 },
+    #[error("environment {value:?} is not a safe partition token (1-32 chars of [a-z0-9_-], starting with [a-z0-9])")]
+    BadEnvironment { value: String },
+}
+
+impl RejectReason {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RejectReason::NullPayload => "null_payload",
+            RejectReason::Oversize { .. } => "oversize",
+            RejectReason::NotUtf8 { .. } => "not_utf8",
+            RejectReason::NotJson(_) => "not_json",
+            RejectReason::Schema(_) => "schema",
+            RejectReason::UnknownEventType(_) => "unknown_event_type",
+            RejectReason::InvalidField { .. } => "invalid_field",
+            RejectReason::BadTimestamp { .. } => "bad_timestamp",
+            RejectReason::TimestampOutOfRange { .. } => "timestamp_out_of_range",
+            RejectReason::BadEnvironment { .. } => "bad_environment",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Wire<'a> {
+    #[serde(borrow)]
+    decision_id: Cow<'a, str>,
+    #[serde(borrow)]
+    event_type: Cow<'a, str>,
+    #[serde(borrow)]
+    occurred_at: Cow<'a, str>,
+    #[serde(borrow)]
+    environment: Cow<'a, str>,
+    #[serde(borrow)]
+    user_id: Cow<'a, str>,
+    #[serde(borrow)]
+    session_id: Cow<'a, str>,
+    #[serde(borrow)]
+    action: Cow<'a, str>,
+    #[serde(default)]
+    confidence_score: Option<f64>,
+    #[serde(borrow)]
+    policy_version: Cow<'a, str>,
+    #[serde(borrow)]
+    model_version: Cow<'a, str>,
+    #[serde(borrow)]
+    request_id: Cow<'a, str>,
+    #[serde(default, borrow)]
+    reviewer_id: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    override_reason: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    original_action: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    safety_category: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    severity: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
+    metadata: Option<&'a RawValue>,
+}
+
+const MAX_ID_LEN: usize = 256;
+const SEVERITIES: [&str; 4] = ["low", "medium", "high", "critical"];
+/// Outside this range a timestamp is absurd whatever the Kafka timestamp says.
+const MIN_YEAR: i32 = 2000;
+const MAX_YEAR: i32 = 2200;
+
+/// Decodes and validates `payload`. `kafka_timestamp_ms` is the record's Kafka timestamp, the
+/// reference for the clock-skew check (absent on very old message formats).
+pub fn decode(
+    payload: Option<&[u8]>,
+    kafka_timestamp_ms: Option<i64>,
+    rules: &ValidationConfig,
+) -> Result<DecisionEvent, RejectReason> {
+    let bytes = payload.ok_or(RejectReason::NullPayload)?;
+    if bytes.len() > rules.max_record_bytes {
+        return Err(RejectReason::Oversize { size: bytes.len(), limit: rules.max_record_bytes });
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| RejectReason::NotUtf8 { position: e.valid_up_to() })?;
+    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => RejectReason::Schema(e.to_string()),
+        _ => RejectReason::NotJson(e.to_string()),
+    })?;
+
+    let event_type = match wire.event_type.as_ref() {
+        "decision" => EventType::Decision,
+        "override" => EventType::Override,
+        "safety_flag" => EventType::SafetyFlag,
+        other => return Err(RejectReason::UnknownEventType(truncate(other, 64))),
+    };
+    let occurred_at = parse_occurred_at(&wire.occurred_at, kafka_timestamp_ms, rules)?;
+    if !is_partition_token(&wire.environment) {
+        return Err(RejectReason::BadEnvironment { value: truncate(&wire.environment, 64) });
+    }
+    for (field, value) in [
+        ("decision_id", &wire.decision_id),
+        ("user_id", &wire.user_id),
+        ("session_id", &wire.session_id),
+        ("request_id", &wire.request_id),
+        ("action", &wire.action),
+        ("policy_version", &wire.policy_version),
+        ("model_version", &wire.model_version),
+    ] {
+        check_id(field, value)?;
+    }
+    match (event_type, wire.confidence_score) {
+        (_, Some(score)) if !(0.0..=1.0).contains(&score) => {
+            return Err(RejectReason::InvalidField {
+                field: "confidence_score",
+                message: format!("{score} is outside [0, 1]"),
+            })
+        }
+        (EventType::Decision, None) => {
+            return Err(RejectReason::InvalidField {
+                field: "confidence_score",
+                message: "is required for a decision".into(),
+            })
+        }
+        _ => {}
+    }
+    if event_type == EventType::Override {
+        require("reviewer_id", &wire.reviewer_id, "an override")?;
+        require("override_reason", &wire.override_reason, "an override")?;
+    }
+    if event_type == EventType::SafetyFlag {
+        require("safety_category", &wire.safety_category, "a safety_flag")?;
+        let severity = require("severity", &wire.severity, "a safety_flag")?;
+        if !SEVERITIES.contains(&severity) {
+            return Err(RejectReason::InvalidField {
+                field: "severity",
+                message: format!("{:?} is not one of low, medium, high, critical", truncate(severity, 32)),
+            });
+        }
+    }
+    let metadata = match wire.metadata {
+        None => None,
+        Some(raw) if raw.get().trim_start().starts_with('{') => Some(compact_json(raw.get())),
+        Some(raw) if raw.get() == "null" => None,
+        Some(_) => {
+            return Err(RejectReason::InvalidField { field: "metadata", message: "must be a JSON object".into() })
+        }
+    };
+
+    let owned = |c: Option<Cow<'_, str>>| c.map(Cow::into_owned);
+    Ok(DecisionEvent {
+        decision_id: wire.decision_id.into_owned(),
+        event_type,
+        occurred_at,
+        environment: wire.environment.into_owned(),
+        user_id: wire.user_id.into_owned(),
+        session_id: wire.session_id.into_owned(),
+        action: wire.action.into_owned(),
+        confidence_score: wire.confidence_score,
+        policy_version: wire.policy_version.into_owned(),
+        model_version: wire.model_version.into_owned(),
+        request_id: wire.request_id.into_owned(),
+        reviewer_id: owned(wire.reviewer_id),
+        override_reason: owned(wire.override_reason),
+        original_action: owned(wire.original_action),
+        safety_category: owned(wire.safety_category),
+        severity: owned(wire.severity),
+        metadata,
+    })
+}
+
+fn parse_occurred_at(
+    value: &str,
+    kafka_timestamp_ms: Option<i64>,
+    rules: &ValidationConfig,
+) -> Result<DateTime<Utc>, RejectReason> {
+    let parsed = DateTime::parse_from_rfc3339(value)
+        .map_err(|e| RejectReason::BadTimestamp { value: truncate(value, 64), message: e.to_string() })?
+        .with_timezone(&Utc);
+    if !(MIN_YEAR..=MAX_YEAR).contains(&parsed.year()) {
+        return Err(RejectReason::BadTimestamp {
+            value: truncate(value, 64),
+            message: format!("year outside {MIN_YEAR}-{MAX_YEAR}"),
+        });
+    }
+    if let Some(reference) = kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis) {
+        let skew = (parsed - reference).num_seconds().unsigned_abs();
+        if skew > u64::from(rules.max_clock_skew_days) * 86_400 {
+            return Err(RejectReason::TimestampOutOfRange {
+                value: truncate(value, 64),
+                reference: reference.to_rfc3339_opts(SecondsFormat::Millis, true),
+                max_days: rules.max_clock_skew_days,
+            });
+        }
+    }
+    Ok(parsed)
+}
+
+/// A value that may become one path segment of an S3 key (`environment=<token>/`).
+/// Only this validated token ever reaches a key: never raw record text.
+pub fn is_partition_token(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    (1..=32).contains(&bytes.len())
+        && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
+        && bytes.iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+}
+
+fn check_id(field: &'static str, value: &str) -> Result<(), RejectReason> {
+    if value.is_empty() {
+        return Err(RejectReason::InvalidField { field, message: "must not be empty".into() });
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(RejectReason::InvalidField {
+            field,
+            message: format!("is {} bytes, over {MAX_ID_LEN}", value.len()),
+        });
+    }
+    // Ids become DynamoDB key parts; control characters there only cause grief downstream.
+    if value.chars().any(char::is_control) {
+        return Err(RejectReason::InvalidField { field, message: "contains control characters".into() });
+    }
+    Ok(())
+}
+
+fn require<'a>(field: &'static str, value: &'a Option<Cow<'_, str>>, what: &str) -> Result<&'a str, RejectReason> {
+    match value.as_deref() {
+        Some(v) => {
+            check_id(field, v)?;
+            Ok(v)
+        }
+        None => Err(RejectReason::InvalidField { field, message: format!("is required for {what}") }),
+    }
+}
+
+fn compact_json(raw: &str) -> String {
+    // Already validated JSON; re-serialising drops insignificant whitespace.
+    serde_json::from_str::<serde_json::Value>(raw).map(|v| v.to_string()).unwrap_or_else(|_| raw.to_string())
+}
+
+fn truncate(text: &str, max_chars: usize) -> String {
+    if text.chars().count() <= max_chars {
+        text.to_string()
+    } else {
+        let mut out: String = text.chars().take(max_chars).collect();
+        out.push('…');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn rules() -> ValidationConfig {
+        ValidationConfig::default()
+    }
+
+    const TS: i64 = 1_795_000_000_000; // 2026-11-18
+
+    fn good() -> serde_json::Value {
+        serde_json::json!({
+            "decision_id": "d-1", "event_type": "decision", "occurred_at": "2026-11-18T10:00:00.5+01:00",
+            "environment": "prod", "user_id": "u-1", "session_id": "s-1", "action": "approve_loan",
+            "confidence_score": 0.91, "policy_version": "p-3", "model_version": "m-7", "request_id": "r-1",
+            "metadata": {"region": "eu", "tags": ["a"]}
+        })
+    }
+
+    fn decode_value(v: &serde_json::Value) -> Result<DecisionEvent, RejectReason> {
+        decode(Some(v.to_string().as_bytes()), Some(TS), &rules())
+    }
+
+    #[test]
+    fn good_decision_decodes_with_utc_time() {
+        let e = decode_value(&good()).unwrap();
+        assert_eq!(e.event_type, EventType::Decision);
+        assert_eq!(e.occurred_at_key(), "2026-11-18T09:00:00.500000Z");
+        assert_eq!(e.date(), (2026, 11, 18));
+        assert_eq!(e.metadata.as_deref(), Some(r#"{"region":"eu","tags":["a"]}"#));
+    }
+
+    #[test]
+    fn each_bad_input_gets_its_reason() {
+        let mut cases: Vec<(serde_json::Value, &str)> = Vec::new();
+        let with = |k: &str, v: serde_json::Value| {
+            let mut g = good();
+            g[k] = v;
+            g
+        };
+        let without = |k: &str| {
+            let mut g = good();
+            g.as_object_mut().unwrap().remove(k);
+            g
+        };
+        cases.push((with("confidence_score", "high".into()), "schema"));
+        cases.push((without("user_id"), "schema"));
+        cases.push((with("event_type", "vote".into()), "unknown_event_type"));
+        cases.push((with("occurred_at", "yesterday".into()), "bad_timestamp"));
+        cases.push((with("occurred_at", "1970-01-01T00:00:00Z".into()), "bad_timestamp"));
+        cases.push((with("occurred_at", "2024-01-01T00:00:00Z".into()), "timestamp_out_of_range"));
+        for env in ["../x", "a/b", "", "Prod", "prøve", &"x".repeat(33)] {
+            cases.push((with("environment", env.into()), "bad_environment"));
+        }
+        cases.push((with("confidence_score", 1.5.into()), "invalid_field"));
+        cases.push((without("confidence_score"), "invalid_field"));
+        cases.push((with("decision_id", "".into()), "invalid_field"));
+        cases.push((with("metadata", "str".into()), "invalid_field"));
+        let mut ov = with("event_type", "override".into());
+        ov.as_object_mut().unwrap().remove("confidence_score");
+        cases.push((ov, "invalid_field"));
+        let mut sf = with("event_type", "safety_flag".into());
+        sf["safety_category"] = "self_harm".into();
+        sf["severity"] = "extreme".into();
+        cases.push((sf, "invalid_field"));
+        for (value, code) in cases {
+            let got = decode_value(&value).unwrap_err();
+            assert_eq!(got.code(), code, "{value} -> {got}");
+        }
+        assert_eq!(decode(None, None, &rules()).unwrap_err().code(), "null_payload");
+        assert_eq!(decode(Some(b"{\"a\":"), None, &rules()).unwrap_err().code(), "not_json");
+        assert_eq!(decode(Some(b"\xff\xfe"), None, &rules()).unwrap_err().code(), "not_utf8");
+        let big = vec![b' '; rules().max_record_bytes + 1];
+        assert_eq!(decode(Some(&big), None, &rules()).unwrap_err().code(), "oversize");
+    }
+
+    #[test]
+    fn override_and_safety_flag_decode() {
+        let mut ov = good();
+        ov["event_type"] = "override".into();
+        ov["reviewer_id"] = "rev-9".into();
+        ov["override_reason"] = "manual check".into();
+        ov["original_action"] = "approve_loan".into();
+        let e = decode_value(&ov).unwrap();
+        assert_eq!(e.reviewer_id.as_deref(), Some("rev-9"));
+        let mut sf = good();
+        sf["event_type"] = "safety_flag".into();
+        sf["safety_category"] = "pii_leak".into();
+        sf["severity"] = "high".into();
+        assert_eq!(decode_value(&sf).unwrap().severity.as_deref(), Some("high"));
+    }
+
+    #[test]
+    fn verdict_ignores_wall_clock() {
+        // An old record replayed years later gets the same verdict: the reference is its Kafka time.
+        let mut old = good();
+        old["occurred_at"] = "2001-05-05T00:00:00Z".into();
+        let ts_2001 = 989_020_800_000;
+        assert!(decode(Some(old.to_string().as_bytes()), Some(ts_2001), &rules()).is_ok());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), ts in proptest::option::of(any::<i64>())) {
+            match decode(Some(&bytes), ts, &rules()) {
+                Ok(e) => prop_assert!(is_partition_token(&e.environment)),
+                Err(reason) => prop_assert!(!reason.code().is_empty() && !reason.to_string().is_empty()),
+            }
+        }
+
+        #[test]
+        fn accepted_environment_is_always_a_safe_token(env in ".{0,40}") {
+            let mut v = good();
+            v["environment"] = env.clone().into();
+            if let Ok(e) = decode_value(&v) {
+                prop_assert!(!e.environment.contains('/') && !e.environment.contains(".."));
+                prop_assert!(is_partition_token(&e.environment));
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Every metric name in one place, helpers that record them, and the HTTP endpoint serving
+//! `/metrics` (Prometheus text), `/healthz` (process alive) and `/readyz` (in the group and every
+//! backend reachable).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::decode::{DecisionEvent, EventType, RejectReason};
+use crate::segment::EncodedSegment;
+use crate::sinks::SinkError;
+
+pub const RECORDS_CONSUMED: &str = "aegis_records_consumed_total";
+pub const RECORDS_REJECTED: &str = "aegis_records_rejected_total";
+pub const RECORDS_SKIPPED: &str = "aegis_records_already_chained_total";
+pub const RECORDS_WRITTEN: &str = "aegis_records_written_total";
+pub const SAFETY_FLAGS: &str = "aegis_safety_flags_total";
+pub const SEGMENTS_WRITTEN: &str = "aegis_segments_written_total";
+pub const SEGMENT_BYTES: &str = "aegis_segment_bytes_total";
+pub const INDEX_ITEMS: &str = "aegis_index_items_written_total";
+pub const FLUSH_SECONDS: &str = "aegis_flush_duration_seconds";
+pub const COMMIT_SECONDS: &str = "aegis_commit_duration_seconds";
+pub const COMMITS: &str = "aegis_offset_commits_total";
+pub const COMMIT_FAILURES: &str = "aegis_offset_commit_failures_total";
+pub const BACKEND_ERRORS: &str = "aegis_backend_errors_total";
+pub const BACKEND_UP: &str = "aegis_backend_up";
+pub const CHAIN_HEAD_OFFSET: &str = "aegis_chain_head_offset";
+pub const COMMITTED_OFFSET: &str = "aegis_committed_offset";
+pub const PARTITIONS_ASSIGNED: &str = "aegis_partitions_assigned";
+pub const PARTITIONS_PAUSED: &str = "aegis_partitions_paused";
+pub const PARTITIONS_STOPPED: &str = "aegis_partitions_stopped";
+pub const FENCE_LOST: &str = "aegis_fence_lost_total";
+pub const KAFKA_ERRORS: &str = "aegis_kafka_errors_total";
+pub const OFFSETS_MISSING: &str = "aegis_offsets_missing_in_kafka_total";
+pub const REBALANCES: &str = "aegis_rebalances_total";
+
+/// Process-wide readiness inputs.
+struct Health {
+    in_group: AtomicBool,
+    failing_backends: AtomicI64,
+    stopped_partitions: AtomicI64,
+}
+
+static HEALTH: Health = Health {
+    in_group: AtomicBool::new(false),
+    failing_backends: AtomicI64::new(0),
+    stopped_partitions: AtomicI64::new(0),
+};
+
+pub fn set_in_group(joined: bool) {
+    HEALTH.in_group.store(joined, Ordering::SeqCst);
+}
+
+/// Called by the retry loop: `false` when a failure streak starts, `true` when it recovers.
+pub fn set_backend_up(up: bool) {
+    let failing = if up {
+        HEALTH.failing_backends.fetch_sub(1, Ordering::SeqCst) - 1
+    } else {
+        HEALTH.failing_backends.fetch_add(1, Ordering::SeqCst) + 1
+    };
+    gauge!(BACKEND_UP).set(if failing <= 0 { 1.0 } else { 0.0 });
+}
+
+pub fn partition_stopped(partition: i32, reason: &str) {
+    HEALTH.stopped_partitions.fetch_add(1, Ordering::SeqCst);
+    gauge!(PARTITIONS_STOPPED).increment(1.0);
+    tracing::error!(partition, reason, "partition stopped; operator action needed (see ops/RUNBOOK.md)");
+}
+
+pub fn is_ready() -> Result<(), String> {
+    if !HEALTH.in_group.load(Ordering::SeqCst) {
+        return Err("not (yet) a member of the consumer group".into());
+    }
+    let failing = HEALTH.failing_backends.load(Ordering::SeqCst);
+    if failing > 0 {
+        return Err(format!("{failing} backend operation(s) failing and being retried"));
+    }
+    let stopped = HEALTH.stopped_partitions.load(Ordering::SeqCst);
+    if stopped > 0 {
+        return Err(format!("{stopped} partition(s) stopped"));
+    }
+    Ok(())
+}
+
+pub fn record_consumed(partition: i32, outcome: &Result<DecisionEvent, RejectReason>) {
+    let p = partition.to_string();
+    counter!(RECORDS_CONSUMED, "partition" => p.clone()).increment(1);
+    match outcome {
+        Ok(event) if event.event_type == EventType::SafetyFlag => {
+            let severity = event.severity.clone().unwrap_or_default();
+            counter!(SAFETY_FLAGS, "environment" => event.environment.clone(), "severity" => severity).increment(1);
+        }
+        Ok(_) => {}
+        Err(reason) => counter!(RECORDS_REJECTED, "partition" => p, "reason" => reason.code()).increment(1),
+    }
+}
+
+pub fn already_chained(partition: i32) {
+    counter!(RECORDS_SKIPPED, "partition" => partition.to_string()).increment(1);
+}
+
+pub fn flushed(partition: i32, records: usize, segments: &[EncodedSegment], items: usize, elapsed: Duration) {
+    let p = partition.to_string();
+    counter!(RECORDS_WRITTEN, "partition" => p.clone()).increment(records as u64);
+    counter!(SEGMENTS_WRITTEN).increment(segments.len() as u64);
+    counter!(SEGMENT_BYTES).increment(segments.iter().map(|s| s.body.len() as u64).sum());
+    counter!(INDEX_ITEMS).increment(items as u64);
+    histogram!(FLUSH_SECONDS).record(elapsed.as_secs_f64());
+    if let Some(last) = segments.iter().map(|s| s.last_offset).max() {
+        gauge!(CHAIN_HEAD_OFFSET, "partition" => p).set(last as f64);
+    }
+}
+
+pub fn committed(partition: i32, offset: i64, elapsed: Duration) {
+    counter!(COMMITS).increment(1);
+    histogram!(COMMIT_SECONDS).record(elapsed.as_secs_f64());
+    gauge!(COMMITTED_OFFSET, "partition" => partition.to_string()).set(offset as f64);
+}
+
+pub fn commit_failed() {
+    counter!(COMMIT_FAILURES).increment(1);
+}
+
+pub fn backend_error(err: &SinkError) {
+    let backend = match err {
+        SinkError::Transient { backend, .. } | SinkError::Fatal { backend, .. } => *backend,
+        SinkError::FenceLost { .. } => "dynamodb",
+        SinkError::Conflict { .. } => "s3",
+    };
+    counter!(BACKEND_ERRORS, "backend" => backend, "kind" => err.kind()).increment(1);
+    if matches!(err, SinkError::FenceLost { .. }) {
+        counter!(FENCE_LOST).increment(1);
+    }
+}
+
+/// A consumer-side Kafka error (broker down, transport); librdkafka reconnects by itself.
+pub fn kafka_error(kind: &'static str) {
+    counter!(KAFKA_ERRORS, "kind" => kind).increment(1);
+}
+
+/// Offsets the chain skipped because Kafka does not have them (markers, compaction, retention).
+pub fn offsets_missing(partition: i32, count: u64) {
+    counter!(OFFSETS_MISSING, "partition" => partition.to_string()).increment(count);
+}
+
+pub fn assigned(count: usize) {
+    gauge!(PARTITIONS_ASSIGNED).set(count as f64);
+    counter!(REBALANCES).increment(1);
+}
+
+pub fn paused(delta: f64) {
+    gauge!(PARTITIONS_PAUSED).increment(delta);
+}
+
+static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder (once per process) and returns its handle.
+pub fn install() -> PrometheusHandle {
+    PROMETHEUS
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+                .expect("static buckets are valid")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may exist in tests; ours still renders what it was given.
+            let _ = metrics::set_global_recorder(recorder);
+            gauge!(BACKEND_UP).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+/// Serves `/metrics`, `/healthz`, `/readyz` until `shutdown` fires.
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .route(
+            "/readyz",
+            get(|| {
+                std::future::ready(match is_ready() {
+                    Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                    Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+                })
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}

@@ -1,0 +1,644 @@
+//! One topic-partition's ordered writer: decode → chain → buffer → flush protocol. It knows
+//! nothing about Kafka; the source feeds it records and commits the offsets it returns.
+//!
+//! Flush protocol (the invariant: a Kafka offset is committed only when every record before it
+//! is durable in S3 and the index, and a re-run never writes a row twice):
+//! 1. `begin_flush`: record the intent `pending = (first, last, last_hash)` on the chain head,
+//!    conditional on the head being the one this worker extended (fences zombies).
+//! 2. Write the segment objects. Keys and bytes depend only on the records, so a re-run
+//!    rewrites the same objects; an existing object with the same content is left alone.
+//! 3. Upsert the index items (idempotent).
+//! 4. `complete_flush`: advance the head to `(last, last_hash)`, conditional on the intent.
+//! 5. The caller commits `last + 1` to Kafka (advisory: the head is authoritative).
+//!
+//! A worker that starts on a head with a pending intent re-cuts exactly that range and repeats
+//! steps 2-4, so a crash at any point converges to the same objects, items and head.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use crate::chain::{Chain, ChainError, EntryStatus};
+use crate::config::Config;
+use crate::decode;
+use crate::index;
+use crate::metrics;
+use crate::retry::{retry, RetryError};
+use crate::segment::{encode_flush, ChainedRecord, EncodedSegment, SegmentError};
+use crate::sinks::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::sinks::{HeadPos, HeadStore, IndexStore, ObjectStore, PendingFlush, SinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PartitionError {
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    #[error(transparent)]
+    Segment(#[from] SegmentError),
+    #[error(transparent)]
+    Chain(#[from] ChainError),
+    /// The recorded intent cannot be reproduced from Kafka: the records changed or vanished.
+    #[error("{topic}/{partition}: pending flush {first}..={last} cannot be reproduced ({detail}); refusing to fork the chain")]
+    Irreproducible { topic: String, partition: i32, first: i64, last: i64, detail: String },
+    #[error("{0}: cancelled")]
+    Cancelled(String),
+}
+
+impl PartitionError {
+    /// Whether the partition should stop (fence lost / fatal) rather than be retried by a restart.
+    pub fn is_fence_lost(&self) -> bool {
+        matches!(self, PartitionError::Sink(SinkError::FenceLost { .. }))
+    }
+}
+
+impl From<RetryError> for PartitionError {
+    fn from(e: RetryError) -> Self {
+        match e {
+            RetryError::Sink(s) => PartitionError::Sink(s),
+            RetryError::Cancelled { last } => PartitionError::Cancelled(last.to_string()),
+        }
+    }
+}
+
+/// Seeks to the chain head before an offset gap at start-up is accepted as Kafka's own.
+const MAX_SEEKS: u32 = 3;
+
+/// The stores a flush writes to.
+#[derive(Clone)]
+pub struct Sinks {
+    pub objects: Arc<dyn ObjectStore>,
+    pub index: Arc<dyn IndexStore>,
+    pub heads: Arc<dyn HeadStore>,
+    /// The dead-letter topic, when `kafka.dead_letter_topic` is set.
+    pub dead_letters: Option<Arc<dyn DeadLetterSink>>,
+}
+
+/// What became of an offered record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Chained and buffered.
+    Appended,
+    /// At or below the durable head: already in the trail (replay, redelivery). Skipped.
+    AlreadyChained,
+    /// Above the next expected offset before any record was seen: seek back to this offset.
+    SeekTo(i64),
+}
+
+/// Result of a completed flush.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flushed {
+    /// The Kafka offset to commit: one past the last durable record.
+    pub commit_offset: i64,
+    pub records: usize,
+    pub objects: Vec<String>,
+}
+
+pub struct PartitionWriter {
+    topic: String,
+    partition: i32,
+    config: Arc<Config>,
+    sinks: Sinks,
+    chain: Chain,
+    durable: Option<HeadPos>,
+    /// Intent left by an interrupted flush: the next flush must be exactly this range.
+    recovering: Option<PendingFlush>,
+    /// Whether a record has been appended since open (a gap before the first one means: seek).
+    appended_since_open: bool,
+    /// Seeks requested since open; bounded so a gap Kafka itself has (transaction markers,
+    /// compaction, retention) is accepted, loudly, instead of seeking forever.
+    seeks: u32,
+    buffer: Vec<ChainedRecord>,
+    buffer_bytes: usize,
+    oldest: Option<Instant>,
+}
+
+impl PartitionWriter {
+    /// Loads the chain head and prepares to continue it.
+    pub async fn open(
+        topic: &str,
+        partition: i32,
+        config: Arc<Config>,
+        sinks: Sinks,
+        cancel: &CancellationToken,
+    ) -> Result<Self, PartitionError> {
+        let context = format!("{topic}/{partition} load chain head");
+        let head =
+            retry(&context, &config.retry, cancel, metrics::set_backend_up, || sinks.heads.load(topic, partition))
+                .await?;
+        let chain = match head.committed {
+            Some(pos) => Chain::resume(topic, partition, pos.last_offset, pos.last_hash),
+            None => Chain::new(topic, partition),
+        };
+        if let Some(p) = head.pending {
+            tracing::warn!(
+                topic,
+                partition,
+                first = p.first_offset,
+                last = p.last_offset,
+                "resuming an interrupted flush"
+            );
+        }
+        Ok(Self {
+            topic: topic.to_string(),
+            partition,
+            config,
+            sinks,
+            chain,
+            durable: head.committed,
+            recovering: head.pending,
+            appended_since_open: false,
+            seeks: 0,
+            buffer: Vec::new(),
+            buffer_bytes: 0,
+            oldest: None,
+        })
+    }
+
+    /// First offset not yet chained (`None`: empty chain, any offset may start it).
+    pub fn next_offset(&self) -> Option<i64> {
+        self.chain.last_offset().map(|o| o + 1)
+    }
+
+    pub fn durable_head(&self) -> Option<HeadPos> {
+        self.durable
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// Offers one Kafka record. `payload` is the exact record value (`None` for a tombstone).
+    pub fn admit(
+        &mut self,
+        offset: i64,
+        kafka_timestamp_ms: Option<i64>,
+        payload: Option<&[u8]>,
+    ) -> Result<Admit, PartitionError> {
+        if let Some(next) = self.next_offset() {
+            if offset < next {
+                return Ok(Admit::AlreadyChained);
+            }
+            // The consumer may start past the head (a committed offset ahead of it, a failed
+            // seek): seek back rather than leave a hole. Only if repeated seeks still land past
+            // `next` is the gap Kafka's own (transaction markers, compaction, retention).
+            if offset > next && !self.appended_since_open {
+                if self.seeks < MAX_SEEKS {
+                    self.seeks += 1;
+                    return Ok(Admit::SeekTo(next));
+                }
+                tracing::warn!(
+                    topic = %self.topic, partition = self.partition, missing_first = next, missing_last = offset - 1,
+                    "offsets not present in Kafka after {MAX_SEEKS} seeks (transaction markers, compaction or retention); continuing the chain at {offset}"
+                );
+                metrics::offsets_missing(self.partition, (offset - next) as u64);
+            }
+        }
+        self.appended_since_open = true;
+        if let Some(p) = self.recovering {
+            if offset > p.last_offset {
+                return Err(
+                    self.irreproducible(p, format!("offset {} was never seen; next record is {offset}", p.last_offset))
+                );
+            }
+        }
+        let outcome = decode::decode(payload, kafka_timestamp_ms, &self.config.validation);
+        let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
+        let bytes = Bytes::copy_from_slice(payload.unwrap_or_default());
+        let link = self.chain.append(offset, status, &bytes)?;
+        if let Err(reason) = &outcome {
+            tracing::warn!(topic = %self.topic, partition = self.partition, offset, code = reason.code(), %reason, "record rejected");
+        }
+        metrics::record_consumed(self.partition, &outcome);
+        self.buffer_bytes += bytes.len();
+        self.oldest.get_or_insert_with(Instant::now);
+        self.buffer.push(ChainedRecord { offset, kafka_timestamp_ms, payload: bytes, link, outcome });
+        Ok(Admit::Appended)
+    }
+
+    /// Whether the buffer must be flushed now (size, age, or an interrupted range completed).
+    pub fn should_flush(&self, now: Instant) -> bool {
+        if self.buffer.is_empty() {
+            return false;
+        }
+        if let Some(p) = self.recovering {
+            // Recovery cuts exactly the recorded range, whatever the thresholds say.
+            return self.chain.last_offset() >= Some(p.last_offset);
+        }
+        let seg = &self.config.segment;
+        self.buffer.len() >= seg.max_records
+            || self.buffer_bytes >= seg.max_bytes
+            || self.oldest.is_some_and(|t| now.duration_since(t) >= self.config.max_age())
+    }
+
+    /// When the age threshold will fire for the current buffer.
+    pub fn flush_deadline(&self) -> Option<Instant> {
+        if self.recovering.is_some() {
+            return None;
+        }
+        self.oldest.map(|t| t + self.config.max_age())
+    }
+
+    /// Runs the flush protocol for everything buffered. Transient errors are retried until
+    /// `cancel`; on error the buffer is kept so the same range can be flushed again.
+    pub async fn flush(&mut self, cancel: &CancellationToken) -> Result<Option<Flushed>, PartitionError> {
+        let (Some(first), Some(last)) = (self.buffer.first(), self.buffer.last()) else {
+            return Ok(None);
+        };
+        let pending =
+            PendingFlush { first_offset: first.offset, last_offset: last.offset, last_hash: last.link.entry_hash };
+        let started = Instant::now();
+        let span_ctx =
+            format!("{}/{} offsets {}..={}", self.topic, self.partition, pending.first_offset, pending.last_offset);
+
+        if let Some(recorded) = self.recovering {
+            if recorded != pending {
+                let detail = format!(
+                    "re-read range {}..={} hash {}",
+                    pending.first_offset,
+                    pending.last_offset,
+                    hex::encode(pending.last_hash)
+                );
+                return Err(self.irreproducible(recorded, detail));
+            }
+        }
+
+        let config = self.config.clone();
+        let segments = {
+            let (topic, partition, records) = (self.topic.clone(), self.partition, std::mem::take(&mut self.buffer));
+            let encoded = tokio::task::spawn_blocking(move || {
+                let result = encode_flush(&config.s3.prefix, &topic, partition, &records, &config.segment);
+                (records, result)
+            })
+            .await
+            .expect("encoder task does not panic");
+            self.buffer = encoded.0;
+            encoded.1?
+        };
+
+        // 1. Intent (skipped when we are completing an interrupted flush's recorded intent).
+        if self.recovering.is_none() {
+            self.begin(pending, &span_ctx, cancel).await?;
+        }
+        // 2. Segments.
+        for segment in &segments {
+            self.put_segment(segment, &span_ctx, cancel).await?;
+        }
+        // 2b. Dead letters for rejected records (their quarantine rows are already in S3).
+        if let Some(dead_letters) = &self.sinks.dead_letters {
+            let letters = self.dead_letters();
+            if !letters.is_empty() {
+                retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || dead_letters.send(&letters))
+                    .await?;
+            }
+        }
+        // 3. Index.
+        let items = self.index_items(&segments);
+        let item_count = items.len();
+        let retry_cfg = &self.config.retry;
+        retry(&span_ctx, retry_cfg, cancel, metrics::set_backend_up, || self.sinks.index.write(items.clone())).await?;
+        // 4. Head.
+        self.complete(pending, &span_ctx, cancel).await?;
+
+        let records = self.buffer.len();
+        metrics::flushed(self.partition, records, &segments, item_count, started.elapsed());
+        self.durable = Some(HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash });
+        self.recovering = None;
+        self.buffer.clear();
+        self.buffer_bytes = 0;
+        self.oldest = None;
+        tracing::info!(
+            topic = %self.topic, partition = self.partition, first = pending.first_offset, last = pending.last_offset,
+            records, objects = segments.len(), head = %hex::encode(pending.last_hash), "flushed"
+        );
+        Ok(Some(Flushed {
+            commit_offset: pending.last_offset + 1,
+            records,
+            objects: segments.into_iter().map(|s| s.key).collect(),
+        }))
+    }
+
+    async fn begin(&self, pending: PendingFlush, ctx: &str, cancel: &CancellationToken) -> Result<(), PartitionError> {
+        let heads = &self.sinks.heads;
+        let result = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+            heads.begin_flush(&self.topic, self.partition, self.durable, pending)
+        })
+        .await;
+        match result {
+            Err(RetryError::Sink(SinkError::FenceLost { .. })) => {
+                // A retried request whose first attempt did land looks like a lost fence: check.
+                let head = heads.load(&self.topic, self.partition).await?;
+                if head.committed == self.durable && head.pending == Some(pending) {
+                    Ok(())
+                } else {
+                    Err(result.unwrap_err().into())
+                }
+            }
+            other => Ok(other?),
+        }
+    }
+
+    async fn complete(
+        &self,
+        pending: PendingFlush,
+        ctx: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), PartitionError> {
+        let heads = &self.sinks.heads;
+        let result = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+            heads.complete_flush(&self.topic, self.partition, pending)
+        })
+        .await;
+        match result {
+            Err(RetryError::Sink(SinkError::FenceLost { .. })) => {
+                let head = heads.load(&self.topic, self.partition).await?;
+                let done = HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash };
+                // Already advanced to exactly this range (our lost response, or an identical re-run).
+                if head.committed == Some(done) && head.pending.is_none() {
+                    Ok(())
+                } else {
+                    Err(result.unwrap_err().into())
+                }
+            }
+            other => Ok(other?),
+        }
+    }
+
+    async fn put_segment(
+        &self,
+        segment: &EncodedSegment,
+        ctx: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), PartitionError> {
+        let metadata = BTreeMap::from([
+            ("aegis-format".to_string(), crate::segment::SEGMENT_FORMAT.to_string()),
+            ("aegis-first-offset".to_string(), segment.first_offset.to_string()),
+            ("aegis-last-offset".to_string(), segment.last_offset.to_string()),
+            ("aegis-rows".to_string(), segment.rows.to_string()),
+            ("aegis-last-entry-hash".to_string(), segment.last_entry_hash.clone()),
+        ]);
+        let objects = &self.sinks.objects;
+        let existing =
+            retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.head(&segment.key)).await?;
+        if let Some(info) = existing {
+            let same = info.metadata.get("aegis-last-entry-hash") == Some(&segment.last_entry_hash)
+                && info.metadata.get("aegis-rows") == Some(&segment.rows.to_string());
+            if same {
+                tracing::info!(key = %segment.key, "segment already written by an earlier attempt; keeping it");
+                return Ok(());
+            }
+            return Err(SinkError::Conflict {
+                key: segment.key.clone(),
+                detail: format!("stored metadata {:?}", info.metadata),
+            }
+            .into());
+        }
+        let body = segment.body.clone();
+        retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+            objects.put(&segment.key, body.clone(), &metadata)
+        })
+        .await?;
+        Ok(())
+    }
+
+    fn index_items(&self, segments: &[EncodedSegment]) -> Vec<crate::sinks::IndexItem> {
+        let key_of = |record: &ChainedRecord| {
+            let placement = crate::segment::Placement::of(record);
+            segments.iter().find(|s| s.placement == placement).map(|s| s.key.as_str()).unwrap_or_default()
+        };
+        let items =
+            self.buffer.iter().filter_map(|r| index::item_for(&self.topic, self.partition, r, key_of(r))).collect();
+        index::dedupe_by_key(items)
+    }
+
+    fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.buffer
+            .iter()
+            .filter_map(|r| {
+                let reason = r.outcome.as_ref().err()?;
+                Some(DeadLetter {
+                    source_topic: self.topic.clone(),
+                    source_partition: self.partition,
+                    source_offset: r.offset,
+                    kafka_timestamp_ms: r.kafka_timestamp_ms,
+                    payload: Some(r.payload.clone()),
+                    reason_code: reason.code(),
+                    reason: reason.to_string(),
+                })
+            })
+            .collect()
+    }
+
+    fn irreproducible(&self, p: PendingFlush, detail: String) -> PartitionError {
+        PartitionError::Irreproducible {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            first: p.first_offset,
+            last: p.last_offset,
+            detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::memory::{MemoryDeadLetters, MemoryHeads, MemoryIndex, MemoryObjectStore};
+    use std::sync::atomic::Ordering;
+
+    struct Stack {
+        objects: Arc<MemoryObjectStore>,
+        index: Arc<MemoryIndex>,
+        heads: Arc<MemoryHeads>,
+        dead: Arc<MemoryDeadLetters>,
+    }
+
+    impl Stack {
+        fn new() -> Self {
+            Self { objects: Arc::default(), index: Arc::default(), heads: Arc::default(), dead: Arc::default() }
+        }
+        fn sinks(&self) -> Sinks {
+            Sinks {
+                objects: self.objects.clone(),
+                index: self.index.clone(),
+                heads: self.heads.clone(),
+                dead_letters: Some(self.dead.clone()),
+            }
+        }
+    }
+
+    fn config() -> Arc<Config> {
+        let mut c = Config::from_toml_str(
+            "[kafka]\nbrokers = \"x:1\"\ntopic = \"t\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n[retry]\ninitial_backoff_ms = 1\nmax_backoff_ms = 2\n",
+        )
+        .unwrap();
+        c.segment.max_records = 3;
+        Arc::new(c)
+    }
+
+    fn event(i: i64) -> String {
+        format!(
+            r#"{{"decision_id":"d-{i}","event_type":"decision","occurred_at":"2026-11-20T08:00:00Z","environment":"prod","user_id":"u","session_id":"s","action":"a","confidence_score":0.5,"policy_version":"p","model_version":"m","request_id":"r-{i}"}}"#
+        )
+    }
+
+    async fn feed(w: &mut PartitionWriter, range: std::ops::Range<i64>) -> Vec<Flushed> {
+        let mut out = Vec::new();
+        for i in range {
+            let payload = event(i);
+            assert_eq!(w.admit(i, None, Some(payload.as_bytes())).unwrap(), Admit::Appended);
+            if w.should_flush(Instant::now()) {
+                out.extend(w.flush(&CancellationToken::new()).await.unwrap());
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn flush_writes_segments_index_and_head_then_reports_commit_offset() {
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        let flushed = feed(&mut w, 0..6).await;
+        assert_eq!(flushed.iter().map(|f| f.commit_offset).collect::<Vec<_>>(), vec![3, 6]);
+        assert_eq!(s.objects.keys().len(), 2);
+        assert_eq!(s.index.items().len(), 6);
+        let head = s.heads.get("t", 0);
+        assert_eq!(head.committed.unwrap().last_offset, 5);
+        assert_eq!(head.committed.unwrap().last_hash, w.chain.head());
+        assert!(head.pending.is_none());
+    }
+
+    #[tokio::test]
+    async fn restart_skips_chained_offsets_and_continues_the_chain() {
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        feed(&mut w, 0..3).await;
+        let mut uninterrupted = Chain::new("t", 0);
+        for i in 0..6 {
+            uninterrupted.append(i, EntryStatus::Accepted, event(i).as_bytes()).unwrap();
+        }
+        let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        for i in 0..3 {
+            assert_eq!(w2.admit(i, None, Some(event(i).as_bytes())).unwrap(), Admit::AlreadyChained);
+        }
+        feed(&mut w2, 3..6).await;
+        assert_eq!(s.heads.get("t", 0).committed.unwrap().last_hash, uninterrupted.head());
+    }
+
+    #[tokio::test]
+    async fn start_past_head_asks_for_a_seek() {
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        feed(&mut w, 0..3).await;
+        let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        // A seek that did not take (or landed past the head) is retried, never silently skipped.
+        for _ in 0..MAX_SEEKS {
+            assert_eq!(w2.admit(7, None, Some(b"{}")).unwrap(), Admit::SeekTo(3));
+        }
+        assert_eq!(w2.buffered(), 0);
+        // Still past the head after repeated seeks: Kafka has no offsets 3..=6; continue at 7.
+        assert_eq!(w2.admit(7, None, Some(event(7).as_bytes())).unwrap(), Admit::Appended);
+        // Once records flow, a later offset gap (transaction markers) needs no seek.
+        assert_eq!(w2.admit(9, None, Some(event(9).as_bytes())).unwrap(), Admit::Appended);
+    }
+
+    /// Crash after the intent and some objects: the next owner re-cuts the same range and the
+    /// store ends with exactly the objects and head of an uninterrupted run.
+    #[tokio::test]
+    async fn interrupted_flush_is_completed_identically() {
+        let clean = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), clean.sinks(), &CancellationToken::new()).await.unwrap();
+        feed(&mut w, 0..6).await;
+
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        feed(&mut w, 0..3).await;
+        for i in 3..6 {
+            w.admit(i, None, Some(event(i).as_bytes())).unwrap();
+        }
+        // Crash during step 3: the index is down, the intent and the segment are already written.
+        s.index.down.store(true, Ordering::SeqCst);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert!(matches!(w.flush(&cancel).await, Err(PartitionError::Cancelled(_))));
+        assert!(s.heads.get("t", 0).pending.is_some());
+        s.index.down.store(false, Ordering::SeqCst);
+        drop(w);
+
+        let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        for i in 0..3 {
+            assert_eq!(w2.admit(i, None, Some(event(i).as_bytes())).unwrap(), Admit::AlreadyChained);
+        }
+        let flushed = feed(&mut w2, 3..6).await;
+        assert_eq!(flushed.len(), 1);
+        assert_eq!(s.objects.keys(), clean.objects.keys());
+        for key in s.objects.keys() {
+            assert_eq!(s.objects.body(&key), clean.objects.body(&key), "{key}");
+        }
+        assert_eq!(s.heads.get("t", 0), clean.heads.get("t", 0));
+        assert_eq!(s.index.items().len(), 6);
+    }
+
+    #[tokio::test]
+    async fn zombie_cannot_extend_a_chain_it_lost() {
+        let s = Stack::new();
+        let mut zombie = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        let mut owner = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        feed(&mut owner, 0..3).await;
+        for i in 0..3 {
+            zombie.admit(i, None, Some(format!("{{\"x\":{i}}}").as_bytes())).unwrap();
+        }
+        let puts_before = s.objects.put_count();
+        let err = zombie.flush(&CancellationToken::new()).await.unwrap_err();
+        assert!(err.is_fence_lost(), "{err}");
+        assert_eq!(s.objects.put_count(), puts_before, "a fenced worker writes no objects");
+    }
+
+    #[tokio::test]
+    async fn changed_records_during_recovery_are_refused() {
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        for i in 0..3 {
+            w.admit(i, None, Some(event(i).as_bytes())).unwrap();
+        }
+        s.index.down.store(true, Ordering::SeqCst);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let _ = w.flush(&cancel).await;
+        s.index.down.store(false, Ordering::SeqCst);
+        let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        w2.admit(0, None, Some(event(0).as_bytes())).unwrap();
+        w2.admit(1, None, Some(b"tampered")).unwrap();
+        w2.admit(2, None, Some(event(2).as_bytes())).unwrap();
+        assert!(w2.should_flush(Instant::now()));
+        let err = w2.flush(&CancellationToken::new()).await.unwrap_err();
+        assert!(matches!(err, PartitionError::Irreproducible { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn rejected_records_are_chained_quarantined_and_dead_lettered_before_commit() {
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        w.admit(0, Some(1_795_000_000_000), Some(event(0).as_bytes())).unwrap();
+        w.admit(1, Some(1_795_000_000_000), Some(b"{not json")).unwrap();
+        w.admit(2, Some(1_795_000_000_000), None).unwrap();
+        // The dead-letter topic is down: nothing may be committed, the head must not move.
+        s.dead.down.store(true, Ordering::SeqCst);
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        assert!(matches!(w.flush(&cancel).await, Err(PartitionError::Cancelled(_))));
+        assert!(s.heads.get("t", 0).committed.is_none());
+        s.dead.down.store(false, Ordering::SeqCst);
+        let flushed = w.flush(&CancellationToken::new()).await.unwrap().unwrap();
+        assert_eq!(flushed.commit_offset, 3);
+        let letters = s.dead.letters();
+        assert_eq!(
+            letters.iter().map(|l| (l.source_offset, l.reason_code)).collect::<Vec<_>>(),
+            vec![(1, "not_json"), (2, "null_payload")]
+        );
+        assert_eq!(letters[0].payload.as_deref(), Some(&b"{not json"[..]));
+        assert!(s.objects.keys().iter().any(|k| k.starts_with("trail/quarantine/year=2026/month=11/day=18/")));
+        assert_eq!(s.index.items().len(), 1, "only the accepted record is indexed");
+    }
+}

@@ -1,0 +1,452 @@
+//! Segments: chained records grouped by Hive partition, encoded as ZSTD Parquet with a fixed
+//! Arrow schema (`schemas/parquet-columns.md`), under deterministic keys.
+//!
+//! A flush of offsets `first..=last` of one topic-partition writes one object per Hive partition
+//! it touches, all named `<topic>-p<partition>-<first>-<last>.parquet`. The name depends only on
+//! the flushed range, and the bytes only on the records, so re-running an interrupted flush
+//! rewrites the same objects: never a second copy of a row.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock};
+
+use arrow_array::builder::{
+    BinaryBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
+    TimestampMillisecondBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use bytes::Bytes;
+use chrono::{DateTime, Datelike, Utc};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::metadata::KeyValue;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use crate::chain::{EntryStatus, Link};
+use crate::config::SegmentConfig;
+use crate::decode::{DecisionEvent, RejectReason};
+
+/// Format version written into every object's key-value metadata.
+pub const SEGMENT_FORMAT: &str = "aegis-audit/segment/v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum SegmentError {
+    /// Encoding failures are bugs or resource exhaustion, not something a retry fixes.
+    #[error("encoding segment {key}: {message}")]
+    Encode { key: String, message: String },
+}
+
+/// One Kafka record after decode and chaining: everything a segment row and an index item need.
+#[derive(Debug, Clone)]
+pub struct ChainedRecord {
+    pub offset: i64,
+    pub kafka_timestamp_ms: Option<i64>,
+    pub payload: Bytes,
+    pub link: Link,
+    pub outcome: Result<DecisionEvent, RejectReason>,
+}
+
+impl ChainedRecord {
+    pub fn status(&self) -> EntryStatus {
+        if self.outcome.is_ok() {
+            EntryStatus::Accepted
+        } else {
+            EntryStatus::Rejected
+        }
+    }
+}
+
+/// Where a record's row lives: accepted events by their own date and environment, rejected ones
+/// in quarantine by their Kafka timestamp (the payload may have no usable date).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Placement {
+    Trail { year: i32, month: u32, day: u32, environment: String },
+    Quarantine { year: i32, month: u32, day: u32 },
+}
+
+impl Placement {
+    pub fn of(record: &ChainedRecord) -> Self {
+        match &record.outcome {
+            Ok(event) => {
+                let (year, month, day) = event.date();
+                Placement::Trail { year, month, day, environment: event.environment.clone() }
+            }
+            Err(_) => {
+                let ts = record.kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis).unwrap_or_default();
+                Placement::Quarantine { year: ts.year(), month: ts.month(), day: ts.day() }
+            }
+        }
+    }
+
+    /// The Hive-style directory, relative to the trail prefix. `environment` here is always a
+    /// token that passed `decode::is_partition_token`, so it cannot add or climb path segments.
+    pub fn directory(&self) -> String {
+        match self {
+            Placement::Trail { year, month, day, environment } => {
+                format!("year={year:04}/month={month:02}/day={day:02}/environment={environment}")
+            }
+            Placement::Quarantine { year, month, day } => {
+                format!("quarantine/year={year:04}/month={month:02}/day={day:02}")
+            }
+        }
+    }
+}
+
+/// `<prefix>/<directory>/<topic>-p<partition>-<first>-<last>.parquet`, offsets zero-padded to 20
+/// digits so keys sort by offset.
+pub fn object_key(prefix: &str, placement: &Placement, topic: &str, partition: i32, first: i64, last: i64) -> String {
+    let file = format!("{topic}-p{partition:04}-{first:020}-{last:020}.parquet");
+    join_key(&[prefix, &placement.directory(), &file])
+}
+
+pub fn join_key(parts: &[&str]) -> String {
+    parts.iter().map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("/")
+}
+
+/// One encoded object of a flush.
+#[derive(Debug, Clone)]
+pub struct EncodedSegment {
+    pub key: String,
+    pub placement: Placement,
+    pub body: Bytes,
+    pub rows: usize,
+    pub first_offset: i64,
+    pub last_offset: i64,
+    /// Entry hash of the object's last row: identifies its content in object metadata.
+    pub last_entry_hash: String,
+}
+
+pub fn arrow_schema() -> SchemaRef {
+    static SCHEMA: OnceLock<SchemaRef> = OnceLock::new();
+    SCHEMA
+        .get_or_init(|| {
+            let utc: Arc<str> = Arc::from("UTC");
+            let s = |name: &str, nullable: bool| Field::new(name, DataType::Utf8, nullable);
+            Arc::new(Schema::new(vec![
+                s("kafka_topic", false),
+                Field::new("kafka_partition", DataType::Int32, false),
+                Field::new("kafka_offset", DataType::Int64, false),
+                Field::new("kafka_timestamp", DataType::Timestamp(TimeUnit::Millisecond, Some(utc.clone())), true),
+                s("status", false),
+                s("reject_code", true),
+                s("reject_reason", true),
+                s("decision_id", true),
+                s("event_type", true),
+                Field::new("occurred_at", DataType::Timestamp(TimeUnit::Microsecond, Some(utc)), true),
+                s("user_id", true),
+                s("session_id", true),
+                s("action", true),
+                Field::new("confidence_score", DataType::Float64, true),
+                s("policy_version", true),
+                s("model_version", true),
+                s("request_id", true),
+                s("reviewer_id", true),
+                s("override_reason", true),
+                s("original_action", true),
+                s("safety_category", true),
+                s("severity", true),
+                s("metadata", true),
+                Field::new("payload", DataType::Binary, false),
+                s("prev_hash", false),
+                s("entry_hash", false),
+            ]))
+        })
+        .clone()
+}
+
+/// Groups `records` (one flush of one partition, ascending offsets) by placement and encodes
+/// one Parquet object per group.
+pub fn encode_flush(
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    records: &[ChainedRecord],
+    config: &SegmentConfig,
+) -> Result<Vec<EncodedSegment>, SegmentError> {
+    let (Some(first), Some(last)) = (records.first(), records.last()) else {
+        return Ok(Vec::new());
+    };
+    let mut groups: BTreeMap<Placement, Vec<&ChainedRecord>> = BTreeMap::new();
+    for record in records {
+        groups.entry(Placement::of(record)).or_default().push(record);
+    }
+    let props = writer_properties(topic, partition, first.offset, last.offset, config);
+    groups
+        .into_iter()
+        .map(|(placement, rows)| {
+            let key = object_key(prefix, &placement, topic, partition, first.offset, last.offset);
+            let body = encode_rows(topic, partition, &rows, props.clone())
+                .map_err(|message| SegmentError::Encode { key: key.clone(), message })?;
+            let last_row = rows.last().expect("groups are non-empty");
+            Ok(EncodedSegment {
+                key,
+                placement,
+                body,
+                rows: rows.len(),
+                first_offset: rows[0].offset,
+                last_offset: last_row.offset,
+                last_entry_hash: hex::encode(last_row.link.entry_hash),
+            })
+        })
+        .collect()
+}
+
+fn writer_properties(topic: &str, partition: i32, first: i64, last: i64, config: &SegmentConfig) -> WriterProperties {
+    let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
+    let no_dict = ["payload", "prev_hash", "entry_hash", "decision_id", "request_id", "kafka_offset"];
+    let mut builder = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(config.zstd_level).unwrap_or_default()))
+        .set_max_row_group_row_count(Some(config.row_group_rows))
+        .set_statistics_enabled(EnabledStatistics::Page)
+        .set_dictionary_enabled(true)
+        .set_created_by(format!("aegis-audit {}", env!("CARGO_PKG_VERSION")))
+        .set_key_value_metadata(Some(vec![
+            kv("aegis.format", SEGMENT_FORMAT.to_string()),
+            kv("aegis.topic", topic.to_string()),
+            kv("aegis.partition", partition.to_string()),
+            kv("aegis.flush_first_offset", first.to_string()),
+            kv("aegis.flush_last_offset", last.to_string()),
+        ]));
+    // Unique or random-looking columns gain nothing from a dictionary; payload stats are noise.
+    for column in no_dict {
+        builder = builder.set_column_dictionary_enabled(ColumnPath::from(column), false);
+    }
+    builder = builder.set_column_statistics_enabled(ColumnPath::from("payload"), EnabledStatistics::None);
+    builder.build()
+}
+
+fn encode_rows(topic: &str, partition: i32, rows: &[&ChainedRecord], props: WriterProperties) -> Result<Bytes, String> {
+    let batch = record_batch(topic, partition, rows).map_err(|e| e.to_string())?;
+    let mut out = Vec::with_capacity(rows.iter().map(|r| r.payload.len()).sum::<usize>() / 3 + 4096);
+    let mut writer = ArrowWriter::try_new(&mut out, arrow_schema(), Some(props)).map_err(|e| e.to_string())?;
+    writer.write(&batch).map_err(|e| e.to_string())?;
+    writer.close().map_err(|e| e.to_string())?;
+    Ok(Bytes::from(out))
+}
+
+pub fn record_batch(
+    topic: &str,
+    partition: i32,
+    rows: &[&ChainedRecord],
+) -> Result<RecordBatch, arrow_schema::ArrowError> {
+    let n = rows.len();
+    let text = || StringBuilder::with_capacity(n, n * 16);
+    let mut kafka_topic = text();
+    let mut kafka_partition = Int32Builder::with_capacity(n);
+    let mut kafka_offset = Int64Builder::with_capacity(n);
+    let mut kafka_timestamp = TimestampMillisecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut status = text();
+    let mut reject_code = text();
+    let mut reject_reason = text();
+    let mut decision_id = text();
+    let mut event_type = text();
+    let mut occurred_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
+    let mut user_id = text();
+    let mut session_id = text();
+    let mut action = text();
+    let mut confidence = Float64Builder::with_capacity(n);
+    let mut policy_version = text();
+    let mut model_version = text();
+    let mut request_id = text();
+    let mut reviewer_id = text();
+    let mut override_reason = text();
+    let mut original_action = text();
+    let mut safety_category = text();
+    let mut severity = text();
+    let mut metadata = text();
+    let mut payload = BinaryBuilder::with_capacity(n, rows.iter().map(|r| r.payload.len()).sum());
+    let mut prev_hash = StringBuilder::with_capacity(n, n * 64);
+    let mut entry_hash = StringBuilder::with_capacity(n, n * 64);
+    let mut hex_buf = [0u8; 64];
+
+    for r in rows {
+        kafka_topic.append_value(topic);
+        kafka_partition.append_value(partition);
+        kafka_offset.append_value(r.offset);
+        kafka_timestamp.append_option(r.kafka_timestamp_ms);
+        status.append_value(r.status().as_str());
+        payload.append_value(&r.payload);
+        hex::encode_to_slice(r.link.prev_hash, &mut hex_buf).expect("64 bytes");
+        prev_hash.append_value(std::str::from_utf8(&hex_buf).expect("hex is ascii"));
+        hex::encode_to_slice(r.link.entry_hash, &mut hex_buf).expect("64 bytes");
+        entry_hash.append_value(std::str::from_utf8(&hex_buf).expect("hex is ascii"));
+        match &r.outcome {
+            Ok(e) => {
+                reject_code.append_null();
+                reject_reason.append_null();
+                decision_id.append_value(&e.decision_id);
+                event_type.append_value(e.event_type.as_str());
+                occurred_at.append_value(e.occurred_at.timestamp_micros());
+                user_id.append_value(&e.user_id);
+                session_id.append_value(&e.session_id);
+                action.append_value(&e.action);
+                confidence.append_option(e.confidence_score);
+                policy_version.append_value(&e.policy_version);
+                model_version.append_value(&e.model_version);
+                request_id.append_value(&e.request_id);
+                reviewer_id.append_option(e.reviewer_id.as_deref());
+                override_reason.append_option(e.override_reason.as_deref());
+                original_action.append_option(e.original_action.as_deref());
+                safety_category.append_option(e.safety_category.as_deref());
+                severity.append_option(e.severity.as_deref());
+                metadata.append_option(e.metadata.as_deref());
+            }
+            Err(reason) => {
+                reject_code.append_value(reason.code());
+                reject_reason.append_value(reason.to_string());
+                for b in [
+                    &mut decision_id,
+                    &mut event_type,
+                    &mut user_id,
+                    &mut session_id,
+                    &mut action,
+                    &mut policy_version,
+                    &mut model_version,
+                    &mut request_id,
+                    &mut reviewer_id,
+                    &mut override_reason,
+                    &mut original_action,
+                    &mut safety_category,
+                    &mut severity,
+                    &mut metadata,
+                ] {
+                    b.append_null();
+                }
+                occurred_at.append_null();
+                confidence.append_null();
+            }
+        }
+    }
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(kafka_topic.finish()),
+        Arc::new(kafka_partition.finish()),
+        Arc::new(kafka_offset.finish()),
+        Arc::new(kafka_timestamp.finish()),
+        Arc::new(status.finish()),
+        Arc::new(reject_code.finish()),
+        Arc::new(reject_reason.finish()),
+        Arc::new(decision_id.finish()),
+        Arc::new(event_type.finish()),
+        Arc::new(occurred_at.finish()),
+        Arc::new(user_id.finish()),
+        Arc::new(session_id.finish()),
+        Arc::new(action.finish()),
+        Arc::new(confidence.finish()),
+        Arc::new(policy_version.finish()),
+        Arc::new(model_version.finish()),
+        Arc::new(request_id.finish()),
+        Arc::new(reviewer_id.finish()),
+        Arc::new(override_reason.finish()),
+        Arc::new(original_action.finish()),
+        Arc::new(safety_category.finish()),
+        Arc::new(severity.finish()),
+        Arc::new(metadata.finish()),
+        Arc::new(payload.finish()),
+        Arc::new(prev_hash.finish()),
+        Arc::new(entry_hash.finish()),
+    ];
+    RecordBatch::try_new(arrow_schema(), columns)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chain::Chain;
+    use crate::config::ValidationConfig;
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    pub(crate) fn sample_records(topic: &str, partition: i32, payloads: &[(i64, String)]) -> Vec<ChainedRecord> {
+        let mut chain = Chain::new(topic, partition);
+        payloads
+            .iter()
+            .map(|(offset, p)| {
+                let outcome =
+                    crate::decode::decode(Some(p.as_bytes()), Some(1_795_000_000_000), &ValidationConfig::default());
+                let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
+                let link = chain.append(*offset, status, p.as_bytes()).unwrap();
+                ChainedRecord {
+                    offset: *offset,
+                    kafka_timestamp_ms: Some(1_795_000_000_000),
+                    payload: Bytes::from(p.clone()),
+                    link,
+                    outcome,
+                }
+            })
+            .collect()
+    }
+
+    fn event(id: &str, env: &str, day: u32) -> String {
+        format!(
+            r#"{{"decision_id":"{id}","event_type":"decision","occurred_at":"2026-11-{day:02}T12:00:00Z","environment":"{env}","user_id":"u","session_id":"s","action":"a","confidence_score":0.5,"policy_version":"p","model_version":"m","request_id":"r"}}"#
+        )
+    }
+
+    #[test]
+    fn keys_are_deterministic_hive_paths() {
+        let p = Placement::Trail { year: 2026, month: 3, day: 7, environment: "prod".into() };
+        assert_eq!(
+            object_key("trail/", &p, "ai-decisions", 2, 100, 199),
+            "trail/year=2026/month=03/day=07/environment=prod/ai-decisions-p0002-00000000000000000100-00000000000000000199.parquet"
+        );
+        let q = Placement::Quarantine { year: 2026, month: 1, day: 2 };
+        assert_eq!(
+            object_key("", &q, "t", 0, 0, 0),
+            "quarantine/year=2026/month=01/day=02/t-p0000-00000000000000000000-00000000000000000000.parquet"
+        );
+    }
+
+    #[test]
+    fn flush_splits_by_placement_and_round_trips() {
+        let records = sample_records(
+            "t",
+            1,
+            &[
+                (10, event("a", "prod", 17)),
+                (11, event("b", "dev", 17)),
+                (12, "garbage".into()),
+                (13, event("c", "prod", 18)),
+            ],
+        );
+        let segments = encode_flush("trail", "t", 1, &records, &SegmentConfig::default()).unwrap();
+        let keys: Vec<_> = segments.iter().map(|s| s.key.as_str()).collect();
+        assert_eq!(keys.len(), 4, "{keys:?}");
+        assert!(keys.iter().all(|k| k.ends_with("t-p0001-00000000000000000010-00000000000000000013.parquet")));
+        let total: usize = segments.iter().map(|s| s.rows).sum();
+        assert_eq!(total, 4);
+        let quarantine = segments.iter().find(|s| matches!(s.placement, Placement::Quarantine { .. })).unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(quarantine.body.clone()).unwrap();
+        let kv = reader.metadata().file_metadata().key_value_metadata().unwrap().clone();
+        assert!(kv.iter().any(|k| k.key == "aegis.flush_last_offset" && k.value.as_deref() == Some("13")));
+        let batch = reader.build().unwrap().next().unwrap().unwrap();
+        assert_eq!(batch.num_rows(), 1);
+        assert_eq!(batch.schema(), arrow_schema());
+    }
+
+    proptest::proptest! {
+        // Whatever a record says, its object key stays under the prefix with exactly the Hive shape.
+        #[test]
+        fn keys_never_escape_the_prefix(env in "\\PC{0,40}", topic in "[a-z][a-z0-9._-]{0,20}", p in 0i32..10_000, first in 0i64..i64::MAX / 2) {
+            let json = event("d", "prod", 17).replace("\"prod\"", &serde_json::to_string(&env).unwrap());
+            let records = sample_records(&topic, p, &[(first, json)]);
+            let placement = Placement::of(&records[0]);
+            let key = object_key("trail", &placement, &topic, p, first, first);
+            proptest::prop_assert!(key.starts_with("trail/year=2026/month=11/day=") || key.starts_with("trail/quarantine/year="));
+            // Only a whole `.`/`..`/empty segment could climb or collapse a path.
+            proptest::prop_assert!(key.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."), "{}", key);
+            // prefix/year/month/day/environment/file, or prefix/quarantine/year/month/day/file.
+            proptest::prop_assert_eq!(key.split('/').count(), 6, "{}", key);
+            if let Placement::Trail { environment, .. } = &placement {
+                proptest::prop_assert!(crate::decode::is_partition_token(environment));
+            }
+        }
+    }
+
+    #[test]
+    fn encoding_is_deterministic() {
+        let records = sample_records("t", 0, &[(0, event("a", "prod", 17)), (1, event("b", "prod", 17))]);
+        let a = encode_flush("p", "t", 0, &records, &SegmentConfig::default()).unwrap();
+        let b = encode_flush("p", "t", 0, &records, &SegmentConfig::default()).unwrap();
+        assert_eq!(a[0].body, b[0].body);
+    }
+}

@@ -1,0 +1,254 @@
+//! [`IndexStore`] and [`HeadStore`] on DynamoDB (or DynamoDB Local / moto through
+//! `dynamodb.endpoint_url`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use futures::stream::{self, TryStreamExt};
+
+use super::{classify_sdk_error, Attr, ChainHead, HeadPos, HeadStore, IndexItem, IndexStore, PendingFlush, SinkError};
+use crate::chain::{parse_hash, Hash};
+use crate::config::DynamoConfig;
+
+const BACKEND: &str = "dynamodb";
+/// BatchWriteItem's hard limit.
+const BATCH: usize = 25;
+/// Attempts at draining UnprocessedItems before handing a transient error to the caller's retry.
+const UNPROCESSED_ATTEMPTS: u32 = 8;
+
+#[derive(Clone)]
+pub struct DynamoStore {
+    client: aws_sdk_dynamodb::Client,
+    table: String,
+    chain_table: String,
+    concurrency: usize,
+}
+
+pub fn client(sdk: &aws_config::SdkConfig, config: &DynamoConfig) -> aws_sdk_dynamodb::Client {
+    let mut builder = aws_sdk_dynamodb::config::Builder::from(sdk);
+    if let Some(url) = &config.endpoint_url {
+        builder = builder.endpoint_url(url);
+    }
+    aws_sdk_dynamodb::Client::from_conf(builder.build())
+}
+
+impl DynamoStore {
+    pub fn new(sdk: &aws_config::SdkConfig, config: &DynamoConfig) -> Self {
+        Self {
+            client: client(sdk, config),
+            table: config.table.clone(),
+            chain_table: config.chain_table.clone(),
+            concurrency: config.write_concurrency,
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_dynamodb::Client {
+        &self.client
+    }
+
+    async fn write_batch(&self, batch: Vec<WriteRequest>) -> Result<(), SinkError> {
+        let mut pending = batch;
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..UNPROCESSED_ATTEMPTS {
+            let out = self
+                .client
+                .batch_write_item()
+                .request_items(&self.table, pending)
+                .send()
+                .await
+                .map_err(|e| classify_sdk_error(BACKEND, "BatchWriteItem", &self.table, &e))?;
+            pending = out.unprocessed_items.unwrap_or_default().remove(&self.table).unwrap_or_default();
+            if pending.is_empty() {
+                return Ok(());
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        Err(SinkError::Transient {
+            backend: BACKEND,
+            operation: "BatchWriteItem",
+            target: self.table.clone(),
+            message: format!(
+                "{} items still unprocessed after {UNPROCESSED_ATTEMPTS} attempts (throttled)",
+                pending.len()
+            ),
+        })
+    }
+
+    fn head_key(topic: &str, partition: i32) -> HashMap<String, AttributeValue> {
+        HashMap::from([("PK".to_string(), AttributeValue::S(format!("CHAIN#{topic}#{partition}")))])
+    }
+
+    fn fence_lost(&self, topic: &str, partition: i32, what: &str, found: ChainHead) -> SinkError {
+        SinkError::FenceLost {
+            topic: topic.to_string(),
+            partition,
+            detail: format!("{what}; stored head is {}", describe(&found)),
+        }
+    }
+}
+
+fn describe(head: &ChainHead) -> String {
+    let committed = head
+        .committed
+        .map(|c| format!("offset {} hash {}", c.last_offset, hex::encode(c.last_hash)))
+        .unwrap_or_else(|| "empty".into());
+    match head.pending {
+        Some(p) => format!("{committed}, pending {}..={}", p.first_offset, p.last_offset),
+        None => committed,
+    }
+}
+
+fn to_attribute(attr: &Attr) -> AttributeValue {
+    match attr {
+        Attr::S(s) => AttributeValue::S(s.clone()),
+        Attr::N(n) => AttributeValue::N(n.clone()),
+        Attr::Bool(b) => AttributeValue::Bool(*b),
+    }
+}
+
+fn to_write_request(item: &IndexItem) -> WriteRequest {
+    let mut map: HashMap<String, AttributeValue> =
+        item.attrs.iter().map(|(k, v)| (k.to_string(), to_attribute(v))).collect();
+    map.insert("PK".into(), AttributeValue::S(item.pk.clone()));
+    map.insert("SK".into(), AttributeValue::S(item.sk.clone()));
+    let put = PutRequest::builder().set_item(Some(map)).build().expect("item is set");
+    WriteRequest::builder().put_request(put).build()
+}
+
+#[async_trait]
+impl IndexStore for DynamoStore {
+    async fn write(&self, items: Vec<IndexItem>) -> Result<(), SinkError> {
+        let batches: Vec<Vec<WriteRequest>> =
+            items.chunks(BATCH).map(|c| c.iter().map(to_write_request).collect()).collect();
+        stream::iter(batches.into_iter().map(Ok))
+            .try_for_each_concurrent(self.concurrency, |batch| self.write_batch(batch))
+            .await
+    }
+}
+
+fn n(value: i64) -> AttributeValue {
+    AttributeValue::N(value.to_string())
+}
+
+fn s_hash(hash: &Hash) -> AttributeValue {
+    AttributeValue::S(hex::encode(hash))
+}
+
+fn read_i64(item: &HashMap<String, AttributeValue>, name: &str) -> Option<i64> {
+    item.get(name)?.as_n().ok()?.parse().ok()
+}
+
+fn read_hash(item: &HashMap<String, AttributeValue>, name: &str) -> Option<Hash> {
+    parse_hash(item.get(name)?.as_s().ok()?)
+}
+
+fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
+    let committed = match (read_i64(item, "last_offset"), read_hash(item, "last_hash")) {
+        (Some(last_offset), Some(last_hash)) => Some(HeadPos { last_offset, last_hash }),
+        _ => None,
+    };
+    let pending =
+        match (read_i64(item, "pending_first"), read_i64(item, "pending_last"), read_hash(item, "pending_hash")) {
+            (Some(first_offset), Some(last_offset), Some(last_hash)) => {
+                Some(PendingFlush { first_offset, last_offset, last_hash })
+            }
+            _ => None,
+        };
+    ChainHead { committed, pending }
+}
+
+fn is_condition_failure<R>(
+    err: &aws_smithy_runtime_api::client::result::SdkError<
+        aws_sdk_dynamodb::operation::update_item::UpdateItemError,
+        R,
+    >,
+) -> bool {
+    err.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception())
+}
+
+#[async_trait]
+impl HeadStore for DynamoStore {
+    async fn load(&self, topic: &str, partition: i32) -> Result<ChainHead, SinkError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.chain_table)
+            .set_key(Some(Self::head_key(topic, partition)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "GetItem", &self.chain_table, &e))?;
+        Ok(out.item().map(parse_head).unwrap_or_default())
+    }
+
+    async fn begin_flush(
+        &self,
+        topic: &str,
+        partition: i32,
+        expected: Option<HeadPos>,
+        pending: PendingFlush,
+    ) -> Result<(), SinkError> {
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.chain_table)
+            .set_key(Some(Self::head_key(topic, partition)))
+            .update_expression("SET pending_first = :pf, pending_last = :pl, pending_hash = :ph, updated_at = :now")
+            .expression_attribute_values(":pf", n(pending.first_offset))
+            .expression_attribute_values(":pl", n(pending.last_offset))
+            .expression_attribute_values(":ph", s_hash(&pending.last_hash))
+            .expression_attribute_values(":now", AttributeValue::S(chrono::Utc::now().to_rfc3339()));
+        request = match expected {
+            None => {
+                request.condition_expression("attribute_not_exists(last_offset) AND attribute_not_exists(pending_last)")
+            }
+            Some(head) => request
+                .condition_expression("last_offset = :lo AND last_hash = :lh AND attribute_not_exists(pending_last)")
+                .expression_attribute_values(":lo", n(head.last_offset))
+                .expression_attribute_values(":lh", s_hash(&head.last_hash)),
+        };
+        match request.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => {
+                let found = self.load(topic, partition).await?;
+                let wanted = expected
+                    .map(|h| format!("expected offset {}", h.last_offset))
+                    .unwrap_or_else(|| "expected an empty chain".into());
+                Err(self.fence_lost(topic, partition, &wanted, found))
+            }
+            Err(e) => Err(classify_sdk_error(BACKEND, "UpdateItem", &self.chain_table, &e)),
+        }
+    }
+
+    async fn complete_flush(&self, topic: &str, partition: i32, pending: PendingFlush) -> Result<(), SinkError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.chain_table)
+            .set_key(Some(Self::head_key(topic, partition)))
+            .update_expression("SET last_offset = :pl, last_hash = :ph, updated_at = :now REMOVE pending_first, pending_last, pending_hash")
+            .condition_expression("pending_first = :pf AND pending_last = :pl AND pending_hash = :ph")
+            .expression_attribute_values(":pf", n(pending.first_offset))
+            .expression_attribute_values(":pl", n(pending.last_offset))
+            .expression_attribute_values(":ph", s_hash(&pending.last_hash))
+            .expression_attribute_values(":now", AttributeValue::S(chrono::Utc::now().to_rfc3339()))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => {
+                let found = self.load(topic, partition).await?;
+                Err(self.fence_lost(
+                    topic,
+                    partition,
+                    &format!("expected pending {}..={}", pending.first_offset, pending.last_offset),
+                    found,
+                ))
+            }
+            Err(e) => Err(classify_sdk_error(BACKEND, "UpdateItem", &self.chain_table, &e)),
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! In-memory [`ObjectStore`], [`IndexStore`] and [`HeadStore`] with the same contracts as the
+//! real ones, plus switchable failures, so the flush protocol is tested in-process.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use super::dead_letter::{DeadLetter, DeadLetterSink};
+use super::{ChainHead, HeadPos, HeadStore, IndexItem, IndexStore, ObjectInfo, ObjectStore, PendingFlush, SinkError};
+
+fn outage(backend: &'static str, operation: &'static str) -> SinkError {
+    SinkError::Transient { backend, operation, target: "memory".into(), message: "injected outage".into() }
+}
+
+/// An object's body and user metadata.
+type StoredObject = (Bytes, BTreeMap<String, String>);
+
+#[derive(Default)]
+pub struct MemoryObjectStore {
+    objects: Mutex<BTreeMap<String, StoredObject>>,
+    pub down: AtomicBool,
+    puts: std::sync::atomic::AtomicUsize,
+}
+
+impl MemoryObjectStore {
+    pub fn keys(&self) -> Vec<String> {
+        self.objects.lock().unwrap().keys().cloned().collect()
+    }
+
+    pub fn put_count(&self) -> usize {
+        self.puts.load(Ordering::SeqCst)
+    }
+
+    pub fn body(&self, key: &str) -> Option<Bytes> {
+        self.objects.lock().unwrap().get(key).map(|(b, _)| b.clone())
+    }
+
+    fn check(&self, op: &'static str) -> Result<(), SinkError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(outage("memory-s3", op))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl ObjectStore for MemoryObjectStore {
+    async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
+        self.check("PutObject")?;
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        self.objects.lock().unwrap().insert(key.to_string(), (body, metadata.clone()));
+        Ok(())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, SinkError> {
+        self.check("HeadObject")?;
+        Ok(self.objects.lock().unwrap().get(key).map(|(b, m)| ObjectInfo {
+            key: key.to_string(),
+            size: b.len() as u64,
+            metadata: m.clone(),
+        }))
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
+        self.check("GetObject")?;
+        self.objects.lock().unwrap().get(key).map(|(b, _)| b.clone()).ok_or_else(|| SinkError::Fatal {
+            backend: "memory-s3",
+            operation: "GetObject",
+            target: key.to_string(),
+            message: "no such key".into(),
+        })
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {
+        self.check("ListObjectsV2")?;
+        Ok(self
+            .objects
+            .lock()
+            .unwrap()
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, (b, _))| ObjectInfo { key: k.clone(), size: b.len() as u64, metadata: BTreeMap::new() })
+            .collect())
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryIndex {
+    items: Mutex<BTreeMap<(String, String), IndexItem>>,
+    pub down: AtomicBool,
+}
+
+impl MemoryIndex {
+    pub fn items(&self) -> Vec<IndexItem> {
+        self.items.lock().unwrap().values().cloned().collect()
+    }
+}
+
+#[async_trait]
+impl IndexStore for MemoryIndex {
+    async fn write(&self, items: Vec<IndexItem>) -> Result<(), SinkError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(outage("memory-dynamodb", "BatchWriteItem"));
+        }
+        let mut stored = self.items.lock().unwrap();
+        for item in items {
+            stored.insert((item.pk.clone(), item.sk.clone()), item);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryHeads {
+    heads: Mutex<BTreeMap<(String, i32), ChainHead>>,
+    pub down: AtomicBool,
+}
+
+impl MemoryHeads {
+    pub fn get(&self, topic: &str, partition: i32) -> ChainHead {
+        self.heads.lock().unwrap().get(&(topic.to_string(), partition)).copied().unwrap_or_default()
+    }
+
+    fn check(&self, op: &'static str) -> Result<(), SinkError> {
+        if self.down.load(Ordering::SeqCst) {
+            Err(outage("memory-dynamodb", op))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl HeadStore for MemoryHeads {
+    async fn load(&self, topic: &str, partition: i32) -> Result<ChainHead, SinkError> {
+        self.check("GetItem")?;
+        Ok(self.get(topic, partition))
+    }
+
+    async fn begin_flush(
+        &self,
+        topic: &str,
+        partition: i32,
+        expected: Option<HeadPos>,
+        pending: PendingFlush,
+    ) -> Result<(), SinkError> {
+        self.check("UpdateItem")?;
+        let mut heads = self.heads.lock().unwrap();
+        let head = heads.entry((topic.to_string(), partition)).or_default();
+        if head.committed != expected || head.pending.is_some() {
+            return Err(SinkError::FenceLost {
+                topic: topic.into(),
+                partition,
+                detail: format!("stored {head:?}, expected {expected:?}"),
+            });
+        }
+        head.pending = Some(pending);
+        Ok(())
+    }
+
+    async fn complete_flush(&self, topic: &str, partition: i32, pending: PendingFlush) -> Result<(), SinkError> {
+        self.check("UpdateItem")?;
+        let mut heads = self.heads.lock().unwrap();
+        let head = heads.entry((topic.to_string(), partition)).or_default();
+        if head.pending != Some(pending) {
+            return Err(SinkError::FenceLost {
+                topic: topic.into(),
+                partition,
+                detail: format!("stored {head:?}, expected pending {pending:?}"),
+            });
+        }
+        *head = ChainHead {
+            committed: Some(HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash }),
+            pending: None,
+        };
+        Ok(())
+    }
+}
+
+#[derive(Default)]
+pub struct MemoryDeadLetters {
+    letters: Mutex<Vec<DeadLetter>>,
+    pub down: AtomicBool,
+}
+
+impl MemoryDeadLetters {
+    pub fn letters(&self) -> Vec<DeadLetter> {
+        self.letters.lock().unwrap().clone()
+    }
+}
+
+#[async_trait]
+impl DeadLetterSink for MemoryDeadLetters {
+    async fn send(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(outage("memory-kafka", "Produce"));
+        }
+        self.letters.lock().unwrap().extend_from_slice(letters);
+        Ok(())
+    }
+}

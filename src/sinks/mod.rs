@@ -1,0 +1,198 @@
+//! Where segments, index items and chain heads become durable.
+//!
+//! Two seams with real second implementations: [`ObjectStore`] (S3, in-memory) and the DynamoDB
+//! pair [`IndexStore`] + [`HeadStore`] (DynamoDB, in-memory). The in-memory versions let the
+//! whole flush protocol run in-process in tests; the real ones are tested on the local stack.
+
+pub mod dead_letter;
+pub mod dynamodb;
+pub mod memory;
+pub mod s3;
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::chain::Hash;
+
+/// A sink failure, classified once where the backend's error is understood.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SinkError {
+    /// Throttling, 5xx, timeouts, connection refused: retry with backoff, never skip.
+    #[error("{backend} {operation} {target}: {message} (retrying)")]
+    Transient { backend: &'static str, operation: &'static str, target: String, message: String },
+    /// Access denied, missing bucket/table, validation errors: retrying will not help.
+    #[error("{backend} {operation} {target}: {message}")]
+    Fatal { backend: &'static str, operation: &'static str, target: String, message: String },
+    /// The chain head moved under us: another worker owns this partition now.
+    #[error("chain head {topic}/{partition} is not the one this worker extended ({detail}): partition lost, stopping writes")]
+    FenceLost { topic: String, partition: i32, detail: String },
+    /// An object with this key exists with different content: a re-run must never overwrite it.
+    #[error("object {key} already exists with different content ({detail}): refusing to overwrite")]
+    Conflict { key: String, detail: String },
+}
+
+impl SinkError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, SinkError::Transient { .. })
+    }
+
+    /// Short label for metrics (`backend_errors_total{kind=...}`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SinkError::Transient { .. } => "transient",
+            SinkError::Fatal { .. } => "fatal",
+            SinkError::FenceLost { .. } => "fence_lost",
+            SinkError::Conflict { .. } => "conflict",
+        }
+    }
+}
+
+/// What we attach to every segment object so a re-run can recognise its own earlier write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub key: String,
+    pub size: u64,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[async_trait]
+pub trait ObjectStore: Send + Sync {
+    /// Writes `body` at `key` with user metadata, a SHA-256 content checksum and (when
+    /// configured) Object Lock retention and server-side encryption.
+    async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError>;
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, SinkError>;
+    async fn get(&self, key: &str) -> Result<Bytes, SinkError>;
+    /// Every object under `prefix`, in key order.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError>;
+}
+
+/// A neutral attribute value; the DynamoDB store maps it to `AttributeValue`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attr {
+    S(String),
+    N(String),
+    Bool(bool),
+}
+
+/// One index item: primary key plus attributes (including GSI keys).
+#[derive(Debug, Clone, PartialEq)]
+pub struct IndexItem {
+    pub pk: String,
+    pub sk: String,
+    pub attrs: BTreeMap<&'static str, Attr>,
+}
+
+#[async_trait]
+pub trait IndexStore: Send + Sync {
+    /// Upserts every item (idempotent: the same record always yields the same item).
+    async fn write(&self, items: Vec<IndexItem>) -> Result<(), SinkError>;
+}
+
+/// Position of a chain's last durable entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadPos {
+    pub last_offset: i64,
+    pub last_hash: Hash,
+}
+
+/// A flush in progress: recorded before any object is written, cleared when it completes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingFlush {
+    pub first_offset: i64,
+    pub last_offset: i64,
+    pub last_hash: Hash,
+}
+
+/// The stored head of one topic-partition's chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ChainHead {
+    pub committed: Option<HeadPos>,
+    pub pending: Option<PendingFlush>,
+}
+
+#[async_trait]
+pub trait HeadStore: Send + Sync {
+    async fn load(&self, topic: &str, partition: i32) -> Result<ChainHead, SinkError>;
+    /// Records `pending` only if the stored head is still `expected` and nothing is pending;
+    /// otherwise [`SinkError::FenceLost`].
+    async fn begin_flush(
+        &self,
+        topic: &str,
+        partition: i32,
+        expected: Option<HeadPos>,
+        pending: PendingFlush,
+    ) -> Result<(), SinkError>;
+    /// Advances the head to `pending` only if `pending` is still the recorded intent; otherwise
+    /// [`SinkError::FenceLost`].
+    async fn complete_flush(&self, topic: &str, partition: i32, pending: PendingFlush) -> Result<(), SinkError>;
+}
+
+/// Turns an AWS SDK error into a [`SinkError`], deciding retryable vs fatal in one place.
+pub(crate) fn classify_sdk_error<E, R>(
+    backend: &'static str,
+    operation: &'static str,
+    target: &str,
+    err: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
+) -> SinkError
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    use aws_smithy_runtime_api::client::result::SdkError;
+    let message = aws_smithy_types::error::display::DisplayErrorContext(err).to_string();
+    let retryable = match err {
+        SdkError::ConstructionFailure(_) => false,
+        SdkError::ServiceError(service) => {
+            const RETRYABLE_CODES: [&str; 8] = [
+                "ThrottlingException",
+                "Throttling",
+                "ProvisionedThroughputExceededException",
+                "RequestLimitExceeded",
+                "SlowDown",
+                "InternalError",
+                "ServiceUnavailable",
+                "TransactionInProgressException",
+            ];
+            let code = service.err().code().unwrap_or_default();
+            RETRYABLE_CODES.contains(&code) || code.is_empty()
+        }
+        // Timeouts, connection refused/reset, truncated responses: the backend may come back.
+        _ => true,
+    };
+    let target = target.to_string();
+    if retryable {
+        SinkError::Transient { backend, operation, target, message }
+    } else {
+        SinkError::Fatal { backend, operation, target, message }
+    }
+}
+
+/// Shared AWS SDK configuration: rustls(ring) HTTP client, region, optional static credentials.
+pub async fn aws_sdk_config(aws: &crate::config::AwsConfig) -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    let http =
+        aws_smithy_http_client::Builder::new().tls_provider(tls::Provider::Rustls(CryptoMode::Ring)).build_https();
+    // Explicit timeouts: a backend that accepts connections but never answers must surface as a
+    // transient error (and a retry), not hang a partition forever.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .operation_attempt_timeout(std::time::Duration::from_secs(20))
+        .operation_timeout(std::time::Duration::from_secs(60))
+        .build();
+    let mut loader =
+        aws_config::defaults(aws_config::BehaviorVersion::latest()).http_client(http).timeout_config(timeouts);
+    if let Some(region) = &aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let (Some(id), Some(secret)) = (&aws.access_key_id, &aws.secret_access_key) {
+        loader = loader.credentials_provider(aws_credential_types::Credentials::from_keys(id, secret, None));
+    }
+    let mut config = loader.load().await;
+    if config.region().is_none() {
+        // The SDK refuses to sign without a region; local stacks do not care which.
+        config = config.into_builder().region(aws_config::Region::new("us-east-1")).build();
+    }
+    config
+}

@@ -1,0 +1,145 @@
+//! [`ObjectStore`] on Amazon S3 (or MinIO / moto through `s3.endpoint_url`).
+
+use std::collections::BTreeMap;
+
+use async_trait::async_trait;
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ChecksumAlgorithm, ObjectLockMode, ServerSideEncryption};
+use bytes::Bytes;
+
+use super::{classify_sdk_error, ObjectInfo, ObjectStore, SinkError};
+use crate::config::{S3Config, Sse};
+
+const BACKEND: &str = "s3";
+
+#[derive(Clone)]
+pub struct S3Store {
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    retention_days: Option<u32>,
+    sse: Sse,
+    sse_kms_key_id: Option<String>,
+}
+
+impl S3Store {
+    pub fn new(sdk: &aws_config::SdkConfig, config: &S3Config) -> Self {
+        Self {
+            client: client(sdk, config),
+            bucket: config.bucket.clone(),
+            retention_days: config.object_lock_retention_days,
+            sse: config.sse,
+            sse_kms_key_id: config.sse_kms_key_id.clone(),
+        }
+    }
+
+    pub fn client(&self) -> &aws_sdk_s3::Client {
+        &self.client
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    fn target(&self, key: &str) -> String {
+        format!("s3://{}/{}", self.bucket, key)
+    }
+}
+
+pub fn client(sdk: &aws_config::SdkConfig, config: &S3Config) -> aws_sdk_s3::Client {
+    let mut builder = aws_sdk_s3::config::Builder::from(sdk).force_path_style(config.force_path_style);
+    if let Some(url) = &config.endpoint_url {
+        builder = builder.endpoint_url(url);
+    }
+    aws_sdk_s3::Client::from_conf(builder.build())
+}
+
+/// Whether `bucket` has Object Lock enabled (false when it cannot be read).
+pub async fn object_lock_enabled(client: &aws_sdk_s3::Client, bucket: &str) -> bool {
+    client
+        .get_object_lock_configuration()
+        .bucket(bucket)
+        .send()
+        .await
+        .ok()
+        .and_then(|o| o.object_lock_configuration)
+        .is_some_and(|c| c.object_lock_enabled == Some(aws_sdk_s3::types::ObjectLockEnabled::Enabled))
+}
+
+#[async_trait]
+impl ObjectStore for S3Store {
+    async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type("application/vnd.apache.parquet")
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .set_metadata(Some(metadata.clone().into_iter().collect()))
+            .body(ByteStream::from(body));
+        if let Some(days) = self.retention_days {
+            let until = chrono::Utc::now() + chrono::Duration::days(i64::from(days));
+            request = request
+                .object_lock_mode(ObjectLockMode::Compliance)
+                .object_lock_retain_until_date(aws_smithy_types::DateTime::from_secs(until.timestamp()));
+        }
+        request = match self.sse {
+            Sse::None => request,
+            Sse::Aes256 => request.server_side_encryption(ServerSideEncryption::Aes256),
+            Sse::Kms => request
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .set_ssekms_key_id(self.sse_kms_key_id.clone()),
+        };
+        request.send().await.map_err(|e| classify_sdk_error(BACKEND, "PutObject", &self.target(key), &e))?;
+        Ok(())
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, SinkError> {
+        match self.client.head_object().bucket(&self.bucket).key(key).send().await {
+            Ok(out) => Ok(Some(ObjectInfo {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or_default().max(0) as u64,
+                metadata: out.metadata().cloned().unwrap_or_default().into_iter().collect(),
+            })),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(None),
+            Err(e) => Err(classify_sdk_error(BACKEND, "HeadObject", &self.target(key), &e)),
+        }
+    }
+
+    async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
+        let body = out.body.collect().await.map_err(|e| SinkError::Transient {
+            backend: BACKEND,
+            operation: "GetObject",
+            target: self.target(key),
+            message: e.to_string(),
+        })?;
+        Ok(body.into_bytes())
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {
+        let mut out = Vec::new();
+        let mut pages = self.client.list_objects_v2().bucket(&self.bucket).prefix(prefix).into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify_sdk_error(BACKEND, "ListObjectsV2", &self.target(prefix), &e))?;
+            for object in page.contents() {
+                if let Some(key) = object.key() {
+                    out.push(ObjectInfo {
+                        key: key.to_string(),
+                        size: object.size().unwrap_or_default().max(0) as u64,
+                        metadata: BTreeMap::new(),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+}

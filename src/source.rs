@@ -1,0 +1,486 @@
+//! The Kafka source: one consumer in the group, one ordered worker task per assigned partition.
+//!
+//! The dispatcher owns the consumer. It forwards each record to its partition's worker over a
+//! bounded channel; when a worker falls behind (a slow or unavailable backend) the channel fills
+//! and the dispatcher pauses that partition, so memory stays bounded and the other partitions
+//! keep flowing. Rebalance callbacks become events the dispatcher applies between records:
+//! assigned partitions get a worker, revoked ones have theirs stopped (a flush in flight either
+//! completes or leaves an intent the next owner finishes; fencing makes both safe).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::commit::Committer;
+use crate::config::Config;
+use crate::metrics;
+use crate::partition::{Admit, PartitionError, PartitionWriter, Sinks};
+
+/// Records a worker may have queued before the dispatcher pauses its partition.
+const WORKER_QUEUE: usize = 2048;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("kafka consumer ({what}): {source}")]
+    Kafka { what: &'static str, source: rdkafka::error::KafkaError },
+}
+
+#[derive(Debug)]
+enum RebalanceEvent {
+    Assigned(Vec<i32>),
+    Revoked(Vec<i32>),
+}
+
+/// Consumer context: turns rebalance callbacks into events for the dispatcher.
+pub struct AuditContext {
+    topic: String,
+    events: mpsc::UnboundedSender<RebalanceEvent>,
+}
+
+impl ClientContext for AuditContext {}
+
+impl AuditContext {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements().iter().filter(|e| e.topic() == self.topic).map(|e| e.partition()).collect()
+    }
+}
+
+impl ConsumerContext for AuditContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = ?self.partitions(tpl), "partitions revoked");
+                let _ = self.events.send(RebalanceEvent::Revoked(self.partitions(tpl)));
+            }
+            Rebalance::Error(e) => tracing::error!(error = %e, "rebalance error"),
+            Rebalance::Assign(_) => {}
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            tracing::info!(partitions = ?self.partitions(tpl), "partitions assigned");
+            let _ = self.events.send(RebalanceEvent::Assigned(self.partitions(tpl)));
+        }
+    }
+}
+
+/// One record handed to a worker. `generation` counts the dispatcher's seeks on the partition,
+/// so a worker can ignore records fetched before the seek it asked for.
+struct Inbound {
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    payload: Option<Vec<u8>>,
+    generation: u64,
+}
+
+enum Command {
+    Seek { partition: i32, offset: i64 },
+}
+
+struct WorkerHandle {
+    tx: mpsc::Sender<Inbound>,
+    revoke: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    stash: VecDeque<Inbound>,
+    paused: bool,
+    generation: u64,
+}
+
+/// librdkafka settings: the brokers, then `defaults`, then `kafka.properties` last so an
+/// operator can override any default (security, timeouts, ...).
+pub fn client_config<'a>(config: &Config, defaults: impl IntoIterator<Item = (&'a str, String)>) -> ClientConfig {
+    let mut cc = ClientConfig::new();
+    cc.set("bootstrap.servers", &config.kafka.brokers);
+    for (k, v) in defaults {
+        cc.set(k, v);
+    }
+    for (k, v) in &config.kafka.properties {
+        cc.set(k, v);
+    }
+    cc
+}
+
+pub fn consumer_config(config: &Config) -> ClientConfig {
+    client_config(
+        config,
+        [
+            ("group.id", config.kafka.group_id.clone()),
+            ("client.id", "aegis-audit".into()),
+            ("enable.auto.commit", "false".into()),
+            ("enable.auto.offset.store", "false".into()),
+            ("auto.offset.reset", "earliest".into()),
+            ("partition.assignment.strategy", "cooperative-sticky".into()),
+            ("isolation.level", "read_committed".into()),
+            ("session.timeout.ms", config.kafka.session_timeout_ms.to_string()),
+            ("enable.partition.eof", "false".into()),
+        ],
+    )
+}
+
+/// A durable producer: every write acknowledged by all in-sync replicas, no duplicates from
+/// producer retries. zstd, because the local broker cannot serve snappy (README).
+pub fn producer_config(config: &Config, message_timeout_ms: u32) -> ClientConfig {
+    client_config(
+        config,
+        [
+            ("acks", "all".into()),
+            ("enable.idempotence", "true".into()),
+            ("compression.type", "zstd".into()),
+            ("linger.ms", "5".into()),
+            ("message.timeout.ms", message_timeout_ms.to_string()),
+        ],
+    )
+}
+
+/// Options of one `run`.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop gracefully once no record has arrived for this long (demos, tests, backfills).
+    pub exit_when_idle: Option<Duration>,
+}
+
+/// Consumes until `shutdown` fires (graceful: flush, commit, leave the group) or, with
+/// `exit_when_idle`, until the topic has been quiet that long. `hard_stop` abandons buffers.
+pub async fn run(
+    config: Arc<Config>,
+    sinks: Sinks,
+    options: RunOptions,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) -> Result<(), SourceError> {
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let context = AuditContext { topic: config.kafka.topic.clone(), events: events_tx };
+    let consumer: StreamConsumer<AuditContext> = consumer_config(&config)
+        .create_with_context(context)
+        .map_err(|source| SourceError::Kafka { what: "create", source })?;
+    let consumer = Arc::new(consumer);
+    consumer.subscribe(&[&config.kafka.topic]).map_err(|source| SourceError::Kafka { what: "subscribe", source })?;
+    tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "subscribed");
+
+    let committer = Committer::new(consumer.clone(), &config.kafka.topic);
+    let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
+    let mut workers: BTreeMap<i32, WorkerHandle> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let mut last_record = Instant::now();
+    let mut ever_assigned = false;
+    let topic = config.kafka.topic.clone();
+
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            Some(event) = events_rx.recv() => {
+                match event {
+                    RebalanceEvent::Assigned(parts) => {
+                        // An empty assignment (e.g. a dead member still holds everything) is not a start.
+                        ever_assigned |= !parts.is_empty();
+                        // The idle clock starts when there is something to read.
+                        last_record = Instant::now();
+                        // A partition paused under an earlier owner-worker must flow for the new one.
+                        let mut tpl = TopicPartitionList::new();
+                        for &p in &parts {
+                            tpl.add_partition(&topic, p);
+                        }
+                        if !parts.is_empty() {
+                            let _ = consumer.resume(&tpl);
+                        }
+                        for p in parts {
+                            let handle = spawn_worker(p, &config, &sinks, &committer, &cmd_tx, &shutdown, &hard_stop);
+                            if let Some(old) = workers.insert(p, handle) {
+                                old.revoke.cancel();
+                                if old.paused {
+                                    metrics::paused(-1.0);
+                                }
+                            }
+                        }
+                    }
+                    RebalanceEvent::Revoked(parts) => {
+                        for p in parts {
+                            if let Some(w) = workers.remove(&p) {
+                                w.revoke.cancel();
+                                if w.paused { metrics::paused(-1.0); }
+                            }
+                        }
+                    }
+                }
+                metrics::set_in_group(true);
+                metrics::assigned(workers.len());
+            }
+            Some(Command::Seek { partition, offset }) = cmd_rx.recv() => {
+                if let Some(w) = workers.get_mut(&partition) {
+                    tracing::info!(topic = %topic, partition, offset, "seeking to the chain head");
+                    w.stash.clear();
+                    w.generation += 1;
+                    // Timeout zero: librdkafka seeks asynchronously and drops records fetched before it.
+                    if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
+                        tracing::error!(partition, offset, error = %e, "seek failed; the worker will ask again when records arrive past the head");
+                        metrics::kafka_error("seek");
+                    }
+                }
+            }
+            message = consumer.recv() => {
+                let message = match message {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Broker unavailable, etc.: librdkafka reconnects by itself; log and go on.
+                        tracing::warn!(error = %e, "kafka consumer error");
+                        metrics::kafka_error("consume");
+                        continue;
+                    }
+                };
+                last_record = Instant::now();
+                metrics::set_in_group(true);
+                let partition = message.partition();
+                let Some(worker) = workers.get_mut(&partition) else { continue };
+                let inbound = Inbound {
+                    offset: message.offset(),
+                    timestamp_ms: message.timestamp().to_millis(),
+                    payload: message.payload().map(<[u8]>::to_vec),
+                    generation: worker.generation,
+                };
+                if !worker.stash.is_empty() {
+                    worker.stash.push_back(inbound);
+                    continue;
+                }
+                match worker.tx.try_send(inbound) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(inbound)) => {
+                        worker.stash.push_back(inbound);
+                        pause(&consumer, &topic, partition, worker);
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        // The worker stopped (fence lost or fatal error): hold the partition still.
+                        pause(&consumer, &topic, partition, worker);
+                    }
+                }
+            }
+            _ = tick.tick() => {
+                for (&partition, worker) in workers.iter_mut() {
+                    while let Some(inbound) = worker.stash.pop_front() {
+                        match worker.tx.try_send(inbound) {
+                            Ok(()) => {}
+                            Err(mpsc::error::TrySendError::Full(inbound)) => { worker.stash.push_front(inbound); break; }
+                            Err(mpsc::error::TrySendError::Closed(_)) => { worker.stash.clear(); break; }
+                        }
+                    }
+                    if worker.paused && worker.stash.is_empty() && !worker.tx.is_closed() && worker.tx.capacity() > WORKER_QUEUE / 2 {
+                        let mut tpl = TopicPartitionList::new();
+                        tpl.add_partition(&topic, partition);
+                        if consumer.resume(&tpl).is_ok() {
+                            worker.paused = false;
+                            metrics::paused(-1.0);
+                        }
+                    }
+                }
+                if let Some(idle) = options.exit_when_idle {
+                    let drained = workers.values().all(|w| w.stash.is_empty() && w.tx.capacity() == WORKER_QUEUE);
+                    if ever_assigned && drained && last_record.elapsed() >= idle {
+                        tracing::info!(idle_secs = idle.as_secs_f64(), "no records for the idle period; stopping");
+                        shutdown.cancel();
+                    }
+                }
+            }
+        }
+    }
+
+    // Graceful: workers see `shutdown`, flush what they hold, commit, and end.
+    tracing::info!(workers = workers.len(), "shutting down: flushing and committing");
+    for (_, w) in std::mem::take(&mut workers) {
+        let _ = w.task.await;
+    }
+    // Dropping the consumer closes it and leaves the group; it blocks, so not on a runtime thread.
+    drop(committer);
+    let _ = tokio::task::spawn_blocking(move || {
+        consumer.unsubscribe();
+        drop(consumer);
+    })
+    .await;
+    metrics::set_in_group(false);
+    tracing::info!("left the consumer group");
+    Ok(())
+}
+
+fn pause(consumer: &StreamConsumer<AuditContext>, topic: &str, partition: i32, worker: &mut WorkerHandle) {
+    if worker.paused {
+        return;
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    match consumer.pause(&tpl) {
+        Ok(()) => {
+            worker.paused = true;
+            metrics::paused(1.0);
+            tracing::info!(partition, "worker is behind; partition paused");
+        }
+        Err(e) => tracing::warn!(partition, error = %e, "pause failed"),
+    }
+}
+
+fn spawn_worker(
+    partition: i32,
+    config: &Arc<Config>,
+    sinks: &Sinks,
+    committer: &Committer,
+    commands: &mpsc::UnboundedSender<Command>,
+    shutdown: &CancellationToken,
+    hard_stop: &CancellationToken,
+) -> WorkerHandle {
+    let (tx, rx) = mpsc::channel(WORKER_QUEUE);
+    let revoke = hard_stop.child_token();
+    let worker = Worker {
+        partition,
+        topic: config.kafka.topic.clone(),
+        config: config.clone(),
+        sinks: sinks.clone(),
+        committer: committer.clone(),
+        commands: commands.clone(),
+        revoke: revoke.clone(),
+        shutdown: shutdown.clone(),
+    };
+    let span = tracing::info_span!("partition", topic = %config.kafka.topic, partition);
+    let task = tokio::spawn(worker.run(rx).instrument(span));
+    WorkerHandle { tx, revoke, task, stash: VecDeque::new(), paused: false, generation: 0 }
+}
+
+struct Worker {
+    partition: i32,
+    topic: String,
+    config: Arc<Config>,
+    sinks: Sinks,
+    committer: Committer,
+    commands: mpsc::UnboundedSender<Command>,
+    /// Fires on revocation or hard stop: abandon the buffer (the chain head stays consistent).
+    revoke: CancellationToken,
+    /// Fires on graceful shutdown: flush what is buffered, commit, end.
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    async fn run(self, mut rx: mpsc::Receiver<Inbound>) {
+        let mut writer = match PartitionWriter::open(
+            &self.topic,
+            self.partition,
+            self.config.clone(),
+            self.sinks.clone(),
+            &self.revoke,
+        )
+        .await
+        {
+            Ok(w) => w,
+            Err(PartitionError::Cancelled(_)) => return,
+            Err(e) => return self.stop(&e),
+        };
+        if let Some(head) = writer.durable_head() {
+            tracing::info!(topic = %self.topic, partition = self.partition, head_offset = head.last_offset, "continuing chain");
+        }
+        let mut min_generation = 0u64;
+        loop {
+            let deadline = writer.flush_deadline();
+            let age_timer = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = self.revoke.cancelled() => {
+                    tracing::info!(topic = %self.topic, partition = self.partition, buffered = writer.buffered(), "worker stopped (revoked)");
+                    return;
+                }
+                _ = self.shutdown.cancelled() => {
+                    // Take what is already queued, then flush it all.
+                    while let Ok(inbound) = rx.try_recv() {
+                        if inbound.generation >= min_generation {
+                            if let Err(e) = writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload.as_deref()) { return self.stop(&e); }
+                        }
+                    }
+                    let _ = self.flush_and_commit(&mut writer).await;
+                    return;
+                }
+                inbound = rx.recv() => {
+                    let Some(inbound) = inbound else { return };
+                    if inbound.generation < min_generation {
+                        continue;
+                    }
+                    match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload.as_deref()) {
+                        Ok(Admit::Appended) => {
+                            if writer.should_flush(Instant::now()) && !self.flush_and_commit(&mut writer).await {
+                                return;
+                            }
+                        }
+                        Ok(Admit::AlreadyChained) => metrics::already_chained(self.partition),
+                        Ok(Admit::SeekTo(offset)) => {
+                            min_generation = inbound.generation + 1;
+                            let _ = self.commands.send(Command::Seek { partition: self.partition, offset });
+                        }
+                        Err(e) => return self.stop(&e),
+                    }
+                }
+                _ = age_timer => {
+                    if !self.flush_and_commit(&mut writer).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Flushes and commits; `false` when the worker must end.
+    async fn flush_and_commit(&self, writer: &mut PartitionWriter) -> bool {
+        match writer.flush(&self.revoke).await {
+            Ok(Some(flushed)) => {
+                if let Err(e) = self.committer.commit(self.partition, flushed.commit_offset).await {
+                    // Durable already; the next commit (or the chain head on restart) covers it.
+                    tracing::warn!(error = %e, "offset commit failed");
+                }
+                true
+            }
+            Ok(None) => true,
+            Err(PartitionError::Cancelled(_)) => false,
+            Err(e) => {
+                self.stop(&e);
+                false
+            }
+        }
+    }
+
+    fn stop(&self, error: &PartitionError) {
+        if error.is_fence_lost() {
+            tracing::error!(topic = %self.topic, partition = self.partition, %error, "lost the partition's fence; this worker stops writing it");
+            return;
+        }
+        metrics::partition_stopped(self.partition, &error.to_string());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn operator_properties_override_defaults() {
+        let mut config = Config::from_toml_str(
+            "[kafka]\nbrokers = \"b:1\"\ntopic = \"t\"\n[kafka.properties]\n\"isolation.level\" = \"read_uncommitted\"\n\"acks\" = \"1\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n",
+        )
+        .unwrap();
+        config.kafka.group_id = "g".into();
+        let consumer = consumer_config(&config);
+        assert_eq!(consumer.get("isolation.level"), Some("read_uncommitted"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
+        assert_eq!(consumer.get("group.id"), Some("g"));
+        let producer = producer_config(&config, 30_000);
+        assert_eq!(producer.get("acks"), Some("1"));
+        assert_eq!(producer.get("enable.idempotence"), Some("true"));
+        assert_eq!(producer.get("bootstrap.servers"), Some("b:1"));
+    }
+}

@@ -1,0 +1,190 @@
+"""Fixtures for integration tests against the real local stack (ops/stack.sh).
+
+Each test gets fresh names (topic, group, bucket, tables) passed to the aegis-audit binary as
+AEGIS_* overrides of config/local.toml, so tests never see each other's data.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BIN = os.environ.get("AEGIS_BIN", os.path.join(REPO, "target", "debug", "aegis-audit"))
+BROKERS = os.environ.get("AEGIS_TEST_BROKERS", "127.0.0.1:9092")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stack_is_up():
+    out = subprocess.run(["bash", os.path.join(REPO, "ops", "stack.sh"), "status"], capture_output=True, text=True)
+    assert out.returncode == 0, f"local stack is not up (run `bash ops/stack.sh up`):\n{out.stdout}{out.stderr}"
+    assert os.path.exists(BIN), f"{BIN} not built (run `cargo build`)"
+
+
+class Aegis:
+    """One test's isolated names and helpers to run the binary with them."""
+
+    def __init__(self, tmp_path, partitions: int = 4):
+        tag = uuid.uuid4().hex[:10]
+        self.tmp = tmp_path
+        self.topic = f"it-{tag}"
+        self.dlq = f"it-{tag}.dlq"
+        self.group = f"it-{tag}"
+        self.bucket = f"it-{tag}"
+        self.table = f"it-{tag}-index"
+        self.chain_table = f"it-{tag}-chain"
+        self.prefix = "trail"
+        self.partitions = partitions
+        self.metrics_port = random.randint(20000, 40000)
+        self.logs = []
+
+    def env(self, **extra) -> dict:
+        env = dict(os.environ)
+        env.update({
+            "AEGIS_CONFIG": os.path.join(REPO, "config", "local.toml"),
+            "AEGIS_KAFKA__BROKERS": BROKERS,
+            "AEGIS_KAFKA__TOPIC": self.topic,
+            "AEGIS_KAFKA__DEAD_LETTER_TOPIC": self.dlq,
+            "AEGIS_KAFKA__GROUP_ID": self.group,
+            "AEGIS_KAFKA__PARTITIONS": str(self.partitions),
+            "AEGIS_S3__BUCKET": self.bucket,
+            "AEGIS_S3__PREFIX": self.prefix,
+            "AEGIS_DYNAMODB__TABLE": self.table,
+            "AEGIS_DYNAMODB__CHAIN_TABLE": self.chain_table,
+            "AEGIS_SEGMENT__MAX_RECORDS": "300",
+            "AEGIS_SEGMENT__MAX_AGE_MS": "1000",
+            "AEGIS_METRICS__LISTEN": f"127.0.0.1:{self.metrics_port}",
+            "AEGIS_RETRY__MAX_BACKOFF_MS": "2000",
+            "RUST_LOG": "info,rdkafka=warn",
+        })
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def run(self, *args, timeout=120, check=True, **extra) -> subprocess.CompletedProcess:
+        out = subprocess.run([BIN, *args], env=self.env(**extra), capture_output=True, text=True, timeout=timeout)
+        if check and out.returncode != 0:
+            raise AssertionError(f"aegis-audit {' '.join(args)} exited {out.returncode}:\n{out.stdout}\n{out.stderr[-4000:]}")
+        return out
+
+    def start(self, *args, **extra) -> subprocess.Popen:
+        log = open(self.tmp / f"consumer-{len(self.logs)}.log", "w")
+        self.logs.append(log.name)
+        return subprocess.Popen([BIN, *args], env=self.env(**extra), stdout=log, stderr=subprocess.STDOUT)
+
+    def consume_until_idle(self, idle=4.0, timeout=180, **extra) -> str:
+        """Runs the consumer until it has been idle `idle` seconds; returns its log."""
+        proc = self.start("run", "--exit-when-idle", str(idle), **extra)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError(f"consumer did not finish within {timeout}s; log: {self.logs[-1]}")
+        with open(self.logs[-1]) as f:
+            log = f.read()
+        assert code == 0, f"consumer exited {code}:\n{log[-4000:]}"
+        return log
+
+    def init(self):
+        return self.run("init")
+
+
+@pytest.fixture
+def aegis(tmp_path):
+    a = Aegis(tmp_path)
+    yield a
+    for path in a.logs:
+        with open(path) as f:
+            tail = f.read()[-3000:]
+        print(f"--- {path}\n{tail}")
+
+
+# --- independent producer ------------------------------------------------------------------
+
+ENVS = ["prod", "staging", "dev"]
+
+
+def make_event(i: int, rng: random.Random, kind: str | None = None, decision_id: str | None = None, day_offset: int = 0) -> dict:
+    kind = kind or rng.choices(["decision", "override", "safety_flag"], [80, 12, 8])[0]
+    user = f"user-{rng.randrange(20):03d}"
+    when = datetime.now(timezone.utc) - timedelta(days=day_offset, seconds=rng.randrange(600))
+    event = {
+        "decision_id": decision_id or f"dec-{i:06d}",
+        "event_type": kind,
+        "occurred_at": when.isoformat().replace("+00:00", "Z"),
+        "environment": rng.choice(ENVS),
+        "user_id": user,
+        "session_id": f"{user}-s{rng.randrange(3)}",
+        "action": rng.choice(["approve", "deny", "escalate"]),
+        "policy_version": "policy-1.2",
+        "model_version": "model-7",
+        "request_id": f"req-{i:06d}",
+        "metadata": {"i": i, "note": "x" * rng.randrange(200)},
+    }
+    if kind in ("decision", "safety_flag"):
+        event["confidence_score"] = round(rng.random(), 3)
+    if kind == "override":
+        event.update(reviewer_id=f"rev-{rng.randrange(5)}", override_reason="manual review", original_action=event["action"])
+    if kind == "safety_flag":
+        event.update(safety_category="pii_leak", severity=rng.choice(["low", "high"]))
+    return event
+
+
+def produce(topic: str, payloads: list[bytes], partitions: int | None = None, keys: list[str] | None = None) -> list[tuple[int, int, bytes]]:
+    """Produces with librdkafka (confluent-kafka), acks=all; returns (partition, offset, payload)."""
+    producer = Producer({"bootstrap.servers": BROKERS, "acks": "all", "linger.ms": 5})
+    delivered, errors = [], []
+
+    def report(err, msg):
+        if err:
+            errors.append(err)
+        else:
+            delivered.append((msg.partition(), msg.offset(), msg.value()))
+
+    for i, payload in enumerate(payloads):
+        kwargs = {}
+        if partitions:
+            kwargs["partition"] = i % partitions
+        if keys:
+            kwargs["key"] = keys[i]
+        while True:
+            try:
+                producer.produce(topic, payload, on_delivery=report, **kwargs)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        producer.poll(0)
+    producer.flush(60)
+    assert not errors, errors
+    assert len(delivered) == len(payloads)
+    return delivered
+
+
+def committed_offsets(group: str, topic: str, partitions: int) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": BROKERS, "group.id": group, "enable.auto.commit": False})
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+        return {tp.partition: tp.offset for tp in tps}
+    finally:
+        consumer.close()
+
+
+def wait_for(predicate, timeout=60.0, interval=0.5, what="condition"):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,137 @@
+"""Bad input never crashes the consumer and is never lost: each rejected record is in the
+dead-letter topic (original bytes, reason headers) and in S3 quarantine, the chain accounts for
+every offset, and no record text can become a path. Checked with confluent-kafka, boto3,
+pyarrow and hashlib."""
+import json
+import random
+from datetime import datetime, timedelta, timezone
+
+from confluent_kafka import Consumer, TopicPartition
+
+import trail
+from conftest import BROKERS, committed_offsets, make_event
+
+MAX_BYTES = 4096
+
+
+def bad_records(rng):
+    """(payload, expected reject_code) for every kind of bad input."""
+    good = make_event(0, rng, kind="decision")
+
+    def variant(**changes):
+        e = dict(good)
+        for k, v in changes.items():
+            if v is None:
+                e.pop(k, None)
+            else:
+                e[k] = v
+        return json.dumps(e).encode()
+
+    long_ago = (datetime.now(timezone.utc) - timedelta(days=4000)).isoformat()
+    return [
+        (b"this is not json", "not_json"),
+        (b"\xff\xfe\xfd{}", "not_utf8"),
+        (variant(confidence_score="very"), "schema"),
+        (variant(user_id=None), "schema"),
+        (variant(event_type="vote"), "unknown_event_type"),
+        (variant(metadata={"pad": "x" * MAX_BYTES}), "oversize"),
+        (variant(occurred_at="last tuesday"), "bad_timestamp"),
+        (variant(occurred_at=long_ago), "timestamp_out_of_range"),
+        (variant(environment="../../escape"), "bad_environment"),
+        (variant(environment="a/b"), "bad_environment"),
+        (variant(environment=""), "bad_environment"),
+        (variant(environment="prød"), "bad_environment"),
+        (variant(environment="x" * 40), "bad_environment"),
+        (None, "null_payload"),
+    ]
+
+
+def test_bad_records_go_to_dead_letters_and_quarantine_and_chain_has_no_gap(aegis, tmp_path):
+    aegis.init()
+    rng = random.Random(5)
+    bad = bad_records(rng)
+    # Interleave good and bad records on one partition so ordering is deterministic.
+    stream = []
+    for i, (payload, code) in enumerate(bad):
+        stream.append((json.dumps(make_event(100 + i, rng)).encode(), None))
+        stream.append((payload, code))
+    from confluent_kafka import Producer
+    producer = Producer({"bootstrap.servers": BROKERS, "acks": "all"})
+    offsets = []
+    for payload, code in stream:
+        producer.produce(aegis.topic, value=payload, partition=1,
+                         on_delivery=lambda err, msg, code=code, payload=payload: offsets.append((msg.offset(), code, payload)))
+    producer.flush(30)
+    assert len(offsets) == len(stream)
+
+    aegis.consume_until_idle(AEGIS_VALIDATION__MAX_RECORD_BYTES=str(MAX_BYTES))
+
+    # S3: accepted rows in the trail, rejected rows in quarantine with the right reason.
+    rows = trail.read_rows(aegis.bucket, "trail/")
+    by_offset = {r["kafka_offset"]: r for r in rows if r["kafka_partition"] == 1}
+    for offset, code, payload in offsets:
+        row = by_offset[offset]
+        if code is None:
+            assert row["status"] == "accepted" and "/quarantine/" not in row["_key"]
+        else:
+            assert row["status"] == "rejected", (offset, code)
+            assert row["reject_code"] == code, (offset, row["reject_reason"])
+            assert row["_key"].startswith("trail/quarantine/year=")
+            assert row["payload"] == (payload or b"")
+    # The chain covers every offset, accepted or rejected: no gap for a verifier.
+    counts = trail.verify_chains(rows)
+    assert counts[(aegis.topic, 1)] == len(stream)
+    # No record text became a path: only validated environments, nothing outside the prefix.
+    keys = trail.list_keys(aegis.bucket)
+    assert all(k.startswith("trail/") and ".." not in k for k in keys), keys
+    envs = {k.split("environment=")[1].split("/")[0] for k in keys if "environment=" in k}
+    assert envs <= {"prod", "staging", "dev"}, envs
+
+    # Dead-letter topic: original bytes and reason headers for each bad offset.
+    consumer = Consumer({"bootstrap.servers": BROKERS, "group.id": aegis.group + "-dlq-reader", "auto.offset.reset": "earliest"})
+    consumer.subscribe([aegis.dlq])
+    letters = {}
+    deadline = 60
+    import time
+    end = time.time() + deadline
+    expected = {o for o, code, _ in offsets if code}
+    while time.time() < end and set(letters) != expected:
+        msg = consumer.poll(1.0)
+        if msg is None or msg.error():
+            continue
+        headers = {k: v.decode() for k, v in (msg.headers() or [])}
+        letters[int(headers["aegis.source_offset"])] = (headers, msg.value())
+    consumer.close()
+    assert set(letters) == expected
+    for offset, code, payload in offsets:
+        if code:
+            headers, value = letters[offset]
+            assert headers["aegis.reason_code"] == code
+            assert headers["aegis.source_topic"] == aegis.topic and headers["aegis.source_partition"] == "1"
+            assert headers["aegis.reason"]
+            assert (value or b"") == (payload or b"")
+
+    # The consumer kept going and committed past everything.
+    assert committed_offsets(aegis.group, aegis.topic, 4)[1] == offsets[-1][0] + 1
+
+
+def test_bad_configuration_stops_startup_with_one_line_naming_the_key(aegis):
+    aegis.init()
+    unlocked = aegis.bucket + "-nolock"
+    trail.s3().create_bucket(Bucket=unlocked)
+    cases = [
+        ({"AEGIS_S3__BUCKET": aegis.bucket + "-missing"}, "s3.bucket", "does not exist"),
+        ({"AEGIS_DYNAMODB__TABLE": aegis.table + "-missing"}, "dynamodb.table", "does not exist"),
+        ({"AEGIS_DYNAMODB__CHAIN_TABLE": aegis.chain_table + "-missing"}, "dynamodb.chain_table", "does not exist"),
+        ({"AEGIS_S3__BUCKET": unlocked}, "s3.object_lock_retention_days", "no Object Lock"),
+        ({"AEGIS_S3__ENDPOINT_URL": "http://127.0.0.1:1"}, "s3.endpoint_url", "cannot connect"),
+        ({"AEGIS_KAFKA__TOPIC": aegis.topic + "-missing"}, "kafka.topic", "does not exist"),
+        ({"AEGIS_KAFKA__BROKERS": "127.0.0.1:1"}, "kafka.brokers", "cannot reach"),
+        ({"AEGIS_SEGMENT__MAX_RECORDS": "0"}, "segment.max_records", "at least 1"),
+        ({"AEGIS_SEGMENT__MAX_RECRODS": "5"}, "max_recrods", "unknown field"),
+    ]
+    for env, key, words in cases:
+        out = aegis.run("run", check=False, timeout=90, **env)
+        assert out.returncode == 2, (env, out.returncode, out.stderr[-2000:])
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("error:") and key in last.lower() and words in last, (env, last)

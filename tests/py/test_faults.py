@@ -1,0 +1,212 @@
+"""Backend faults on the real local stack: an S3 + DynamoDB outage and a broker restart in the
+middle of a run. The consumer must retry with backoff, pause the backed-up partition, report the
+state on /readyz and /metrics, never commit past what is durable, and recover by itself, with
+no gap, duplicate or fork. Checked with boto3/pyarrow/hashlib and confluent-kafka."""
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import trail
+from conftest import REPO, committed_offsets, make_event, produce, wait_for
+from test_pipeline import check_commits, check_trail
+
+
+def stack(*args):
+    subprocess.run(["bash", os.path.join(REPO, "ops", "stack.sh"), *args], check=True, capture_output=True, timeout=120)
+
+
+def http(aegis, path):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{aegis.metrics_port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""
+
+
+def metric(aegis, name):
+    _, text = http(aegis, "/metrics")
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def trail_rows(aegis):
+    return len(trail.read_rows(aegis.bucket, "trail/"))
+
+
+def events(n, seed, start=0):
+    rng = random.Random(seed)
+    return [json.dumps(make_event(start + i, rng)).encode() for i in range(n)]
+
+
+@contextlib.contextmanager
+def producing(aegis, batch, seed, pause):
+    """Produces `batch` events every `pause` seconds in the background until the block ends;
+    yields the list of (partition, offset, payload) delivered so far (complete after the block)."""
+    delivered, stop = [], threading.Event()
+
+    def run():
+        i = 0
+        while not stop.is_set():
+            delivered.extend(produce(aegis.topic, events(batch, seed + i, start=i * batch), partitions=4))
+            i += 1
+            time.sleep(pause)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield delivered
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+
+
+def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
+    aegis.init()
+    consumer = aegis.start("run", AEGIS_SEGMENT__MAX_RECORDS="2000")
+    try:
+        first = produce(aegis.topic, events(400, 1), partitions=4)
+        wait_for(lambda: trail_rows(aegis) == 400, timeout=90, what="first 400 rows")
+        wait_for(lambda: http(aegis, "/readyz")[0] == 200, timeout=30, what="ready")
+        end = {p: max(o for q, o, _ in first if q == p) + 1 for p in range(4)}
+        wait_for(lambda: committed_offsets(aegis.group, aegis.topic, 4) == end, timeout=30, what="first commits")
+        committed_before = end
+
+        stack("stop-aws")
+        try:
+            # Enough records on one partition to fill its worker queue: the partition is paused.
+            second = produce(aegis.topic, events(6000, 2, start=400), partitions=1)
+            wait_for(lambda: http(aegis, "/readyz")[0] == 503, timeout=60, what="/readyz to report the outage")
+            wait_for(lambda: metric(aegis, "aegis_backend_errors_total") > 0, timeout=30, what="backend errors counted")
+            assert metric(aegis, "aegis_backend_up") == 0
+            wait_for(lambda: metric(aegis, "aegis_partitions_paused") >= 1, timeout=60, what="the backed-up partition to pause")
+            # Nothing is committed past what is durable.
+            assert committed_offsets(aegis.group, aegis.topic, 4) == committed_before
+        finally:
+            stack("start-aws")
+
+        wait_for(lambda: trail_rows(aegis) == 6400, timeout=180, interval=2, what="all rows after recovery")
+        wait_for(lambda: http(aegis, "/readyz")[0] == 200, timeout=60, what="ready again")
+        assert metric(aegis, "aegis_backend_up") == 1
+        assert metric(aegis, "aegis_partitions_paused") == 0
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        assert consumer.wait(timeout=60) == 0
+    delivered = first + second
+    check_trail(aegis, tmp_path, delivered)
+    check_commits(aegis, delivered)
+
+
+def test_broker_restart_mid_run_loses_and_duplicates_nothing(aegis, tmp_path):
+    aegis.init()
+    consumer = aegis.start("run")
+    try:
+        first = produce(aegis.topic, events(800, 3), partitions=4)
+        wait_for(lambda: trail_rows(aegis) >= 200, timeout=90, what="some rows")
+        stack("restart-broker")
+        second = produce(aegis.topic, events(800, 4, start=800), partitions=4)
+        wait_for(lambda: trail_rows(aegis) == 1600, timeout=180, interval=2, what="all rows after the broker restart")
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        assert consumer.wait(timeout=60) == 0
+    delivered = first + second
+    check_trail(aegis, tmp_path, delivered)
+    check_commits(aegis, delivered)
+
+
+def test_repeated_sigkill_while_producing_leaves_no_gap_duplicate_or_fork(aegis, tmp_path):
+    """Kill the consumer with SIGKILL at random moments (small, frequent flushes, so kills land
+    between the intent, the S3 writes, the index writes, the head update and the commit) while a
+    producer keeps writing; restart it each time. Then one clean run to the end."""
+    kills = int(os.environ.get("AEGIS_TEST_KILLS", "20"))
+    session_ms = 6000
+    fast = dict(AEGIS_SEGMENT__MAX_RECORDS="40", AEGIS_SEGMENT__MAX_AGE_MS="150", AEGIS_KAFKA__SESSION_TIMEOUT_MS=str(session_ms))
+    aegis.init()
+    rng = random.Random(11)
+    with producing(aegis, batch=60, seed=1000, pause=0.3) as delivered:
+        for k in range(kills):
+            consumer = aegis.start("run", **fast)
+            log = aegis.logs[-1]
+            # A killed member keeps its partitions until its session expires; wait for ours.
+            wait_for(lambda: "partitions assigned partitions=[0" in open(log).read(),
+                     timeout=session_ms / 1000 * 4, interval=0.2, what=f"assignment before kill {k + 1}")
+            time.sleep(rng.uniform(0.05, 1.5))
+            consumer.send_signal(signal.SIGKILL)
+            consumer.wait(timeout=30)
+    time.sleep(session_ms / 1000 + 2)
+    aegis.consume_until_idle(idle=5, **fast)
+    assert len(delivered) > 1000
+    check_trail(aegis, tmp_path, delivered)
+    check_commits(aegis, delivered)
+    # The index holds every decision, override and flag exactly once.
+    count = 0
+    for page in trail.dynamodb().get_paginator("scan").paginate(TableName=aegis.table, Select="COUNT"):
+        count += page["Count"]
+    assert count == len(delivered)
+
+
+def test_second_instance_joins_and_leaves_mid_run(aegis, tmp_path):
+    """Scale out and back in while records flow: cooperative rebalances move partitions between
+    two instances; the trail has no gap, duplicate or fork, and both instances did real work."""
+    aegis.init()
+    first = aegis.start("run")
+    with producing(aegis, batch=80, seed=2000, pause=0.2) as delivered:
+        wait_for(lambda: trail_rows(aegis) >= 200, timeout=90, what="first rows")
+        second = aegis.start("run", AEGIS_METRICS__LISTEN=f"127.0.0.1:{aegis.metrics_port + 1}")
+        second_log = aegis.logs[-1]
+        wait_for(lambda: "flushed" in open(second_log).read(), timeout=90, what="the second instance to write")
+        time.sleep(2)
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=60) == 0
+        time.sleep(2)
+    wait_for(lambda: trail_rows(aegis) == len(delivered), timeout=120, interval=2, what="all rows")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=60) == 0
+    first_log = open(aegis.logs[0]).read()
+    assert "partitions revoked" in first_log, "the first instance never gave partitions to the second"
+    check_trail(aegis, tmp_path, delivered)
+    check_commits(aegis, delivered)
+
+
+def test_zombie_paused_past_session_timeout_cannot_fork_the_chain(aegis, tmp_path):
+    """Instance A is frozen (SIGSTOP) with records buffered, past its session timeout; B takes
+    its partitions and writes. When A wakes (SIGCONT) it still believes it owns them: its flush
+    must fail the chain-head condition (or its partitions be revoked first), never write."""
+    session = dict(AEGIS_KAFKA__SESSION_TIMEOUT_MS="6000", AEGIS_SEGMENT__MAX_AGE_MS="3000", AEGIS_SEGMENT__MAX_RECORDS="100000")
+    aegis.init()
+    a = aegis.start("run", **session)
+    a_log = aegis.logs[-1]
+    first = produce(aegis.topic, events(400, 7), partitions=4)
+    wait_for(lambda: trail_rows(aegis) == 400, timeout=90, what="A's first flush")
+    # A consumes these into its buffers (age threshold 3 s), then freezes before flushing them.
+    second = produce(aegis.topic, events(400, 8, start=400), partitions=4)
+    time.sleep(1.0)
+    a.send_signal(signal.SIGSTOP)
+    try:
+        b = aegis.start("run", AEGIS_METRICS__LISTEN=f"127.0.0.1:{aegis.metrics_port + 1}", **session)
+        wait_for(lambda: trail_rows(aegis) == 800, timeout=120, interval=1, what="B to take over and write everything")
+        third = produce(aegis.topic, events(200, 9, start=800), partitions=4)
+        wait_for(lambda: trail_rows(aegis) == 1000, timeout=60, interval=1, what="B to keep writing")
+    finally:
+        a.send_signal(signal.SIGCONT)
+    time.sleep(8)  # A wakes, its age timers fire, it tries to flush what it held
+    wait_for(lambda: trail_rows(aegis) == 1000, timeout=10, what="no extra rows from the zombie")
+    for proc in (a, b):
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    log = open(a_log).read()
+    assert "lost the partition's fence" in log or "partitions revoked" in log, log[-3000:]
+    delivered = first + second + third
+    check_trail(aegis, tmp_path, delivered)
+    check_commits(aegis, delivered)
