@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "py"))
 import trail  # noqa: E402
-from conftest import Aegis, make_event, produce  # noqa: E402
+from conftest import Aegis, free_port, make_event, produce  # noqa: E402
 
 SESSION_MS = 6000
 
@@ -109,7 +109,7 @@ class Soak:
                 self.end(main, signal.SIGTERM)
                 main = self.start()
             elif fault == "second_instance":
-                other = self.start(metrics_port=a.metrics_port + 1)
+                other = self.start(metrics_port=free_port())
                 time.sleep(self.rng.uniform(4, 10))
                 self.end(other, signal.SIGTERM)
             elif fault == "aws_outage":

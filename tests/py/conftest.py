@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,20 @@ def stack_is_up():
     assert os.path.exists(BIN), f"{BIN} not built (run `cargo build`)"
 
 
+def free_port() -> int:
+    """A free TCP port below the kernel's ephemeral range (32768+), so an outgoing connection can't take it
+    between the pick and the consumer's bind."""
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
+
+
 class Aegis:
     """One test's isolated names and helpers to run the binary with them."""
 
@@ -47,7 +62,7 @@ class Aegis:
         self.chain_table = f"it-{tag}-chain"
         self.prefix = "trail"
         self.partitions = partitions
-        self.metrics_port = random.randint(20000, 40000)
+        self.metrics_port = free_port()
         self.logs = []
 
     def env(self, **extra) -> dict:

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 
 import trail
-from conftest import REPO, committed_offsets, make_event, produce, wait_for
+from conftest import REPO, committed_offsets, free_port, make_event, produce, wait_for
 from test_pipeline import check_commits, check_trail
 
 
@@ -163,7 +163,7 @@ def test_second_instance_joins_and_leaves_mid_run(aegis, tmp_path):
     first = aegis.start("run")
     with producing(aegis, batch=80, seed=2000, pause=0.2) as delivered:
         wait_for(lambda: trail_rows(aegis) >= 200, timeout=90, what="first rows")
-        second = aegis.start("run", AEGIS_METRICS__LISTEN=f"127.0.0.1:{aegis.metrics_port + 1}")
+        second = aegis.start("run", AEGIS_METRICS__LISTEN=f"127.0.0.1:{free_port()}")
         second_log = aegis.logs[-1]
         wait_for(lambda: "flushed" in open(second_log).read(), timeout=90, what="the second instance to write")
         time.sleep(2)
@@ -194,7 +194,7 @@ def test_zombie_paused_past_session_timeout_cannot_fork_the_chain(aegis, tmp_pat
     time.sleep(1.0)
     a.send_signal(signal.SIGSTOP)
     try:
-        b = aegis.start("run", AEGIS_METRICS__LISTEN=f"127.0.0.1:{aegis.metrics_port + 1}", **session)
+        b = aegis.start("run", AEGIS_METRICS__LISTEN=f"127.0.0.1:{free_port()}", **session)
         wait_for(lambda: trail_rows(aegis) == 800, timeout=120, interval=1, what="B to take over and write everything")
         third = produce(aegis.topic, events(200, 9, start=800), partitions=4)
         wait_for(lambda: trail_rows(aegis) == 1000, timeout=60, interval=1, what="B to keep writing")
