@@ -1,24 +1,48 @@
 //! The DynamoDB single-table layout (`schemas/dynamodb-layout.md`), as pure functions from a
-//! chained record to its index item. Same record, same item: replays are idempotent upserts.
+//! chained record to its index item, plus the rule that picks one winner when a `decision_id`
+//! arrives twice with different content. Same record, same item: replays are idempotent.
 //!
-//! | entity      | PK                 | SK                                          |
-//! |-------------|--------------------|---------------------------------------------|
-//! | decision    | `DECISION#<id>`    | `DECISION#<occurred_at>`                    |
-//! | override    | `DECISION#<id>`    | `OVERRIDE#<occurred_at>#<topic>#<p>#<off>`  |
+//! | entity      | PK                 | SK                                            |
+//! |-------------|--------------------|-----------------------------------------------|
+//! | decision    | `DECISION#<id>`    | `DECISION` (one per id: the winner)           |
+//! | duplicate   | `DECISION#<id>`    | `DUPLICATE#<rank>` (every other decision record with this id) |
+//! | override    | `DECISION#<id>`    | `OVERRIDE#<occurred_at>#<topic>#<p>#<off>`    |
 //! | safety flag | `DECISION#<id>`    | `SAFETY_FLAG#<occurred_at>#<topic>#<p>#<off>` |
 //!
 //! GSI1: `GSI1PK = USER#<user_id>`, GSI2: `GSI2PK = SESSION#<session_id>`; both sort by
 //! `<occurred_at>#<event_type>#<decision_id>`. Overrides and flags carry the Kafka coordinates in
 //! their sort key, so they never clobber the decision or each other.
+//!
+//! Winner rule: the decision with the smallest rank `<occurred_at>#<topic>#<partition:010>#<offset:020>`
+//! (earliest `occurred_at`, ties by Kafka coordinates) holds the `DECISION` item; every other
+//! record with that id is kept as a `DUPLICATE#<rank>` item. The winner carries `conflict = true`
+//! when any of them has different payload bytes (same bytes: a producer redelivery). Every step
+//! is a conditional write on the rank it observed, so the outcome is the same whatever order
+//! partitions, restarts and replays deliver the records in.
 
 use std::collections::BTreeMap;
 
+use futures::stream::{self, TryStreamExt};
+use sha2::{Digest, Sha256};
+
 use crate::decode::{DecisionEvent, EventType};
 use crate::segment::ChainedRecord;
-use crate::sinks::{Attr, IndexItem};
+use crate::sinks::{Attr, Guard, Guarded, IndexItem, IndexStore, SinkError};
 
 pub const GSI1: &str = "GSI1";
 pub const GSI2: &str = "GSI2";
+/// Sort key of the single decision item per `decision_id`.
+pub const DECISION_SK: &str = "DECISION";
+const GSI_ATTRS: [&str; 4] = ["GSI1PK", "GSI1SK", "GSI2PK", "GSI2SK"];
+/// Conditional rounds before contention is reported as a transient error (each round is a
+/// conditional write that failed because another writer changed the item in between).
+const MAX_ROUNDS: usize = 16;
+
+/// The order key of the winner rule: smaller wins. Fixed-width fields make byte order equal
+/// time order, then Kafka order (topic names cannot contain `#` or anything below it).
+pub fn rank(occurred_at_key: &str, topic: &str, partition: i32, offset: i64) -> String {
+    format!("{occurred_at_key}#{topic}#{partition:010}#{offset:020}")
+}
 
 /// The item for an accepted record, or `None` for a rejected one (rejects live in quarantine).
 pub fn item_for(topic: &str, partition: i32, record: &ChainedRecord, segment_key: &str) -> Option<IndexItem> {
@@ -26,40 +50,54 @@ pub fn item_for(topic: &str, partition: i32, record: &ChainedRecord, segment_key
     let ts = event.occurred_at_key();
     let coordinates = format!("{topic}#{partition}#{}", record.offset);
     let sk = match event.event_type {
-        EventType::Decision => format!("DECISION#{ts}"),
+        EventType::Decision => DECISION_SK.to_string(),
         EventType::Override => format!("OVERRIDE#{ts}#{coordinates}"),
         EventType::SafetyFlag => format!("SAFETY_FLAG#{ts}#{coordinates}"),
     };
     let gsi_sort = format!("{ts}#{}#{}", event.event_type.as_str(), event.decision_id);
-    let mut attrs: BTreeMap<&'static str, Attr> = BTreeMap::new();
-    let s = |v: &str| Attr::S(v.to_string());
-    attrs.insert("GSI1PK", Attr::S(format!("USER#{}", event.user_id)));
-    attrs.insert("GSI1SK", s(&gsi_sort));
-    attrs.insert("GSI2PK", Attr::S(format!("SESSION#{}", event.session_id)));
-    attrs.insert("GSI2SK", Attr::S(gsi_sort));
+    let mut attrs = Attrs::new();
+    attrs.s("GSI1PK", format!("USER#{}", event.user_id));
+    attrs.s("GSI1SK", gsi_sort.clone());
+    attrs.s("GSI2PK", format!("SESSION#{}", event.session_id));
+    attrs.s("GSI2SK", gsi_sort);
     insert_event_fields(&mut attrs, event, &ts);
-    attrs.insert("kafka_topic", s(topic));
-    attrs.insert("kafka_partition", Attr::N(partition.to_string()));
-    attrs.insert("kafka_offset", Attr::N(record.offset.to_string()));
-    attrs.insert("entry_hash", Attr::S(hex::encode(record.link.entry_hash)));
-    attrs.insert("segment_key", s(segment_key));
-    Some(IndexItem { pk: format!("DECISION#{}", event.decision_id), sk, attrs })
+    attrs.s("kafka_topic", topic);
+    attrs.0.insert("kafka_partition".into(), Attr::N(partition.to_string()));
+    attrs.0.insert("kafka_offset".into(), Attr::N(record.offset.to_string()));
+    attrs.s("entry_hash", hex::encode(record.link.entry_hash));
+    attrs.s("payload_sha256", hex::encode(Sha256::digest(&record.payload)));
+    attrs.s("segment_key", segment_key);
+    if event.event_type == EventType::Decision {
+        attrs.s("rank", rank(&ts, topic, partition, record.offset));
+    }
+    Some(IndexItem { pk: format!("DECISION#{}", event.decision_id), sk, attrs: attrs.0 })
 }
 
-fn insert_event_fields(attrs: &mut BTreeMap<&'static str, Attr>, e: &DecisionEvent, ts: &str) {
-    let s = |v: &str| Attr::S(v.to_string());
-    attrs.insert("event_type", s(e.event_type.as_str()));
-    attrs.insert("decision_id", s(&e.decision_id));
-    attrs.insert("occurred_at", s(ts));
-    attrs.insert("environment", s(&e.environment));
-    attrs.insert("user_id", s(&e.user_id));
-    attrs.insert("session_id", s(&e.session_id));
-    attrs.insert("action", s(&e.action));
-    attrs.insert("policy_version", s(&e.policy_version));
-    attrs.insert("model_version", s(&e.model_version));
-    attrs.insert("request_id", s(&e.request_id));
+struct Attrs(BTreeMap<String, Attr>);
+
+impl Attrs {
+    fn new() -> Self {
+        Self(BTreeMap::new())
+    }
+    fn s(&mut self, name: &str, value: impl Into<String>) {
+        self.0.insert(name.to_string(), Attr::S(value.into()));
+    }
+}
+
+fn insert_event_fields(attrs: &mut Attrs, e: &DecisionEvent, ts: &str) {
+    let mut s = |name: &str, v: &str| attrs.s(name, v);
+    s("event_type", e.event_type.as_str());
+    s("decision_id", &e.decision_id);
+    s("occurred_at", ts);
+    s("environment", &e.environment);
+    s("user_id", &e.user_id);
+    s("session_id", &e.session_id);
+    s("action", &e.action);
+    s("policy_version", &e.policy_version);
+    s("model_version", &e.model_version);
+    s("request_id", &e.request_id);
     if let Some(score) = e.confidence_score {
-        attrs.insert("confidence_score", Attr::N(score.to_string()));
+        attrs.0.insert("confidence_score".into(), Attr::N(score.to_string()));
     }
     for (name, value) in [
         ("reviewer_id", &e.reviewer_id),
@@ -70,14 +108,13 @@ fn insert_event_fields(attrs: &mut BTreeMap<&'static str, Attr>, e: &DecisionEve
         ("metadata", &e.metadata),
     ] {
         if let Some(v) = value {
-            attrs.insert(name, s(v));
+            attrs.s(name, v.as_str());
         }
     }
 }
 
-/// Items for a flush, one per key: BatchWriteItem rejects a batch naming a key twice. When two
-/// records map to one key (same decision_id and occurred_at), the later offset wins, as it
-/// would across flushes.
+/// Items for a flush, one per key: BatchWriteItem rejects a batch naming a key twice. Two
+/// override/flag items share a key only when they come from the same record.
 pub fn dedupe_by_key(items: Vec<IndexItem>) -> Vec<IndexItem> {
     let mut by_key: BTreeMap<(String, String), IndexItem> = BTreeMap::new();
     for item in items {
@@ -86,12 +123,154 @@ pub fn dedupe_by_key(items: Vec<IndexItem>) -> Vec<IndexItem> {
     by_key.into_values().collect()
 }
 
+/// What one flush's index writes did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct IndexReport {
+    pub items: usize,
+    /// Decisions whose `decision_id` was already held by different content (either side lost).
+    pub conflicts: usize,
+}
+
+/// Writes a flush's items: overrides and flags in batches, then each decision through the winner
+/// rule. Decisions sharing an id are applied in order; distinct ids run `concurrency` at a time.
+pub async fn write_items(
+    store: &dyn IndexStore,
+    items: Vec<IndexItem>,
+    concurrency: usize,
+) -> Result<IndexReport, SinkError> {
+    let total = items.len();
+    let (decisions, others): (Vec<IndexItem>, Vec<IndexItem>) = items.into_iter().partition(|i| i.sk == DECISION_SK);
+    if !others.is_empty() {
+        store.write(dedupe_by_key(others)).await?;
+    }
+    let mut by_id: BTreeMap<String, Vec<IndexItem>> = BTreeMap::new();
+    for item in decisions {
+        by_id.entry(item.pk.clone()).or_default().push(item);
+    }
+    let conflicts = stream::iter(by_id.into_values().map(Ok))
+        .map_ok(|group| async move {
+            let mut conflicts = 0;
+            for item in group {
+                conflicts += usize::from(upsert_decision(store, item).await?);
+            }
+            Ok::<usize, SinkError>(conflicts)
+        })
+        .try_buffer_unordered(concurrency.max(1))
+        .try_fold(0, |sum, n| async move { Ok(sum + n) })
+        .await?;
+    Ok(IndexReport { items: total, conflicts })
+}
+
+/// What the winner rule does with a candidate decision, given the item that holds its id.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resolution {
+    /// The stored item is the candidate itself (a replay).
+    Keep,
+    /// The stored decision outranks the candidate: keep the candidate as a duplicate item, and
+    /// mark the winner when the bytes differ and it is not marked yet.
+    Lose { duplicate: IndexItem, differs: bool, mark_winner: bool },
+    /// The candidate outranks the stored decision: keep the displaced one as a duplicate item
+    /// and put the candidate in its place (marked when any bytes seen so far differ).
+    Replace { displaced: IndexItem, differs: bool, replacement: IndexItem },
+}
+
+fn attr_s<'a>(item: &'a IndexItem, name: &str) -> &'a str {
+    match item.attrs.get(name) {
+        Some(Attr::S(s)) => s,
+        _ => "",
+    }
+}
+
+fn has_conflict(item: &IndexItem) -> bool {
+    matches!(item.attrs.get("conflict"), Some(Attr::Bool(true)))
+}
+
+/// The item that keeps a non-winning decision record: its own attributes, no GSI keys (user and
+/// session queries see only winners), under `DUPLICATE#<rank>`.
+pub fn duplicate_item(decision: &IndexItem) -> IndexItem {
+    let mut attrs = decision.attrs.clone();
+    for name in GSI_ATTRS.iter().chain(&["conflict"]) {
+        attrs.remove(*name);
+    }
+    IndexItem { pk: decision.pk.clone(), sk: format!("DUPLICATE#{}", attr_s(decision, "rank")), attrs }
+}
+
+/// The winner rule as a pure function. Every record that is not the final winner ends up as a
+/// duplicate item (written when it loses or is displaced), and the winner's `conflict` flag ends
+/// up true exactly when two records with different bytes were seen, whatever the order.
+pub fn resolve(candidate: &IndexItem, existing: &IndexItem) -> Resolution {
+    let (mine, theirs) = (attr_s(candidate, "rank"), attr_s(existing, "rank"));
+    if mine == theirs {
+        return Resolution::Keep;
+    }
+    let differs = attr_s(candidate, "payload_sha256") != attr_s(existing, "payload_sha256");
+    if mine < theirs {
+        let mut replacement = candidate.clone();
+        if has_conflict(existing) || differs {
+            replacement.attrs.insert("conflict".into(), Attr::Bool(true));
+        }
+        Resolution::Replace { displaced: duplicate_item(existing), differs, replacement }
+    } else {
+        Resolution::Lose {
+            duplicate: duplicate_item(candidate),
+            differs,
+            mark_winner: differs && !has_conflict(existing),
+        }
+    }
+}
+
+/// Applies the winner rule for one decision item. Returns whether its bytes differed from the
+/// decision it met (a conflict, as opposed to a redelivery).
+///
+/// Crash-safe by order: a displaced or losing record is written as a duplicate item before the
+/// winner item changes, so a crash between the two loses nothing, and the replay (the flush is
+/// repeated until the head advances) finishes the step.
+pub async fn upsert_decision(store: &dyn IndexStore, candidate: IndexItem) -> Result<bool, SinkError> {
+    let mut conflicted = false;
+    let mut outcome = store.put_guarded(&candidate, Guard::Absent).await?;
+    for _ in 0..MAX_ROUNDS {
+        let existing = match outcome {
+            Guarded::Written => return Ok(conflicted),
+            Guarded::Refused(None) => {
+                outcome = store.put_guarded(&candidate, Guard::Absent).await?;
+                continue;
+            }
+            Guarded::Refused(Some(existing)) => existing,
+        };
+        let observed = attr_s(&existing, "rank").to_string();
+        outcome = match resolve(&candidate, &existing) {
+            Resolution::Keep => return Ok(conflicted),
+            Resolution::Lose { duplicate, differs, mark_winner } => {
+                conflicted |= differs;
+                store.write(vec![duplicate]).await?;
+                if !mark_winner {
+                    return Ok(conflicted);
+                }
+                store.mark_conflict(&existing.pk, &existing.sk, &observed).await?
+            }
+            Resolution::Replace { displaced, differs, replacement } => {
+                conflicted |= differs;
+                store.write(vec![displaced]).await?;
+                store.put_guarded(&replacement, Guard::Rank(&observed)).await?
+            }
+        };
+    }
+    Err(SinkError::Transient {
+        backend: "dynamodb",
+        operation: "PutItem",
+        target: candidate.pk.clone(),
+        message: format!("decision item still contended after {MAX_ROUNDS} conditional rounds"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::chain::Chain;
     use crate::config::ValidationConfig;
+    use crate::sinks::memory::MemoryIndex;
     use bytes::Bytes;
+    use proptest::prelude::Strategy;
 
     fn record(offset: i64, json: &str) -> ChainedRecord {
         let mut chain = Chain::new("t", 0);
@@ -118,7 +297,8 @@ mod tests {
                 .unwrap();
         assert_eq!(d.pk, "DECISION#d-9");
         assert_eq!(o.pk, d.pk);
-        assert_eq!(d.sk, "DECISION#2026-11-20T08:00:00.000000Z");
+        assert_eq!(d.sk, "DECISION");
+        assert_eq!(d.attrs["rank"], Attr::S("2026-11-20T08:00:00.000000Z#t#0000000000#00000000000000000001".into()));
         assert_eq!(o.sk, "OVERRIDE#2026-11-20T08:00:00.000000Z#t#0#2");
         assert_eq!(f.sk, "SAFETY_FLAG#2026-11-20T08:00:00.000000Z#t#0#3");
         assert_eq!(d.attrs["GSI1PK"], Attr::S("USER#u-1".into()));
@@ -132,12 +312,103 @@ mod tests {
         assert!(item_for("t", 0, &record(1, "nope"), "k").is_none());
     }
 
+    fn decision(offset: i64, occurred_at: &str, action: &str) -> IndexItem {
+        let payload = json("decision", "").replace("2026-11-20T08:00:00Z", occurred_at).replace("deny", action);
+        item_for("t", 0, &record(offset, &payload), "k").unwrap()
+    }
+
+    fn stored(index: &MemoryIndex) -> BTreeMap<String, IndexItem> {
+        index.items().into_iter().map(|i| (i.sk.clone(), i)).collect()
+    }
+
     #[test]
-    fn dedupe_keeps_later_item_per_key() {
-        let a = item_for("t", 0, &record(1, &json("decision", "")), "k1").unwrap();
-        let b = item_for("t", 0, &record(5, &json("decision", "")), "k2").unwrap();
-        let out = dedupe_by_key(vec![a, b]);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[0].attrs["kafka_offset"], Attr::N("5".into()));
+    fn earlier_occurred_at_wins_and_ties_go_to_the_lower_offset() {
+        let early = decision(9, "2026-11-20T07:00:00Z", "deny");
+        let late = decision(1, "2026-11-20T08:00:00Z", "approve");
+        assert!(matches!(resolve(&late, &early), Resolution::Lose { differs: true, mark_winner: true, .. }));
+        let Resolution::Replace { displaced: c, differs: true, replacement } = resolve(&early, &late) else { panic!() };
+        assert_eq!(c.sk, format!("DUPLICATE#{}", attr_s(&late, "rank")));
+        assert!(!c.attrs.contains_key("GSI1PK"), "duplicate items stay out of the user/session indexes");
+        assert_eq!(replacement.attrs["conflict"], Attr::Bool(true));
+        let tie_low = decision(2, "2026-11-20T08:00:00Z", "deny");
+        assert!(matches!(resolve(&late, &tie_low), Resolution::Replace { .. }), "offset 1 outranks offset 2");
+    }
+
+    #[test]
+    fn same_bytes_at_another_offset_is_a_redelivery_not_a_conflict() {
+        let a = decision(1, "2026-11-20T08:00:00Z", "deny");
+        let redelivered = decision(7, "2026-11-20T08:00:00Z", "deny");
+        assert_eq!(resolve(&a, &a), Resolution::Keep);
+        assert!(matches!(resolve(&redelivered, &a), Resolution::Lose { differs: false, mark_winner: false, .. }));
+        let Resolution::Replace { differs: false, replacement, .. } = resolve(&a, &redelivered) else { panic!() };
+        assert!(!replacement.attrs.contains_key("conflict"));
+    }
+
+    #[tokio::test]
+    async fn conflicting_decision_is_kept_and_the_winner_marked() {
+        let index = MemoryIndex::default();
+        let late = decision(1, "2026-11-20T08:00:00Z", "approve");
+        let early = decision(2, "2026-11-20T07:00:00Z", "deny");
+        assert!(!upsert_decision(&index, late.clone()).await.unwrap());
+        assert!(upsert_decision(&index, early.clone()).await.unwrap());
+        let items = stored(&index);
+        assert_eq!(items.len(), 2);
+        assert_eq!(items["DECISION"].attrs["action"], Attr::S("deny".into()));
+        assert_eq!(items["DECISION"].attrs["conflict"], Attr::Bool(true));
+        assert_eq!(items[&format!("DUPLICATE#{}", attr_s(&late, "rank"))].attrs["action"], Attr::S("approve".into()));
+        // Replaying either record changes nothing.
+        upsert_decision(&index, late).await.unwrap();
+        upsert_decision(&index, early).await.unwrap();
+        assert_eq!(stored(&index), items);
+    }
+
+    #[tokio::test]
+    async fn overrides_are_batched_beside_the_decision() {
+        let index = MemoryIndex::default();
+        let d = decision(1, "2026-11-20T08:00:00Z", "deny");
+        let o = item_for("t", 0, &record(2, &json("override", r#","reviewer_id":"rv","override_reason":"x""#)), "k")
+            .unwrap();
+        let report = write_items(&index, vec![d, o.clone(), o], 4).await.unwrap();
+        assert_eq!(report, IndexReport { items: 3, conflicts: 0 });
+        assert_eq!(index.items().len(), 2);
+    }
+
+    proptest::proptest! {
+        /// Whatever order records arrive in (partitions interleave, replays repeat), the index
+        /// ends in the same state.
+        #[test]
+        fn winner_rule_is_order_independent(
+            order in proptest::sample::subsequence((0..6usize).collect::<Vec<_>>(), 6).prop_shuffle(),
+            replays in proptest::collection::vec(0..6usize, 0..4),
+        ) {
+            let candidates = [
+                decision(10, "2026-11-20T08:00:00Z", "approve"),
+                decision(11, "2026-11-20T07:00:00Z", "deny"),
+                decision(12, "2026-11-20T07:00:00Z", "deny"),
+                decision(13, "2026-11-20T07:00:00Z", "escalate"),
+                decision(14, "2026-11-20T09:00:00Z", "approve"),
+                decision(15, "2026-11-20T08:00:00Z", "approve"),
+            ];
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let run = |sequence: Vec<usize>| {
+                let index = MemoryIndex::default();
+                rt.block_on(async {
+                    for i in sequence {
+                        upsert_decision(&index, candidates[i].clone()).await.unwrap();
+                    }
+                });
+                stored(&index)
+            };
+            let reference = run((0..6).collect());
+            let mut sequence = order.clone();
+            sequence.extend(replays);
+            proptest::prop_assert_eq!(run(sequence), reference.clone());
+            // Winner: offset 11 (earliest occurred_at, lowest offset among the ties).
+            proptest::prop_assert_eq!(&reference["DECISION"].attrs["kafka_offset"], &Attr::N("11".into()));
+            proptest::prop_assert_eq!(&reference["DECISION"].attrs["conflict"], &Attr::Bool(true));
+            // Every other record is a duplicate item, redelivery (12) or conflict (10, 13, 14, 15).
+            let duplicates = reference.keys().filter(|k| k.starts_with("DUPLICATE#")).count();
+            proptest::prop_assert_eq!(duplicates, 5);
+        }
     }
 }

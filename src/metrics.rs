@@ -11,6 +11,7 @@ use metrics::{counter, gauge, histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::decode::{DecisionEvent, EventType, RejectReason};
+use crate::index::IndexReport;
 use crate::segment::EncodedSegment;
 use crate::sinks::SinkError;
 
@@ -22,6 +23,7 @@ pub const SAFETY_FLAGS: &str = "aegis_safety_flags_total";
 pub const SEGMENTS_WRITTEN: &str = "aegis_segments_written_total";
 pub const SEGMENT_BYTES: &str = "aegis_segment_bytes_total";
 pub const INDEX_ITEMS: &str = "aegis_index_items_written_total";
+pub const DECISION_CONFLICTS: &str = "aegis_decision_conflicts_total";
 pub const FLUSH_SECONDS: &str = "aegis_flush_duration_seconds";
 pub const COMMIT_SECONDS: &str = "aegis_commit_duration_seconds";
 pub const COMMITS: &str = "aegis_offset_commits_total";
@@ -103,12 +105,13 @@ pub fn already_chained(partition: i32) {
     counter!(RECORDS_SKIPPED, "partition" => partition.to_string()).increment(1);
 }
 
-pub fn flushed(partition: i32, records: usize, segments: &[EncodedSegment], items: usize, elapsed: Duration) {
+pub fn flushed(partition: i32, records: usize, segments: &[EncodedSegment], index: IndexReport, elapsed: Duration) {
     let p = partition.to_string();
     counter!(RECORDS_WRITTEN, "partition" => p.clone()).increment(records as u64);
     counter!(SEGMENTS_WRITTEN).increment(segments.len() as u64);
     counter!(SEGMENT_BYTES).increment(segments.iter().map(|s| s.body.len() as u64).sum());
-    counter!(INDEX_ITEMS).increment(items as u64);
+    counter!(INDEX_ITEMS).increment(index.items as u64);
+    counter!(DECISION_CONFLICTS).increment(index.conflicts as u64);
     histogram!(FLUSH_SECONDS).record(elapsed.as_secs_f64());
     if let Some(last) = segments.iter().map(|s| s.last_offset).max() {
         gauge!(CHAIN_HEAD_OFFSET, "partition" => p).set(last as f64);

@@ -295,14 +295,24 @@ impl PartitionWriter {
         }
         // 3. Index.
         let items = self.index_items(&segments);
-        let item_count = items.len();
-        let retry_cfg = &self.config.retry;
-        retry(&span_ctx, retry_cfg, cancel, metrics::set_backend_up, || self.sinks.index.write(items.clone())).await?;
+        let concurrency = self.config.dynamodb.write_concurrency;
+        let index = retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+            index::write_items(self.sinks.index.as_ref(), items.clone(), concurrency)
+        })
+        .await?;
+        if index.conflicts > 0 {
+            tracing::warn!(
+                topic = %self.topic,
+                partition = self.partition,
+                conflicts = index.conflicts,
+                "decision_id seen again with different content; winner kept per the rule in schemas/dynamodb-layout.md"
+            );
+        }
         // 4. Head.
         self.complete(pending, &span_ctx, cancel).await?;
 
         let records = self.buffer.len();
-        metrics::flushed(self.partition, records, &segments, item_count, started.elapsed());
+        metrics::flushed(self.partition, records, &segments, index, started.elapsed());
         self.durable = Some(HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash });
         self.recovering = None;
         self.buffer.clear();
@@ -407,9 +417,7 @@ impl PartitionWriter {
             let placement = crate::segment::Placement::of(record);
             segments.iter().find(|s| s.placement == placement).map(|s| s.key.as_str()).unwrap_or_default()
         };
-        let items =
-            self.buffer.iter().filter_map(|r| index::item_for(&self.topic, self.partition, r, key_of(r))).collect();
-        index::dedupe_by_key(items)
+        self.buffer.iter().filter_map(|r| index::item_for(&self.topic, self.partition, r, key_of(r))).collect()
     }
 
     fn dead_letters(&self) -> Vec<DeadLetter> {

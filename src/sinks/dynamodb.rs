@@ -5,10 +5,15 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, WriteRequest};
+use aws_sdk_dynamodb::operation::put_item::PutItemError;
+use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
+use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, ReturnValuesOnConditionCheckFailure, WriteRequest};
 use futures::stream::{self, TryStreamExt};
 
-use super::{classify_sdk_error, Attr, ChainHead, HeadPos, HeadStore, IndexItem, IndexStore, PendingFlush, SinkError};
+use super::{
+    classify_sdk_error, Attr, ChainHead, Guard, Guarded, HeadPos, HeadStore, IndexItem, IndexStore, PendingFlush,
+    SinkError,
+};
 use crate::chain::{parse_hash, Hash};
 use crate::config::DynamoConfig;
 
@@ -109,13 +114,40 @@ fn to_attribute(attr: &Attr) -> AttributeValue {
     }
 }
 
-fn to_write_request(item: &IndexItem) -> WriteRequest {
+fn to_map(item: &IndexItem) -> HashMap<String, AttributeValue> {
     let mut map: HashMap<String, AttributeValue> =
-        item.attrs.iter().map(|(k, v)| (k.to_string(), to_attribute(v))).collect();
+        item.attrs.iter().map(|(k, v)| (k.clone(), to_attribute(v))).collect();
     map.insert("PK".into(), AttributeValue::S(item.pk.clone()));
     map.insert("SK".into(), AttributeValue::S(item.sk.clone()));
-    let put = PutRequest::builder().set_item(Some(map)).build().expect("item is set");
+    map
+}
+
+/// The stored item back as an [`IndexItem`] (we only ever write S, N and BOOL).
+fn from_map(mut map: HashMap<String, AttributeValue>) -> Option<IndexItem> {
+    let pk = map.remove("PK")?.as_s().ok()?.clone();
+    let sk = map.remove("SK")?.as_s().ok()?.clone();
+    let attrs = map
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let attr = match v {
+                AttributeValue::S(s) => Attr::S(s),
+                AttributeValue::N(n) => Attr::N(n),
+                AttributeValue::Bool(b) => Attr::Bool(b),
+                _ => return None,
+            };
+            Some((k, attr))
+        })
+        .collect();
+    Some(IndexItem { pk, sk, attrs })
+}
+
+fn to_write_request(item: &IndexItem) -> WriteRequest {
+    let put = PutRequest::builder().set_item(Some(to_map(item))).build().expect("item is set");
     WriteRequest::builder().put_request(put).build()
+}
+
+fn item_key(pk: &str, sk: &str) -> HashMap<String, AttributeValue> {
+    HashMap::from([("PK".into(), AttributeValue::S(pk.into())), ("SK".into(), AttributeValue::S(sk.into()))])
 }
 
 #[async_trait]
@@ -126,6 +158,87 @@ impl IndexStore for DynamoStore {
         stream::iter(batches.into_iter().map(Ok))
             .try_for_each_concurrent(self.concurrency, |batch| self.write_batch(batch))
             .await
+    }
+
+    async fn put_guarded(&self, item: &IndexItem, guard: Guard<'_>) -> Result<Guarded, SinkError> {
+        let request = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(to_map(item)))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
+        let request = match guard {
+            Guard::Absent => request.condition_expression("attribute_not_exists(PK)"),
+            Guard::Rank(rank) => request
+                .condition_expression("#rank = :rank")
+                .expression_attribute_names("#rank", "rank")
+                .expression_attribute_values(":rank", AttributeValue::S(rank.into())),
+        };
+        match request.send().await {
+            Ok(_) => Ok(Guarded::Written),
+            Err(e) => match e.as_service_error() {
+                Some(PutItemError::ConditionalCheckFailedException(failed)) => {
+                    let current = failed.item().cloned();
+                    self.refused(&item.pk, &item.sk, current).await
+                }
+                _ => Err(classify_sdk_error(BACKEND, "PutItem", &self.table, &e)),
+            },
+        }
+    }
+
+    async fn mark_conflict(&self, pk: &str, sk: &str, rank: &str) -> Result<Guarded, SinkError> {
+        let out = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .set_key(Some(item_key(pk, sk)))
+            .update_expression("SET #conflict = :yes")
+            .condition_expression("#rank = :rank")
+            .expression_attribute_names("#conflict", "conflict")
+            .expression_attribute_names("#rank", "rank")
+            .expression_attribute_values(":yes", AttributeValue::Bool(true))
+            .expression_attribute_values(":rank", AttributeValue::S(rank.into()))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match out {
+            Ok(_) => Ok(Guarded::Written),
+            Err(e) if is_condition_failure(&e) => {
+                let current = match e.as_service_error() {
+                    Some(UpdateItemError::ConditionalCheckFailedException(failed)) => failed.item().cloned(),
+                    _ => None,
+                };
+                self.refused(pk, sk, current).await
+            }
+            Err(e) => Err(classify_sdk_error(BACKEND, "UpdateItem", &self.table, &e)),
+        }
+    }
+}
+
+impl DynamoStore {
+    /// The item a failed condition met: from the error when the server returns it (DynamoDB
+    /// does; some emulators do not), else a consistent read.
+    async fn refused(
+        &self,
+        pk: &str,
+        sk: &str,
+        current: Option<HashMap<String, AttributeValue>>,
+    ) -> Result<Guarded, SinkError> {
+        let current = match current {
+            Some(map) if !map.is_empty() => Some(map),
+            _ => {
+                self.client
+                    .get_item()
+                    .table_name(&self.table)
+                    .set_key(Some(item_key(pk, sk)))
+                    .consistent_read(true)
+                    .send()
+                    .await
+                    .map_err(|e| classify_sdk_error(BACKEND, "GetItem", &self.table, &e))?
+                    .item
+            }
+        };
+        Ok(Guarded::Refused(current.and_then(from_map)))
     }
 }
 

@@ -9,7 +9,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::dead_letter::{DeadLetter, DeadLetterSink};
-use super::{ChainHead, HeadPos, HeadStore, IndexItem, IndexStore, ObjectInfo, ObjectStore, PendingFlush, SinkError};
+use super::{
+    Attr, ChainHead, Guard, Guarded, HeadPos, HeadStore, IndexItem, IndexStore, ObjectInfo, ObjectStore, PendingFlush,
+    SinkError,
+};
 
 fn outage(backend: &'static str, operation: &'static str) -> SinkError {
     SinkError::Transient { backend, operation, target: "memory".into(), message: "injected outage".into() }
@@ -111,6 +114,38 @@ impl IndexStore for MemoryIndex {
             stored.insert((item.pk.clone(), item.sk.clone()), item);
         }
         Ok(())
+    }
+
+    async fn put_guarded(&self, item: &IndexItem, guard: Guard<'_>) -> Result<Guarded, SinkError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(outage("memory-dynamodb", "PutItem"));
+        }
+        let mut stored = self.items.lock().unwrap();
+        let key = (item.pk.clone(), item.sk.clone());
+        let current = stored.get(&key);
+        let holds = match guard {
+            Guard::Absent => current.is_none(),
+            Guard::Rank(rank) => current.is_some_and(|c| c.attrs.get("rank") == Some(&Attr::S(rank.to_string()))),
+        };
+        if !holds {
+            return Ok(Guarded::Refused(current.cloned()));
+        }
+        stored.insert(key, item.clone());
+        Ok(Guarded::Written)
+    }
+
+    async fn mark_conflict(&self, pk: &str, sk: &str, rank: &str) -> Result<Guarded, SinkError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(outage("memory-dynamodb", "UpdateItem"));
+        }
+        let mut stored = self.items.lock().unwrap();
+        match stored.get_mut(&(pk.to_string(), sk.to_string())) {
+            Some(item) if item.attrs.get("rank") == Some(&Attr::S(rank.to_string())) => {
+                item.attrs.insert("conflict".into(), Attr::Bool(true));
+                Ok(Guarded::Written)
+            }
+            current => Ok(Guarded::Refused(current.cloned())),
+        }
     }
 }
 

@@ -81,13 +81,34 @@ pub enum Attr {
 pub struct IndexItem {
     pub pk: String,
     pub sk: String,
-    pub attrs: BTreeMap<&'static str, Attr>,
+    pub attrs: BTreeMap<String, Attr>,
+}
+
+/// The precondition of a guarded decision-item write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard<'a> {
+    /// No item with this key exists yet.
+    Absent,
+    /// The stored item's `rank` is this one (the item this writer looked at).
+    Rank(&'a str),
+}
+
+/// Result of a guarded write.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Guarded {
+    Written,
+    /// The precondition did not hold; the item as stored now (`None`: there is none).
+    Refused(Option<IndexItem>),
 }
 
 #[async_trait]
 pub trait IndexStore: Send + Sync {
     /// Upserts every item (idempotent: the same record always yields the same item).
     async fn write(&self, items: Vec<IndexItem>) -> Result<(), SinkError>;
+    /// Puts `item` (whole) only if `guard` holds for the stored item with its key.
+    async fn put_guarded(&self, item: &IndexItem, guard: Guard<'_>) -> Result<Guarded, SinkError>;
+    /// Sets `conflict = true` on the item at (pk, sk) only if its `rank` is still `rank`.
+    async fn mark_conflict(&self, pk: &str, sk: &str, rank: &str) -> Result<Guarded, SinkError>;
 }
 
 /// Position of a chain's last durable entry.

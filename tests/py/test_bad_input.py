@@ -135,3 +135,68 @@ def test_bad_configuration_stops_startup_with_one_line_naming_the_key(aegis):
         assert out.returncode == 2, (env, out.returncode, out.stderr[-2000:])
         last = out.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and key in last.lower() and words in last, (env, last)
+
+
+def test_duplicate_decision_id_keeps_earliest_winner_and_marks_conflict(aegis, tmp_path):
+    """Same decision_id with different content on several partitions: every record stays in the
+    trail; the index holds the earliest (ties: lowest partition, then offset) as the decision,
+    marked `conflict`, and every other record as a DUPLICATE# item (schemas/dynamodb-layout.md)."""
+    import hashlib
+    from test_pipeline import check_trail
+
+    aegis.init()
+    rng = random.Random(11)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+
+    def decision(i, decision_id, minutes_ago, action):
+        e = make_event(i, rng, kind="decision", decision_id=decision_id)
+        e.update(occurred_at=(now - timedelta(minutes=minutes_ago)).isoformat().replace("+00:00", "Z"), action=action)
+        return json.dumps(e).encode()
+
+    late = decision(1, "dup-1", 5, "approve")
+    early = decision(2, "dup-1", 9, "deny")  # the winner: earliest occurred_at
+    tie_p0 = decision(3, "dup-2", 7, "approve")
+    tie_p2 = decision(4, "dup-2", 7, "deny")  # same occurred_at: partition 0 outranks partition 2
+    same_a = decision(5, "dup-3", 3, "approve")
+    # (payload, partition): the later version first, a byte-identical redelivery, a clean id.
+    stream = [(late, 0), (tie_p2, 2), (same_a, 1), (early, 1), (late, 3), (tie_p0, 0), (same_a, 3),
+              (decision(6, "solo", 1, "deny"), 2)]
+    from confluent_kafka import Producer
+    producer = Producer({"bootstrap.servers": BROKERS, "acks": "all"})
+    delivered = []
+    for payload, partition in stream:
+        producer.produce(aegis.topic, payload, partition=partition,
+                         on_delivery=lambda err, m: delivered.append((m.partition(), m.offset(), m.value())))
+        producer.flush(10)
+    assert len(delivered) == len(stream)
+    aegis.consume_until_idle()
+    check_trail(aegis, tmp_path, delivered)  # every record, conflicting or not, is in the trail
+
+    ddb = trail.dynamodb()
+
+    def items(decision_id):
+        out = ddb.query(TableName=aegis.table, KeyConditionExpression="PK = :pk",
+                        ExpressionAttributeValues={":pk": {"S": f"DECISION#{decision_id}"}}, ConsistentRead=True)["Items"]
+        return {i["SK"]["S"]: i for i in out}
+
+    def sha(payload):
+        return hashlib.sha256(payload).hexdigest()
+
+    dup1 = items("dup-1")
+    winner = dup1["DECISION"]
+    assert winner["action"]["S"] == "deny" and winner["payload_sha256"]["S"] == sha(early)
+    assert winner["conflict"]["BOOL"] is True
+    duplicates = sorted((i["kafka_partition"]["N"], i["payload_sha256"]["S"]) for sk, i in dup1.items() if sk.startswith("DUPLICATE#"))
+    assert duplicates == [("0", sha(late)), ("3", sha(late))], duplicates
+    assert not any("GSI1PK" in i for sk, i in dup1.items() if sk != "DECISION"), "losers stay out of the user index"
+
+    dup2 = items("dup-2")
+    assert dup2["DECISION"]["kafka_partition"]["N"] == "0" and dup2["DECISION"]["conflict"]["BOOL"] is True
+    assert [i["action"]["S"] for sk, i in dup2.items() if sk.startswith("DUPLICATE#")] == ["deny"]
+
+    dup3 = items("dup-3")  # identical bytes twice: a redelivery, kept but not a conflict
+    assert "conflict" not in dup3["DECISION"] and dup3["DECISION"]["kafka_partition"]["N"] == "1"
+    assert [i["payload_sha256"]["S"] for sk, i in dup3.items() if sk.startswith("DUPLICATE#")] == [sha(same_a)]
+
+    solo = items("solo")
+    assert list(solo) == ["DECISION"] and "conflict" not in solo["DECISION"]

@@ -109,8 +109,9 @@ def test_end_to_end_four_partitions(aegis, tmp_path):
     for e in decisions[:50]:
         items = ddb.query(TableName=aegis.table, KeyConditionExpression="PK = :pk",
                           ExpressionAttributeValues={":pk": {"S": f"DECISION#{e['decision_id']}"}})["Items"]
-        decision_items = [i for i in items if i["SK"]["S"].startswith("DECISION#")]
+        decision_items = [i for i in items if i["SK"]["S"] == "DECISION"]
         assert len(decision_items) == 1 and decision_items[0]["action"]["S"] == e["action"]
+        assert "conflict" not in decision_items[0] and not any(i["SK"]["S"].startswith("DUPLICATE#") for i in items)
         assert decision_items[0]["segment_key"]["S"].startswith("trail/year=")
     for e in overrides[:20]:
         items = ddb.query(TableName=aegis.table, KeyConditionExpression="PK = :pk AND begins_with(SK, :o)",
