@@ -42,6 +42,8 @@ pub struct Config {
     pub retry: RetryConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub digest: DigestConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -175,7 +177,51 @@ pub struct MetricsConfig {
     pub listen: String,
 }
 
+/// Signed digests (`schemas/CHAIN.md`, "Digests"). Enabled when a signing key is configured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DigestConfig {
+    /// Ed25519 private key file: PKCS#8 PEM (`aegis-audit keygen`, `openssl genpkey -algorithm ed25519`).
+    #[serde(default)]
+    pub signing_key_file: Option<String>,
+    /// The key itself (PEM or 64 hex chars of seed); a secret: prefer `AEGIS_DIGEST__SIGNING_KEY`.
+    #[serde(default)]
+    pub signing_key: Option<String>,
+    /// How often each partition writes a digest of the segments it made durable.
+    #[serde(default = "defaults::digest_interval_ms")]
+    pub interval_ms: u64,
+}
+
+impl DigestConfig {
+    pub fn enabled(&self) -> bool {
+        self.signing_key_file.is_some() || self.signing_key.is_some()
+    }
+
+    /// The configured signer, if any; errors name the key.
+    pub fn signer(&self) -> Result<Option<crate::digest::DigestSigner>, ConfigError> {
+        let to_config = |e: crate::digest::DigestError| ConfigError::Parse(e.to_string());
+        match (&self.signing_key, &self.signing_key_file) {
+            (Some(text), _) => {
+                crate::digest::DigestSigner::from_text("digest.signing_key", text).map(Some).map_err(to_config)
+            }
+            (None, Some(path)) => crate::digest::DigestSigner::from_file("digest.signing_key_file", Path::new(path))
+                .map(Some)
+                .map_err(to_config),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+impl Default for DigestConfig {
+    fn default() -> Self {
+        Self { signing_key_file: None, signing_key: None, interval_ms: defaults::digest_interval_ms() }
+    }
+}
+
 mod defaults {
+    pub fn digest_interval_ms() -> u64 {
+        300_000
+    }
     pub fn group_id() -> String {
         "aegis-audit".into()
     }
@@ -368,6 +414,13 @@ impl Config {
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("metrics.listen", "must be host:port (e.g. \"0.0.0.0:9898\") or empty"));
         }
+        if self.digest.signing_key.is_some() && self.digest.signing_key_file.is_some() {
+            return Err(invalid("digest.signing_key", "set digest.signing_key or digest.signing_key_file, not both"));
+        }
+        if self.digest.interval_ms < 100 {
+            return Err(invalid("digest.interval_ms", "must be at least 100"));
+        }
+        self.digest.signer()?;
         Ok(())
     }
 
@@ -380,6 +433,9 @@ impl Config {
         let mut shown = self.clone();
         if shown.aws.secret_access_key.is_some() {
             shown.aws.secret_access_key = Some("<redacted>".into());
+        }
+        if shown.digest.signing_key.is_some() {
+            shown.digest.signing_key = Some("<redacted>".into());
         }
         for (k, v) in shown.kafka.properties.iter_mut() {
             if k.contains("password") || k.contains("secret") || k.contains("jaas") {

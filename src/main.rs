@@ -9,7 +9,7 @@ use aegis_audit::cli::{Cli, Command, ConfigCommand, LogFormat};
 use aegis_audit::config::Config;
 use aegis_audit::partition::Sinks;
 use aegis_audit::sinks::dead_letter::{DeadLetterSink, KafkaDeadLetters};
-use aegis_audit::sinks::{dynamodb::DynamoStore, s3::S3Store};
+use aegis_audit::sinks::{dynamodb::DynamoStore, s3::S3Store, ObjectStore};
 use aegis_audit::{init, metrics, produce, source};
 
 fn main() -> std::process::ExitCode {
@@ -96,8 +96,17 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
         Some(topic) => Some(Arc::new(KafkaDeadLetters::new(&config, topic).context("kafka.dead_letter_topic")?)),
         None => None,
     };
-    let sinks =
-        Sinks { objects: Arc::new(S3Store::new(&sdk, &config.s3)), index: dynamo.clone(), heads: dynamo, dead_letters };
+    let objects: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&sdk, &config.s3));
+    let signer = config.digest.signer()?.map(Arc::new);
+    match &signer {
+        Some(signer) => aegis_audit::digest::publish_public_key(objects.as_ref(), &config.s3.prefix, signer)
+            .await
+            .context("publishing the digest public key")?,
+        None => tracing::warn!(
+            "digest.signing_key(_file) not set: segments are hash-chained but no signed digests are written"
+        ),
+    }
+    let sinks = Sinks { objects, index: dynamo.clone(), heads: dynamo, dead_letters, signer };
     spawn_signal_handler(shutdown.clone(), hard_stop.clone());
     let options = source::RunOptions { exit_when_idle };
     source::run(config, sinks, options, shutdown, hard_stop.clone()).await?;

@@ -24,6 +24,8 @@ pub const SEGMENTS_WRITTEN: &str = "aegis_segments_written_total";
 pub const SEGMENT_BYTES: &str = "aegis_segment_bytes_total";
 pub const INDEX_ITEMS: &str = "aegis_index_items_written_total";
 pub const DECISION_CONFLICTS: &str = "aegis_decision_conflicts_total";
+pub const DIGESTS_WRITTEN: &str = "aegis_digests_written_total";
+pub const DIGEST_SEQ: &str = "aegis_digest_seq";
 pub const FLUSH_SECONDS: &str = "aegis_flush_duration_seconds";
 pub const COMMIT_SECONDS: &str = "aegis_commit_duration_seconds";
 pub const COMMITS: &str = "aegis_offset_commits_total";
@@ -116,6 +118,11 @@ pub fn flushed(partition: i32, records: usize, segments: &[EncodedSegment], inde
     if let Some(last) = segments.iter().map(|s| s.last_offset).max() {
         gauge!(CHAIN_HEAD_OFFSET, "partition" => p).set(last as f64);
     }
+}
+
+pub fn digest_written(partition: i32, seq: u64) {
+    counter!(DIGESTS_WRITTEN).increment(1);
+    gauge!(DIGEST_SEQ, "partition" => partition.to_string()).set(seq as f64);
 }
 
 pub fn committed(partition: i32, offset: i64, elapsed: Duration) {

@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
@@ -24,12 +24,13 @@ use tokio_util::sync::CancellationToken;
 use crate::chain::{Chain, ChainError, EntryStatus};
 use crate::config::Config;
 use crate::decode;
+use crate::digest::{digest_key, DigestBody, DigestObject, DigestSigner, SegmentEntry};
 use crate::index;
 use crate::metrics;
 use crate::retry::{retry, RetryError};
 use crate::segment::{encode_flush, ChainedRecord, EncodedSegment, SegmentError};
 use crate::sinks::dead_letter::{DeadLetter, DeadLetterSink};
-use crate::sinks::{HeadPos, HeadStore, IndexStore, ObjectStore, PendingFlush, SinkError};
+use crate::sinks::{DigestPos, HeadPos, HeadStore, IndexStore, ObjectStore, PendingFlush, SinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
@@ -64,6 +65,9 @@ impl From<RetryError> for PartitionError {
 
 /// Seeks to the chain head before an offset gap at start-up is accepted as Kafka's own.
 const MAX_SEEKS: u32 = 3;
+/// Undigested segments that trigger a digest before the interval (keeps the chain-table item
+/// far below DynamoDB's 400 KB limit).
+const MAX_UNDIGESTED: usize = 256;
 
 /// The stores a flush writes to.
 #[derive(Clone)]
@@ -73,6 +77,8 @@ pub struct Sinks {
     pub heads: Arc<dyn HeadStore>,
     /// The dead-letter topic, when `kafka.dead_letter_topic` is set.
     pub dead_letters: Option<Arc<dyn DeadLetterSink>>,
+    /// Signs digests, when `digest.*` configures a key.
+    pub signer: Option<Arc<DigestSigner>>,
 }
 
 /// What became of an offered record.
@@ -112,6 +118,10 @@ pub struct PartitionWriter {
     buffer: Vec<ChainedRecord>,
     buffer_bytes: usize,
     oldest: Option<Instant>,
+    /// The partition's last digest and the durable segments not in any digest yet.
+    digest: Option<DigestPos>,
+    undigested: Vec<SegmentEntry>,
+    last_digest: Instant,
 }
 
 impl PartitionWriter {
@@ -153,6 +163,9 @@ impl PartitionWriter {
             buffer: Vec::new(),
             buffer_bytes: 0,
             oldest: None,
+            digest: head.digest,
+            undigested: head.undigested,
+            last_digest: Instant::now(),
         })
     }
 
@@ -308,8 +321,13 @@ impl PartitionWriter {
                 "decision_id seen again with different content; winner kept per the rule in schemas/dynamodb-layout.md"
             );
         }
-        // 4. Head.
-        self.complete(pending, &span_ctx, cancel).await?;
+        // 4. Head (plus the segments' digest entries, atomically).
+        let entries: Vec<SegmentEntry> = match self.sinks.signer {
+            Some(_) => segments.iter().map(EncodedSegment::digest_entry).collect(),
+            None => Vec::new(),
+        };
+        self.complete(pending, &entries, &span_ctx, cancel).await?;
+        self.undigested.extend(entries);
 
         let records = self.buffer.len();
         metrics::flushed(self.partition, records, &segments, index, started.elapsed());
@@ -327,6 +345,106 @@ impl PartitionWriter {
             records,
             objects: segments.into_iter().map(|s| s.key).collect(),
         }))
+    }
+
+    /// When the next digest is due (`None`: nothing to digest, or digests are off).
+    pub fn digest_deadline(&self) -> Option<Instant> {
+        if self.sinks.signer.is_none() || self.undigested.is_empty() {
+            return None;
+        }
+        if self.undigested.len() >= MAX_UNDIGESTED {
+            return Some(self.last_digest);
+        }
+        Some(self.last_digest + Duration::from_millis(self.config.digest.interval_ms))
+    }
+
+    pub fn digest_due(&self, now: Instant) -> bool {
+        self.digest_deadline().is_some_and(|at| now >= at)
+    }
+
+    /// Writes the next signed digest over the undigested segments and records it on the chain
+    /// head (fenced like a flush). Returns its sequence number, or `None` if there was nothing
+    /// to digest.
+    ///
+    /// Crash-safe: the segment list lives in the chain table until the digest is recorded; if
+    /// an earlier owner wrote digest `seq` but never recorded it, that object is adopted when
+    /// it continues the same digest chain over a prefix of the same list.
+    pub async fn write_digest(&mut self, cancel: &CancellationToken) -> Result<Option<u64>, PartitionError> {
+        let (Some(signer), Some(head)) = (self.sinks.signer.clone(), self.durable) else {
+            return Ok(None);
+        };
+        if self.undigested.is_empty() || self.recovering.is_some() {
+            return Ok(None);
+        }
+        let seq = self.digest.map_or(0, |d| d.seq + 1);
+        let key = digest_key(&self.config.s3.prefix, &self.topic, self.partition, seq);
+        let ctx = format!("{}/{} digest {seq}", self.topic, self.partition);
+        let retry_cfg = &self.config.retry;
+        let objects = &self.sinks.objects;
+        let existing = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.head(&key)).await?;
+        let (hash, consumed) = match existing {
+            Some(_) => {
+                let bytes = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.get(&key)).await?;
+                self.adopt_digest(&key, &bytes)?
+            }
+            None => {
+                let body = DigestBody::next(
+                    &self.topic,
+                    self.partition,
+                    self.digest.map(|d| (d.seq, d.hash)),
+                    &signer.key_id,
+                    self.undigested.clone(),
+                );
+                let bytes = Bytes::from(signer.encode(&body));
+                let hash = DigestObject::parse(&key, &bytes).expect("own digests parse").body_sha256();
+                let metadata = BTreeMap::from([
+                    ("aegis-format".to_string(), crate::digest::DIGEST_FORMAT.to_string()),
+                    ("aegis-key-id".to_string(), signer.key_id.clone()),
+                ]);
+                retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.put(&key, bytes.clone(), &metadata))
+                    .await?;
+                (hash, self.undigested.len())
+            }
+        };
+        let recorded = DigestPos { seq, hash };
+        let remaining = self.undigested[consumed..].to_vec();
+        let heads = &self.sinks.heads;
+        let result = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || {
+            heads.record_digest(&self.topic, self.partition, head, self.digest, recorded, &remaining)
+        })
+        .await;
+        if let Err(RetryError::Sink(SinkError::FenceLost { .. })) = &result {
+            // A retried request whose first attempt landed looks like a lost fence: check.
+            let stored = heads.load(&self.topic, self.partition).await?;
+            if stored.digest != Some(recorded) || stored.committed != Some(head) {
+                result?;
+            }
+        } else {
+            result?;
+        }
+        tracing::info!(topic = %self.topic, partition = self.partition, seq, segments = consumed, %key, "digest written");
+        metrics::digest_written(self.partition, seq);
+        self.digest = Some(recorded);
+        self.undigested = remaining;
+        self.last_digest = Instant::now();
+        Ok(Some(seq))
+    }
+
+    /// Checks that an existing digest object at our next key continues our digest chain over a
+    /// prefix of our undigested list; returns its hash and how many entries it covers.
+    fn adopt_digest(&self, key: &str, bytes: &[u8]) -> Result<(crate::chain::Hash, usize), PartitionError> {
+        let conflict = |detail: String| PartitionError::Sink(SinkError::Conflict { key: key.to_string(), detail });
+        let found = DigestObject::parse(key, bytes).map_err(|e| conflict(e.to_string()))?;
+        let prev = hex::encode(self.digest.map_or([0u8; 32], |d| d.hash));
+        let listed = &found.body.segments;
+        if found.body.prev_digest_sha256 != prev {
+            return Err(conflict(format!("it follows digest {}, ours is {prev}", found.body.prev_digest_sha256)));
+        }
+        if listed.is_empty() || listed.len() > self.undigested.len() || listed[..] != self.undigested[..listed.len()] {
+            return Err(conflict("it lists segments other than the undigested ones".into()));
+        }
+        tracing::warn!(key, segments = listed.len(), "adopting a digest an earlier owner wrote but did not record");
+        Ok((found.body_sha256(), listed.len()))
     }
 
     async fn begin(&self, pending: PendingFlush, ctx: &str, cancel: &CancellationToken) -> Result<(), PartitionError> {
@@ -352,12 +470,13 @@ impl PartitionWriter {
     async fn complete(
         &self,
         pending: PendingFlush,
+        entries: &[SegmentEntry],
         ctx: &str,
         cancel: &CancellationToken,
     ) -> Result<(), PartitionError> {
         let heads = &self.sinks.heads;
         let result = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
-            heads.complete_flush(&self.topic, self.partition, pending)
+            heads.complete_flush(&self.topic, self.partition, pending, entries)
         })
         .await;
         match result {
@@ -453,6 +572,7 @@ impl PartitionWriter {
 mod tests {
     use super::*;
     use crate::sinks::memory::{MemoryDeadLetters, MemoryHeads, MemoryIndex, MemoryObjectStore};
+    use sha2::{Digest, Sha256};
     use std::sync::atomic::Ordering;
 
     struct Stack {
@@ -472,6 +592,7 @@ mod tests {
                 index: self.index.clone(),
                 heads: self.heads.clone(),
                 dead_letters: Some(self.dead.clone()),
+                signer: None,
             }
         }
     }
@@ -515,6 +636,63 @@ mod tests {
         assert_eq!(head.committed.unwrap().last_offset, 5);
         assert_eq!(head.committed.unwrap().last_hash, w.chain.head());
         assert!(head.pending.is_none());
+    }
+
+    fn signed(s: &Stack) -> Sinks {
+        let signer = DigestSigner::from_text("digest.signing_key", &"11".repeat(32)).unwrap();
+        Sinks { signer: Some(Arc::new(signer)), ..s.sinks() }
+    }
+
+    fn digest_at(s: &Stack, seq: u64) -> DigestObject {
+        let key = digest_key("trail", "t", 0, seq);
+        DigestObject::parse(&key, &s.objects.body(&key).expect("digest object")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn digests_list_durable_segments_and_chain_to_each_other() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut w, 0..6).await;
+        assert_eq!(s.heads.get("t", 0).undigested.len(), 2, "segments wait in the chain table");
+        assert_eq!(w.write_digest(&cancel).await.unwrap(), Some(0));
+        let first = digest_at(&s, 0);
+        let key = w.sinks.signer.as_ref().unwrap().verifying_key();
+        assert!(first.verify(&key));
+        assert_eq!((first.body.first_offset, first.body.last_offset, first.body.segments.len()), (0, 5, 2));
+        assert_eq!(first.body.first_prev_hash, hex::encode(crate::chain::genesis("t", 0)));
+        assert_eq!(first.body.last_entry_hash, hex::encode(w.chain.head()));
+        let listed = &first.body.segments[0];
+        assert_eq!(listed.sha256, hex::encode(Sha256::digest(s.objects.body(&listed.key).unwrap())));
+        assert!(s.heads.get("t", 0).undigested.is_empty());
+        assert_eq!(w.write_digest(&cancel).await.unwrap(), None, "nothing new to sign");
+
+        // A new owner continues the digest chain from the chain table.
+        let mut w2 = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut w2, 6..9).await;
+        assert_eq!(w2.write_digest(&cancel).await.unwrap(), Some(1));
+        let second = digest_at(&s, 1);
+        assert_eq!(second.body.prev_digest_sha256, hex::encode(first.body_sha256()));
+        assert_eq!(second.body.first_prev_hash, first.body.last_entry_hash);
+    }
+
+    #[tokio::test]
+    async fn a_digest_written_but_not_recorded_is_adopted_not_forked() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut w, 0..3).await;
+        // An earlier owner signed digest 0 over these segments, then died before recording it.
+        let signer = w.sinks.signer.clone().unwrap();
+        let body = DigestBody::next("t", 0, None, &signer.key_id, s.heads.get("t", 0).undigested);
+        let orphan = signer.encode(&body);
+        s.objects.put(&digest_key("trail", "t", 0, 0), Bytes::from(orphan.clone()), &BTreeMap::new()).await.unwrap();
+        feed(&mut w, 3..6).await;
+        assert_eq!(w.write_digest(&cancel).await.unwrap(), Some(0));
+        assert_eq!(s.objects.body(&digest_key("trail", "t", 0, 0)).unwrap(), Bytes::from(orphan), "kept as written");
+        assert_eq!(s.heads.get("t", 0).undigested.len(), 1, "the newer segment waits for digest 1");
+        assert_eq!(w.write_digest(&cancel).await.unwrap(), Some(1));
+        assert_eq!(digest_at(&s, 1).body.first_offset, 3);
     }
 
     #[tokio::test]

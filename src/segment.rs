@@ -23,6 +23,8 @@ use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
+use sha2::{Digest, Sha256};
+
 use crate::chain::{EntryStatus, Link};
 use crate::config::SegmentConfig;
 use crate::decode::{DecisionEvent, RejectReason};
@@ -115,6 +117,28 @@ pub struct EncodedSegment {
     pub last_offset: i64,
     /// Entry hash of the object's last row: identifies its content in object metadata.
     pub last_entry_hash: String,
+    /// `prev_hash` of the object's first row, hex.
+    pub first_prev_hash: String,
+    /// Merkle root over the rows' entry hashes (`merkle.rs`), hex; also in the Parquet footer.
+    pub merkle_root: String,
+    /// SHA-256 of `body`, hex.
+    pub sha256: String,
+}
+
+impl EncodedSegment {
+    /// How a digest lists this object.
+    pub fn digest_entry(&self) -> crate::digest::SegmentEntry {
+        crate::digest::SegmentEntry {
+            key: self.key.clone(),
+            sha256: self.sha256.clone(),
+            rows: self.rows as u64,
+            first_offset: self.first_offset,
+            last_offset: self.last_offset,
+            first_prev_hash: self.first_prev_hash.clone(),
+            last_entry_hash: self.last_entry_hash.clone(),
+            merkle_root: self.merkle_root.clone(),
+        }
+    }
 }
 
 pub fn arrow_schema() -> SchemaRef {
@@ -171,28 +195,40 @@ pub fn encode_flush(
     for record in records {
         groups.entry(Placement::of(record)).or_default().push(record);
     }
-    let props = writer_properties(topic, partition, first.offset, last.offset, config);
     groups
         .into_iter()
         .map(|(placement, rows)| {
             let key = object_key(prefix, &placement, topic, partition, first.offset, last.offset);
-            let body = encode_rows(topic, partition, &rows, props.clone())
+            let entries: Vec<crate::chain::Hash> = rows.iter().map(|r| r.link.entry_hash).collect();
+            let merkle_root = hex::encode(crate::merkle::root(&entries).expect("groups are non-empty"));
+            let props = writer_properties(topic, partition, first.offset, last.offset, &merkle_root, config);
+            let body = encode_rows(topic, partition, &rows, props)
                 .map_err(|message| SegmentError::Encode { key: key.clone(), message })?;
             let last_row = rows.last().expect("groups are non-empty");
             Ok(EncodedSegment {
                 key,
                 placement,
+                sha256: hex::encode(Sha256::digest(&body)),
                 body,
                 rows: rows.len(),
                 first_offset: rows[0].offset,
                 last_offset: last_row.offset,
                 last_entry_hash: hex::encode(last_row.link.entry_hash),
+                first_prev_hash: hex::encode(rows[0].link.prev_hash),
+                merkle_root,
             })
         })
         .collect()
 }
 
-fn writer_properties(topic: &str, partition: i32, first: i64, last: i64, config: &SegmentConfig) -> WriterProperties {
+fn writer_properties(
+    topic: &str,
+    partition: i32,
+    first: i64,
+    last: i64,
+    merkle_root: &str,
+    config: &SegmentConfig,
+) -> WriterProperties {
     let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
     let no_dict = ["payload", "prev_hash", "entry_hash", "decision_id", "request_id", "kafka_offset"];
     let mut builder = WriterProperties::builder()
@@ -207,6 +243,7 @@ fn writer_properties(topic: &str, partition: i32, first: i64, last: i64, config:
             kv("aegis.partition", partition.to_string()),
             kv("aegis.flush_first_offset", first.to_string()),
             kv("aegis.flush_last_offset", last.to_string()),
+            kv("aegis.merkle_root", merkle_root.to_string()),
         ]));
     // Unique or random-looking columns gain nothing from a dictionary; payload stats are noise.
     for column in no_dict {

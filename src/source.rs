@@ -384,7 +384,10 @@ impl Worker {
         }
         let mut min_generation = 0u64;
         loop {
-            let deadline = writer.flush_deadline();
+            let deadline = match (writer.flush_deadline(), writer.digest_deadline()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let age_timer = async {
                 match deadline {
                     Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -404,7 +407,10 @@ impl Worker {
                             if let Err(e) = writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload.as_deref()) { return self.stop(&e); }
                         }
                     }
-                    let _ = self.flush_and_commit(&mut writer).await;
+                    if self.flush_and_commit(&mut writer).await {
+                        // Sign what this owner made durable, so the next one starts clean.
+                        self.digest(&mut writer, true).await;
+                    }
                     return;
                 }
                 inbound = rx.recv() => {
@@ -414,7 +420,9 @@ impl Worker {
                     }
                     match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload.as_deref()) {
                         Ok(Admit::Appended) => {
-                            if writer.should_flush(Instant::now()) && !self.flush_and_commit(&mut writer).await {
+                            if writer.should_flush(Instant::now())
+                                && !(self.flush_and_commit(&mut writer).await && self.digest(&mut writer, false).await)
+                            {
                                 return;
                             }
                         }
@@ -427,7 +435,10 @@ impl Worker {
                     }
                 }
                 _ = age_timer => {
-                    if !self.flush_and_commit(&mut writer).await {
+                    if writer.should_flush(Instant::now()) && !self.flush_and_commit(&mut writer).await {
+                        return;
+                    }
+                    if !self.digest(&mut writer, false).await {
                         return;
                     }
                 }
@@ -446,6 +457,22 @@ impl Worker {
                 true
             }
             Ok(None) => true,
+            Err(PartitionError::Cancelled(_)) => false,
+            Err(e) => {
+                self.stop(&e);
+                false
+            }
+        }
+    }
+
+    /// Writes a digest when one is due (or whenever there is something to sign, if `now`);
+    /// `false` when the worker must end.
+    async fn digest(&self, writer: &mut PartitionWriter, now: bool) -> bool {
+        if !now && !writer.digest_due(Instant::now()) {
+            return true;
+        }
+        match writer.write_digest(&self.revoke).await {
+            Ok(_) => true,
             Err(PartitionError::Cancelled(_)) => false,
             Err(e) => {
                 self.stop(&e);

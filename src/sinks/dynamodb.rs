@@ -10,12 +10,14 @@ use aws_sdk_dynamodb::operation::update_item::UpdateItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, PutRequest, ReturnValuesOnConditionCheckFailure, WriteRequest};
 use futures::stream::{self, TryStreamExt};
 
+use super::DigestPos;
 use super::{
     classify_sdk_error, Attr, ChainHead, Guard, Guarded, HeadPos, HeadStore, IndexItem, IndexStore, PendingFlush,
     SinkError,
 };
 use crate::chain::{parse_hash, Hash};
 use crate::config::DynamoConfig;
+use crate::digest::SegmentEntry;
 
 const BACKEND: &str = "dynamodb";
 /// BatchWriteItem's hard limit.
@@ -258,6 +260,16 @@ fn read_hash(item: &HashMap<String, AttributeValue>, name: &str) -> Option<Hash>
     parse_hash(item.get(name)?.as_s().ok()?)
 }
 
+/// The undigested list as stored: a list of JSON strings, one per segment.
+fn segment_list(segments: &[SegmentEntry]) -> AttributeValue {
+    AttributeValue::L(
+        segments
+            .iter()
+            .map(|s| AttributeValue::S(serde_json::to_string(s).expect("segment entries serialize")))
+            .collect(),
+    )
+}
+
 fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
     let committed = match (read_i64(item, "last_offset"), read_hash(item, "last_hash")) {
         (Some(last_offset), Some(last_hash)) => Some(HeadPos { last_offset, last_hash }),
@@ -270,7 +282,25 @@ fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
             }
             _ => None,
         };
-    ChainHead { committed, pending }
+    let digest = match (read_i64(item, "digest_seq"), read_hash(item, "digest_hash")) {
+        (Some(seq), Some(hash)) => Some(DigestPos { seq: seq as u64, hash }),
+        _ => None,
+    };
+    let undigested = match item.get("undigested") {
+        Some(AttributeValue::L(list)) => list
+            .iter()
+            .filter_map(|v| v.as_s().ok())
+            .filter_map(|json| match serde_json::from_str(json) {
+                Ok(entry) => Some(entry),
+                Err(e) => {
+                    tracing::error!(error = %e, json, "unreadable undigested segment entry in the chain table");
+                    None
+                }
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    ChainHead { committed, pending, digest, undigested }
 }
 
 fn is_condition_failure<R>(
@@ -336,14 +366,26 @@ impl HeadStore for DynamoStore {
         }
     }
 
-    async fn complete_flush(&self, topic: &str, partition: i32, pending: PendingFlush) -> Result<(), SinkError> {
+    async fn complete_flush(
+        &self,
+        topic: &str,
+        partition: i32,
+        pending: PendingFlush,
+        segments: &[SegmentEntry],
+    ) -> Result<(), SinkError> {
         let result = self
             .client
             .update_item()
             .table_name(&self.chain_table)
             .set_key(Some(Self::head_key(topic, partition)))
-            .update_expression("SET last_offset = :pl, last_hash = :ph, updated_at = :now REMOVE pending_first, pending_last, pending_hash")
+            .update_expression(
+                "SET last_offset = :pl, last_hash = :ph, updated_at = :now, \
+                 undigested = list_append(if_not_exists(undigested, :empty), :segments) \
+                 REMOVE pending_first, pending_last, pending_hash",
+            )
             .condition_expression("pending_first = :pf AND pending_last = :pl AND pending_hash = :ph")
+            .expression_attribute_values(":empty", AttributeValue::L(Vec::new()))
+            .expression_attribute_values(":segments", segment_list(segments))
             .expression_attribute_values(":pf", n(pending.first_offset))
             .expression_attribute_values(":pl", n(pending.last_offset))
             .expression_attribute_values(":ph", s_hash(&pending.last_hash))
@@ -360,6 +402,50 @@ impl HeadStore for DynamoStore {
                     &format!("expected pending {}..={}", pending.first_offset, pending.last_offset),
                     found,
                 ))
+            }
+            Err(e) => Err(classify_sdk_error(BACKEND, "UpdateItem", &self.chain_table, &e)),
+        }
+    }
+
+    async fn record_digest(
+        &self,
+        topic: &str,
+        partition: i32,
+        head: HeadPos,
+        previous: Option<DigestPos>,
+        digest: DigestPos,
+        remaining: &[SegmentEntry],
+    ) -> Result<(), SinkError> {
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.chain_table)
+            .set_key(Some(Self::head_key(topic, partition)))
+            .update_expression("SET digest_seq = :ds, digest_hash = :dh, undigested = :rest, updated_at = :now")
+            .expression_attribute_values(":ds", n(digest.seq as i64))
+            .expression_attribute_values(":dh", s_hash(&digest.hash))
+            .expression_attribute_values(":rest", segment_list(remaining))
+            .expression_attribute_values(":now", AttributeValue::S(chrono::Utc::now().to_rfc3339()))
+            .expression_attribute_values(":lo", n(head.last_offset))
+            .expression_attribute_values(":lh", s_hash(&head.last_hash));
+        let fence = "last_offset = :lo AND last_hash = :lh AND attribute_not_exists(pending_last)";
+        request = match previous {
+            None => request.condition_expression(format!("{fence} AND attribute_not_exists(digest_seq)")),
+            Some(p) => request
+                .condition_expression(format!("{fence} AND digest_seq = :ps AND digest_hash = :ph"))
+                .expression_attribute_values(":ps", n(p.seq as i64))
+                .expression_attribute_values(":ph", s_hash(&p.hash)),
+        };
+        match request.send().await {
+            Ok(_) => Ok(()),
+            Err(e) if is_condition_failure(&e) => {
+                let found = self.load(topic, partition).await?;
+                let wanted = format!(
+                    "expected head offset {} and digest {}",
+                    head.last_offset,
+                    previous.map_or("none".to_string(), |p| p.seq.to_string())
+                );
+                Err(self.fence_lost(topic, partition, &wanted, found))
             }
             Err(e) => Err(classify_sdk_error(BACKEND, "UpdateItem", &self.chain_table, &e)),
         }

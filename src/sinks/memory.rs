@@ -9,10 +9,12 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::dead_letter::{DeadLetter, DeadLetterSink};
+use super::DigestPos;
 use super::{
     Attr, ChainHead, Guard, Guarded, HeadPos, HeadStore, IndexItem, IndexStore, ObjectInfo, ObjectStore, PendingFlush,
     SinkError,
 };
+use crate::digest::SegmentEntry;
 
 fn outage(backend: &'static str, operation: &'static str) -> SinkError {
     SinkError::Transient { backend, operation, target: "memory".into(), message: "injected outage".into() }
@@ -157,7 +159,7 @@ pub struct MemoryHeads {
 
 impl MemoryHeads {
     pub fn get(&self, topic: &str, partition: i32) -> ChainHead {
-        self.heads.lock().unwrap().get(&(topic.to_string(), partition)).copied().unwrap_or_default()
+        self.heads.lock().unwrap().get(&(topic.to_string(), partition)).cloned().unwrap_or_default()
     }
 
     fn check(&self, op: &'static str) -> Result<(), SinkError> {
@@ -197,7 +199,13 @@ impl HeadStore for MemoryHeads {
         Ok(())
     }
 
-    async fn complete_flush(&self, topic: &str, partition: i32, pending: PendingFlush) -> Result<(), SinkError> {
+    async fn complete_flush(
+        &self,
+        topic: &str,
+        partition: i32,
+        pending: PendingFlush,
+        segments: &[SegmentEntry],
+    ) -> Result<(), SinkError> {
         self.check("UpdateItem")?;
         let mut heads = self.heads.lock().unwrap();
         let head = heads.entry((topic.to_string(), partition)).or_default();
@@ -208,10 +216,33 @@ impl HeadStore for MemoryHeads {
                 detail: format!("stored {head:?}, expected pending {pending:?}"),
             });
         }
-        *head = ChainHead {
-            committed: Some(HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash }),
-            pending: None,
-        };
+        head.committed = Some(HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash });
+        head.pending = None;
+        head.undigested.extend_from_slice(segments);
+        Ok(())
+    }
+
+    async fn record_digest(
+        &self,
+        topic: &str,
+        partition: i32,
+        expected: HeadPos,
+        previous: Option<DigestPos>,
+        digest: DigestPos,
+        remaining: &[SegmentEntry],
+    ) -> Result<(), SinkError> {
+        self.check("UpdateItem")?;
+        let mut heads = self.heads.lock().unwrap();
+        let head = heads.entry((topic.to_string(), partition)).or_default();
+        if head.committed != Some(expected) || head.pending.is_some() || head.digest != previous {
+            return Err(SinkError::FenceLost {
+                topic: topic.into(),
+                partition,
+                detail: format!("stored {head:?}, expected head {expected:?} digest {previous:?}"),
+            });
+        }
+        head.digest = Some(digest);
+        head.undigested = remaining.to_vec();
         Ok(())
     }
 }

@@ -126,11 +126,22 @@ pub struct PendingFlush {
     pub last_hash: Hash,
 }
 
+/// The last digest written for a partition: its sequence number and body hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DigestPos {
+    pub seq: u64,
+    pub hash: Hash,
+}
+
 /// The stored head of one topic-partition's chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChainHead {
     pub committed: Option<HeadPos>,
     pub pending: Option<PendingFlush>,
+    pub digest: Option<DigestPos>,
+    /// Segments made durable since the last digest (appended atomically with the head), so a
+    /// crash between a flush and the next digest cannot leave a segment out of every digest.
+    pub undigested: Vec<crate::digest::SegmentEntry>,
 }
 
 #[async_trait]
@@ -145,9 +156,27 @@ pub trait HeadStore: Send + Sync {
         expected: Option<HeadPos>,
         pending: PendingFlush,
     ) -> Result<(), SinkError>;
-    /// Advances the head to `pending` only if `pending` is still the recorded intent; otherwise
-    /// [`SinkError::FenceLost`].
-    async fn complete_flush(&self, topic: &str, partition: i32, pending: PendingFlush) -> Result<(), SinkError>;
+    /// Advances the head to `pending` and appends `segments` to the undigested list, only if
+    /// `pending` is still the recorded intent; otherwise [`SinkError::FenceLost`].
+    async fn complete_flush(
+        &self,
+        topic: &str,
+        partition: i32,
+        pending: PendingFlush,
+        segments: &[crate::digest::SegmentEntry],
+    ) -> Result<(), SinkError>;
+    /// Records digest `digest` (after `previous`) and keeps `remaining` as the undigested list,
+    /// only if the head is still `head` with nothing pending and the last digest is `previous`;
+    /// otherwise [`SinkError::FenceLost`].
+    async fn record_digest(
+        &self,
+        topic: &str,
+        partition: i32,
+        head: HeadPos,
+        previous: Option<DigestPos>,
+        digest: DigestPos,
+        remaining: &[crate::digest::SegmentEntry],
+    ) -> Result<(), SinkError>;
 }
 
 /// Turns an AWS SDK error into a [`SinkError`], deciding retryable vs fatal in one place.
