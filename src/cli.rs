@@ -51,6 +51,52 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Check the trail straight from S3: every entry hash, link, offset, Merkle root, checksum
+    /// and signed digest. Exit status 0 only when everything holds (1: problems found).
+    Verify {
+        /// Topic (default: kafka.topic).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Only this partition.
+        #[arg(long)]
+        partition: Option<i32>,
+        /// Only flushes reaching this offset or later (the first link is then taken as the anchor).
+        #[arg(long)]
+        from: Option<i64>,
+        /// Only flushes starting at this offset or earlier.
+        #[arg(long)]
+        to: Option<i64>,
+        /// Trusted Ed25519 public key (SPKI PEM); default: the keys published in the bucket.
+        #[arg(long, value_name = "FILE")]
+        public_key: Vec<PathBuf>,
+        /// Objects fetched concurrently.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Emit a JSON inclusion proof for a decision (entry, Merkle path, segment, signed digest).
+    Prove {
+        decision_id: String,
+        /// Write the proof here instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Check an inclusion proof offline with the public key alone (no S3, no config needed).
+    VerifyProof {
+        proof: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        public_key: PathBuf,
+    },
+    /// Generate an Ed25519 digest signing key (PKCS#8 PEM, mode 0600) and print its public key.
+    Keygen {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// Also write the public key (SPKI PEM) here.
+        #[arg(long, value_name = "FILE")]
+        public_out: Option<PathBuf>,
+    },
     /// Configuration commands.
     Config {
         #[command(subcommand)]

@@ -10,6 +10,7 @@ use aegis_audit::config::Config;
 use aegis_audit::partition::Sinks;
 use aegis_audit::sinks::dead_letter::{DeadLetterSink, KafkaDeadLetters};
 use aegis_audit::sinks::{dynamodb::DynamoStore, s3::S3Store, ObjectStore};
+use aegis_audit::verify::{Report, VerifyOptions};
 use aegis_audit::{init, metrics, produce, source};
 
 fn main() -> std::process::ExitCode {
@@ -17,7 +18,7 @@ fn main() -> std::process::ExitCode {
     init_tracing(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             // One line an operator can act on: what failed and why, outermost first.
             eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
@@ -45,7 +46,7 @@ fn load(cli: &Cli) -> anyhow::Result<Config> {
     Ok(Config::load(&cli.config)?)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match &cli.command {
         Command::Config { command: ConfigCommand::Check } => {
             let config = load(&cli)?;
@@ -68,11 +69,115 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::to_string(&serde_json::json!({ "topic": config.kafka.topic, "partitions": delivered }))?
             );
         }
+        Command::Verify { topic, partition, from, to, public_key, concurrency, json } => {
+            let config = load(&cli)?;
+            let public_keys = public_key
+                .iter()
+                .map(|path| {
+                    let text =
+                        std::fs::read_to_string(path).with_context(|| format!("--public-key {}", path.display()))?;
+                    Ok(aegis_audit::digest::parse_public_key(&format!("--public-key {}", path.display()), &text)?)
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let options = VerifyOptions {
+                topic: topic.clone().unwrap_or_else(|| config.kafka.topic.clone()),
+                partition: *partition,
+                from: *from,
+                to: *to,
+                public_keys,
+                concurrency: *concurrency,
+                progress: !json,
+            };
+            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
+            let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&sdk, &config.s3));
+            let report = aegis_audit::verify::verify(store, &config.s3.prefix, &options).await?;
+            print_report(&report, *json, &config.s3.bucket)?;
+            if !report.ok {
+                return Ok(std::process::ExitCode::from(1));
+            }
+        }
+        Command::Prove { decision_id, out } => {
+            let config = load(&cli)?;
+            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
+            let dynamo = DynamoStore::new(&sdk, &config.dynamodb);
+            let (segment_key, partition, offset) = dynamo.locate_decision(decision_id).await?.ok_or_else(|| {
+                anyhow::anyhow!("decision {decision_id}: not in the index table {}", config.dynamodb.table)
+            })?;
+            let located = aegis_audit::prove::Located { segment_key, partition, offset };
+            let store = S3Store::new(&sdk, &config.s3);
+            let proof =
+                aegis_audit::prove::prove(&store, &config.s3.prefix, &config.kafka.topic, decision_id, &located)
+                    .await?;
+            let text = serde_json::to_string_pretty(&proof)? + "\n";
+            match out {
+                Some(path) => std::fs::write(path, text).with_context(|| format!("--out {}", path.display()))?,
+                None => print!("{text}"),
+            }
+        }
+        Command::VerifyProof { proof, public_key } => {
+            let text = std::fs::read_to_string(proof).with_context(|| format!("{}", proof.display()))?;
+            let proof: aegis_audit::prove::Proof =
+                serde_json::from_str(&text).with_context(|| format!("{}: not a proof", proof.display()))?;
+            let key_text = std::fs::read_to_string(public_key)
+                .with_context(|| format!("--public-key {}", public_key.display()))?;
+            let key = aegis_audit::digest::parse_public_key("--public-key", &key_text)?;
+            match aegis_audit::prove::verify_proof(&proof, &key) {
+                Ok(summary) => println!("{summary}"),
+                Err(e) => {
+                    println!("{e}");
+                    return Ok(std::process::ExitCode::from(1));
+                }
+            }
+        }
+        Command::Keygen { out, public_out } => {
+            let (private, public) = aegis_audit::digest::generate_pem();
+            write_private(out, &private).with_context(|| format!("--out {}", out.display()))?;
+            if let Some(path) = public_out {
+                std::fs::write(path, &public).with_context(|| format!("--public-out {}", path.display()))?;
+            }
+            print!("{public}");
+        }
         Command::Run { exit_when_idle } => {
             let config = Arc::new(load(&cli)?);
             run_consumer(config, exit_when_idle.map(Duration::from_secs_f64)).await?;
         }
     }
+    Ok(std::process::ExitCode::SUCCESS)
+}
+
+fn write_private(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(pem.as_bytes())
+}
+
+fn print_report(report: &Report, json: bool, bucket: &str) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
+        return Ok(());
+    }
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+    const SHOWN: usize = 50;
+    for problem in report.problems.iter().take(SHOWN) {
+        println!("FAIL {problem}");
+    }
+    if report.problems.len() > SHOWN {
+        println!("… and {} more problems (use --json for all)", report.problems.len() - SHOWN);
+    }
+    let verdict = if report.ok { "OK".to_string() } else { format!("FAILED ({} problems)", report.problems.len()) };
+    println!(
+        "{verdict}: s3://{bucket}: {} records in {} objects, {} partitions, {} digests ({} segments not yet signed) in {:.2}s, {:.0} records/s",
+        report.records,
+        report.objects,
+        report.partitions,
+        report.digests,
+        report.unsigned_segments,
+        report.seconds,
+        report.records_per_second
+    );
     Ok(())
 }
 

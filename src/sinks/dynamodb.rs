@@ -218,6 +218,27 @@ impl IndexStore for DynamoStore {
 }
 
 impl DynamoStore {
+    /// Where the index says decision `id`'s winning record is: (segment key, partition, offset).
+    pub async fn locate_decision(&self, id: &str) -> Result<Option<(String, i32, i64)>, SinkError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .set_key(Some(item_key(&format!("DECISION#{id}"), crate::index::DECISION_SK)))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "GetItem", &self.table, &e))?;
+        let Some(item) = out.item else { return Ok(None) };
+        let key = item.get("segment_key").and_then(|v| v.as_s().ok()).cloned();
+        let partition = read_i64(&item, "kafka_partition");
+        let offset = read_i64(&item, "kafka_offset");
+        Ok(match (key, partition, offset) {
+            (Some(k), Some(p), Some(o)) => Some((k, p as i32, o)),
+            _ => None,
+        })
+    }
+
     /// The item a failed condition met: from the error when the server returns it (DynamoDB
     /// does; some emulators do not), else a consistent read.
     async fn refused(

@@ -39,6 +39,11 @@ impl MemoryObjectStore {
         self.puts.load(Ordering::SeqCst)
     }
 
+    /// Removes an object (tests: deletion and truncation).
+    pub fn remove(&self, key: &str) -> Option<Bytes> {
+        self.objects.lock().unwrap().remove(key).map(|(b, _)| b)
+    }
+
     pub fn body(&self, key: &str) -> Option<Bytes> {
         self.objects.lock().unwrap().get(key).map(|(b, _)| b.clone())
     }

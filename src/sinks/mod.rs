@@ -64,6 +64,10 @@ pub trait ObjectStore: Send + Sync {
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError>;
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, SinkError>;
     async fn get(&self, key: &str) -> Result<Bytes, SinkError>;
+    /// The body and the SHA-256 the store recorded for it at write time (hex), when it has one.
+    async fn get_checked(&self, key: &str) -> Result<(Bytes, Option<String>), SinkError> {
+        Ok((self.get(key).await?, None))
+    }
     /// Every object under `prefix`, in key order.
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError>;
 }

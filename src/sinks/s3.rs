@@ -65,6 +65,14 @@ pub async fn object_lock_enabled(client: &aws_sdk_s3::Client, bucket: &str) -> b
         .is_some_and(|c| c.object_lock_enabled == Some(aws_sdk_s3::types::ObjectLockEnabled::Enabled))
 }
 
+fn content_type(key: &str) -> &'static str {
+    match key.rsplit('.').next() {
+        Some("parquet") => "application/vnd.apache.parquet",
+        Some("pem") => "application/x-pem-file",
+        _ => "text/plain; charset=utf-8",
+    }
+}
+
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
@@ -73,7 +81,7 @@ impl ObjectStore for S3Store {
             .put_object()
             .bucket(&self.bucket)
             .key(key)
-            .content_type("application/vnd.apache.parquet")
+            .content_type(content_type(key))
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
             .set_metadata(Some(metadata.clone().into_iter().collect()))
             .body(ByteStream::from(body));
@@ -122,6 +130,31 @@ impl ObjectStore for S3Store {
             message: e.to_string(),
         })?;
         Ok(body.into_bytes())
+    }
+
+    async fn get_checked(&self, key: &str) -> Result<(Bytes, Option<String>), SinkError> {
+        // ChecksumMode::Enabled: the SDK also validates the body against it while reading.
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .checksum_mode(aws_sdk_s3::types::ChecksumMode::Enabled)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
+        use base64::Engine;
+        let stored = out
+            .checksum_sha256()
+            .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
+            .map(hex::encode);
+        let body = out.body.collect().await.map_err(|e| SinkError::Fatal {
+            backend: BACKEND,
+            operation: "GetObject",
+            target: self.target(key),
+            message: format!("body does not match its stored checksum or could not be read: {e}"),
+        })?;
+        Ok((body.into_bytes(), stored))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {

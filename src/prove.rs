@@ -1,0 +1,226 @@
+//! Inclusion proofs: `aegis-audit prove <decision_id>` shows that a decision's exact bytes are
+//! an entry of a segment whose Merkle root a signed digest lists; `verify-proof` checks that
+//! offline with the public key alone. Format: `schemas/CHAIN.md`, "Inclusion proofs".
+
+use base64::Engine;
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+
+use crate::chain::{entry_hash, parse_hash, EntryStatus};
+use crate::digest::{self, DigestObject};
+use crate::merkle;
+use crate::sinks::{ObjectStore, SinkError};
+use crate::verify::read_segment;
+
+pub const PROOF_FORMAT: &str = "aegis-proof/v1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProofError {
+    #[error(transparent)]
+    Store(#[from] SinkError),
+    #[error("decision {0}: not in the index")]
+    UnknownDecision(String),
+    #[error("{0}")]
+    NotProvable(String),
+    #[error("proof rejected: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProofEntry {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub status: String,
+    pub payload_base64: String,
+    pub prev_hash: String,
+    pub entry_hash: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProofSegment {
+    pub key: String,
+    pub sha256: String,
+    pub merkle_root: String,
+    pub rows: u64,
+    pub leaf_index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProofDigest {
+    pub key: String,
+    /// The digest body exactly as signed.
+    pub body: String,
+    /// The digest's signature line: `ed25519:<key_id>:<hex>`.
+    pub signature: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Proof {
+    pub format: String,
+    pub decision_id: String,
+    pub entry: ProofEntry,
+    pub segment: ProofSegment,
+    /// Sibling hashes from the leaf up (`merkle.rs`), hex.
+    pub merkle_path: Vec<String>,
+    pub digest: ProofDigest,
+}
+
+/// Where the index says a decision's record is.
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub segment_key: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Builds the proof for the record at `located` (found through the index).
+pub async fn prove(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    topic: &str,
+    decision_id: &str,
+    located: &Located,
+) -> Result<Proof, ProofError> {
+    let body = store.get(&located.segment_key).await?;
+    let sha256 = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&body));
+    let segment = read_segment(body).map_err(|e| ProofError::NotProvable(format!("{}: {e}", located.segment_key)))?;
+    let index = segment.rows.iter().position(|r| r.offset == located.offset).ok_or_else(|| {
+        ProofError::NotProvable(format!("{} has no row at offset {}", located.segment_key, located.offset))
+    })?;
+    let entries: Vec<_> = segment.rows.iter().filter_map(|r| parse_hash(&r.entry_hash)).collect();
+    if entries.len() != segment.rows.len() {
+        return Err(ProofError::NotProvable(format!("{} has unreadable entry hashes", located.segment_key)));
+    }
+    let root = hex::encode(merkle::root(&entries).expect("a row was found"));
+    let path = merkle::path(&entries, index).expect("index is in range");
+    let row = &segment.rows[index];
+
+    // The digest that lists this segment (digests of a partition are few and small).
+    let dir = digest::partition_dir(prefix, topic, located.partition);
+    let mut found = None;
+    for object in store.list(&dir).await?.iter().rev() {
+        let bytes = store.get(&object.key).await?;
+        let Ok(parsed) = DigestObject::parse(&object.key, &bytes) else { continue };
+        if parsed.body.segments.iter().any(|s| s.key == located.segment_key) {
+            let text = String::from_utf8_lossy(&bytes).to_string();
+            let signature = text.lines().nth(1).unwrap_or_default().to_string();
+            found = Some(ProofDigest {
+                key: object.key.clone(),
+                body: String::from_utf8_lossy(&parsed.body_bytes).to_string(),
+                signature,
+            });
+            break;
+        }
+    }
+    let digest = found.ok_or_else(|| {
+        ProofError::NotProvable(format!(
+            "{} is not in a digest yet (digests are written every digest.interval_ms); try again later",
+            located.segment_key
+        ))
+    })?;
+    Ok(Proof {
+        format: PROOF_FORMAT.into(),
+        decision_id: decision_id.into(),
+        entry: ProofEntry {
+            topic: row.topic.clone(),
+            partition: row.partition,
+            offset: row.offset,
+            status: row.status.as_str().into(),
+            payload_base64: base64::engine::general_purpose::STANDARD.encode(&row.payload),
+            prev_hash: row.prev_hash.clone(),
+            entry_hash: row.entry_hash.clone(),
+        },
+        segment: ProofSegment {
+            key: located.segment_key.clone(),
+            sha256,
+            merkle_root: root,
+            rows: segment.rows.len() as u64,
+            leaf_index: index as u64,
+        },
+        merkle_path: path.iter().map(hex::encode).collect(),
+        digest,
+    })
+}
+
+/// Checks a proof with nothing but the public key. Returns a one-line summary.
+pub fn verify_proof(proof: &Proof, key: &VerifyingKey) -> Result<String, ProofError> {
+    let bad = |m: String| ProofError::Invalid(m);
+    if proof.format != PROOF_FORMAT {
+        return Err(bad(format!("format {:?}, expected {PROOF_FORMAT}", proof.format)));
+    }
+    let e = &proof.entry;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(&e.payload_base64)
+        .map_err(|err| bad(format!("entry.payload_base64: {err}")))?;
+    let decision: serde_json::Value =
+        serde_json::from_slice(&payload).map_err(|err| bad(format!("entry payload is not JSON: {err}")))?;
+    if decision.get("decision_id").and_then(|v| v.as_str()) != Some(proof.decision_id.as_str()) {
+        return Err(bad(format!("the entry's payload is not decision {}", proof.decision_id)));
+    }
+    let status = match e.status.as_str() {
+        "accepted" => EntryStatus::Accepted,
+        "rejected" => EntryStatus::Rejected,
+        other => return Err(bad(format!("entry.status {other:?}"))),
+    };
+    let prev = parse_hash(&e.prev_hash).ok_or_else(|| bad("entry.prev_hash is not 64 hex chars".into()))?;
+    let computed = entry_hash(&prev, &e.topic, e.partition, e.offset, status, &payload);
+    if hex::encode(computed) != e.entry_hash {
+        return Err(bad(format!("entry hashes to {}, proof says {}", hex::encode(computed), e.entry_hash)));
+    }
+    let path: Vec<_> = proof
+        .merkle_path
+        .iter()
+        .map(|h| parse_hash(h).ok_or_else(|| bad(format!("merkle_path element {h:?} is not a hash"))))
+        .collect::<Result<_, _>>()?;
+    let root = merkle::root_from_path(&computed, proof.segment.leaf_index as usize, proof.segment.rows as usize, &path)
+        .ok_or_else(|| bad("merkle_path has the wrong length for the leaf's position".into()))?;
+    if hex::encode(root) != proof.segment.merkle_root {
+        return Err(bad(format!(
+            "Merkle path leads to {}, segment root is {}",
+            hex::encode(root),
+            proof.segment.merkle_root
+        )));
+    }
+    let object = format!("{}\n{}\n", proof.digest.body, proof.digest.signature);
+    let digest = DigestObject::parse(&proof.digest.key, object.as_bytes()).map_err(|err| bad(err.to_string()))?;
+    if digest.key_id != digest::key_id(key) {
+        return Err(bad(format!(
+            "digest signed by key {}, the given public key is {}",
+            digest.key_id,
+            digest::key_id(key)
+        )));
+    }
+    if !digest.verify(key) {
+        return Err(bad("digest signature does not verify with the public key".into()));
+    }
+    let listed = digest
+        .body
+        .segments
+        .iter()
+        .find(|s| s.key == proof.segment.key)
+        .ok_or_else(|| bad(format!("the digest does not list segment {}", proof.segment.key)))?;
+    if listed.merkle_root != proof.segment.merkle_root
+        || listed.rows != proof.segment.rows
+        || listed.sha256 != proof.segment.sha256
+    {
+        return Err(bad("the digest lists the segment with another root, row count or SHA-256".into()));
+    }
+    if digest.body.topic != e.topic || digest.body.partition != e.partition {
+        return Err(bad("the digest is for another topic-partition".into()));
+    }
+    Ok(format!(
+        "proof OK: decision {} is entry {}/{}@{} in {} (leaf {} of {}), signed in digest {} seq {} by key {}",
+        proof.decision_id,
+        e.topic,
+        e.partition,
+        e.offset,
+        proof.segment.key,
+        proof.segment.leaf_index,
+        proof.segment.rows,
+        proof.digest.key,
+        digest.body.seq,
+        digest.key_id
+    ))
+}

@@ -1,0 +1,742 @@
+//! `aegis-audit verify`: checks the trail straight from the object store, trusting only the
+//! bytes there and a public key. Follows `schemas/CHAIN.md` (entries, Merkle roots, digests);
+//! `ops/verify_trail.py` is an independent implementation of the same page, and both report
+//! the same problem codes.
+//!
+//! Per partition, oldest first:
+//! - the digest chain: seq 0, 1, 2, … with no gap; every signature verifies with a trusted key;
+//!   each digest names the previous digest's body hash and continues its chain range;
+//! - every flush (the objects named `<topic>-pPPPP-<first>-<last>.parquet`, in every Hive
+//!   directory and quarantine): rows merged by offset cover exactly `first..=last`; every
+//!   entry hash recomputes; every row links to the one before, across flushes and directories;
+//!   each object's Merkle root and stored checksum match its bytes;
+//! - coverage: every segment a digest lists exists with the SHA-256 and Merkle root the digest
+//!   signed (deletion, replacement and tail truncation show here), and every segment inside the
+//!   signed range is listed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::IsTerminal;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type};
+use bytes::Bytes;
+use ed25519_dalek::VerifyingKey;
+use futures::stream::{self, StreamExt};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::ProjectionMask;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::chain::{entry_hash, genesis, parse_hash, EntryStatus, Hash};
+use crate::digest::{self, DigestObject, SegmentEntry, DIGESTS_DIR};
+use crate::segment::join_key;
+use crate::sinks::{ObjectStore, SinkError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error(transparent)]
+    Store(#[from] SinkError),
+    #[error("{0}")]
+    Key(#[from] digest::DigestError),
+    #[error("no public key: pass --public-key, or publish one under {0}")]
+    NoPublicKey(String),
+}
+
+/// What to check.
+#[derive(Debug, Clone, Default)]
+pub struct VerifyOptions {
+    pub topic: String,
+    pub partition: Option<i32>,
+    /// Offsets: check flushes that overlap `from..=to` (the first link is then an anchor).
+    pub from: Option<i64>,
+    pub to: Option<i64>,
+    /// Trusted keys; when empty, the keys published in the bucket are used (and said so).
+    pub public_keys: Vec<VerifyingKey>,
+    /// Objects fetched concurrently.
+    pub concurrency: usize,
+    pub progress: bool,
+}
+
+/// One finding. `code` is shared with `ops/verify_trail.py`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub code: &'static str,
+    pub partition: i32,
+    pub key: String,
+    pub offset: Option<i64>,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.offset {
+            Some(o) => write!(f, "{} p{} {} offset {}: {}", self.code, self.partition, self.key, o, self.detail),
+            None => write!(f, "{} p{} {}: {}", self.code, self.partition, self.key, self.detail),
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub ok: bool,
+    pub partitions: usize,
+    pub objects: usize,
+    pub records: u64,
+    pub digests: usize,
+    /// Segments newer than the partition's last digest (not yet signed; checked by links only).
+    pub unsigned_segments: usize,
+    pub seconds: f64,
+    pub records_per_second: f64,
+    pub notes: Vec<String>,
+    pub problems: Vec<Problem>,
+}
+
+/// A segment object's name, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct SegmentName {
+    key: String,
+    partition: i32,
+    flush_first: i64,
+    flush_last: i64,
+}
+
+fn parse_segment_key(key: &str, topic: &str) -> Option<SegmentName> {
+    let file = key.rsplit('/').next()?.strip_suffix(".parquet")?;
+    let rest = file.strip_prefix(topic)?.strip_prefix("-p")?;
+    let mut parts = rest.split('-');
+    let (p, first, last) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || p.len() != 4 || first.len() != 20 || last.len() != 20 {
+        return None;
+    }
+    Some(SegmentName {
+        key: key.to_string(),
+        partition: p.parse().ok()?,
+        flush_first: first.parse().ok()?,
+        flush_last: last.parse().ok()?,
+    })
+}
+
+/// The rows of a segment that the chain covers.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub offset: i64,
+    pub topic: String,
+    pub partition: i32,
+    pub status: EntryStatus,
+    pub payload: Bytes,
+    pub prev_hash: String,
+    pub entry_hash: String,
+}
+
+/// A segment read back: rows in file order and its footer's key-value metadata.
+#[derive(Debug, Clone)]
+pub struct SegmentRead {
+    pub rows: Vec<Row>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
+    let metadata = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let wanted = ["kafka_topic", "kafka_partition", "kafka_offset", "status", "payload", "prev_hash", "entry_hash"];
+    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
+    let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
+        let topic = col("kafka_topic")?.as_string_opt::<i32>().ok_or("kafka_topic is not a string")?.clone();
+        let partition = col("kafka_partition")?.as_primitive_opt::<Int32Type>().ok_or("kafka_partition type")?.clone();
+        let offset = col("kafka_offset")?.as_primitive_opt::<Int64Type>().ok_or("kafka_offset type")?.clone();
+        let status = col("status")?.as_string_opt::<i32>().ok_or("status type")?.clone();
+        let payload = col("payload")?.as_binary_opt::<i32>().ok_or("payload type")?.clone();
+        let prev = col("prev_hash")?.as_string_opt::<i32>().ok_or("prev_hash type")?.clone();
+        let entry = col("entry_hash")?.as_string_opt::<i32>().ok_or("entry_hash type")?.clone();
+        for i in 0..batch.num_rows() {
+            let status = match status.value(i) {
+                "accepted" => EntryStatus::Accepted,
+                "rejected" => EntryStatus::Rejected,
+                other => return Err(format!("row {i}: unknown status {other:?}")),
+            };
+            rows.push(Row {
+                offset: offset.value(i),
+                topic: topic.value(i).to_string(),
+                partition: partition.value(i),
+                status,
+                payload: Bytes::copy_from_slice(payload.value(i)),
+                prev_hash: prev.value(i).to_string(),
+                entry_hash: entry.value(i).to_string(),
+            });
+        }
+    }
+    Ok(SegmentRead { rows, metadata })
+}
+
+/// The entry hash a row should have, from its own columns.
+pub fn recompute(row: &Row) -> Option<Hash> {
+    let prev = parse_hash(&row.prev_hash)?;
+    Some(entry_hash(&prev, &row.topic, row.partition, row.offset, row.status, &row.payload))
+}
+
+struct Fetched {
+    name: SegmentName,
+    result: Result<(Bytes, Option<String>), SinkError>,
+}
+
+pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyOptions) -> Result<Report, VerifyError> {
+    let started = Instant::now();
+    let mut report = Report::default();
+    let keys = trusted_keys(store.as_ref(), prefix, options, &mut report).await?;
+    let listing = store.list(&format!("{}/", prefix.trim_end_matches('/'))).await?;
+    let digests_root = join_key(&[prefix, DIGESTS_DIR]) + "/";
+    let mut segments: BTreeMap<i32, Vec<SegmentName>> = BTreeMap::new();
+    for object in &listing {
+        if object.key.starts_with(&digests_root) {
+            continue;
+        }
+        if let Some(name) = parse_segment_key(&object.key, &options.topic) {
+            if options.partition.is_none_or(|p| p == name.partition) {
+                segments.entry(name.partition).or_default().push(name);
+            }
+        }
+    }
+    let mut digest_keys: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    let topic_digests = join_key(&[prefix, DIGESTS_DIR, &options.topic]) + "/";
+    for object in listing.iter().filter(|o| o.key.starts_with(&topic_digests)) {
+        let rest = &object.key[topic_digests.len()..];
+        let Some(p) = rest.split('/').next().and_then(|d| d.strip_prefix('p')).and_then(|d| d.parse().ok()) else {
+            continue;
+        };
+        if options.partition.is_none_or(|want| want == p) {
+            digest_keys.entry(p).or_default().push(object.key.clone());
+            segments.entry(p).or_default();
+        }
+    }
+    let total_objects: usize = segments.values().map(Vec::len).sum();
+    let bar = progress_bar(options.progress, total_objects as u64);
+    for (&partition, names) in &segments {
+        report.partitions += 1;
+        let digests = digest_keys.remove(&partition).unwrap_or_default();
+        let signed = check_digests(store.as_ref(), partition, &digests, &keys, &mut report).await?;
+        check_partition(store.clone(), &options.topic, partition, names, &signed, options, &bar, &mut report).await;
+    }
+    bar.finish_and_clear();
+    report.seconds = started.elapsed().as_secs_f64();
+    report.records_per_second = report.records as f64 / report.seconds.max(1e-9);
+    report.ok = report.problems.is_empty();
+    Ok(report)
+}
+
+fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+    if !enabled || !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} verifying {pos}/{len} objects {msg} [{elapsed}]")
+            .expect("static template"),
+    );
+    bar
+}
+
+async fn trusted_keys(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    options: &VerifyOptions,
+    report: &mut Report,
+) -> Result<HashMap<String, VerifyingKey>, VerifyError> {
+    let mut keys: HashMap<String, VerifyingKey> = options.public_keys.iter().map(|k| (digest::key_id(k), *k)).collect();
+    if keys.is_empty() {
+        let dir = join_key(&[prefix, DIGESTS_DIR, "keys"]) + "/";
+        for object in store.list(&dir).await? {
+            let text = String::from_utf8_lossy(&store.get(&object.key).await?).to_string();
+            let key = digest::parse_public_key(&object.key, &text)?;
+            keys.insert(digest::key_id(&key), key);
+        }
+        if !keys.is_empty() {
+            report.notes.push(format!(
+                "using {} public key(s) published in the bucket; pass --public-key to trust only your own copy",
+                keys.len()
+            ));
+        }
+    }
+    Ok(keys)
+}
+
+/// What the digests signed for one partition.
+#[derive(Debug, Default)]
+struct Signed {
+    /// Listed segments by key.
+    segments: BTreeMap<String, SegmentEntry>,
+    /// Chain positions the digests signed (offset → entry hash): each digest's last entry.
+    anchors: BTreeMap<i64, String>,
+    /// Highest offset covered by a digest.
+    through: Option<i64>,
+    /// Lowest offset covered by a digest.
+    from: Option<i64>,
+}
+
+async fn check_digests(
+    store: &dyn ObjectStore,
+    partition: i32,
+    keys: &[String],
+    trusted: &HashMap<String, VerifyingKey>,
+    report: &mut Report,
+) -> Result<Signed, VerifyError> {
+    let mut signed = Signed::default();
+    if keys.is_empty() {
+        return Ok(signed);
+    }
+    if trusted.is_empty() {
+        return Err(VerifyError::NoPublicKey(format!("{DIGESTS_DIR}/keys/")));
+    }
+    let mut problem = |code, key: &str, detail: String| {
+        report.problems.push(Problem { code, partition, key: key.to_string(), offset: None, detail })
+    };
+    let mut previous: Option<DigestObject> = None;
+    let mut expected_seq = 0u64;
+    for key in keys {
+        report.digests += 1;
+        let seq: Option<u64> =
+            key.rsplit('/').next().and_then(|f| f.strip_suffix(".digest")).and_then(|s| s.parse().ok());
+        let Some(seq) = seq else {
+            problem("digest_unexpected", key, "not a digest name (<seq:012>.digest)".into());
+            continue;
+        };
+        if seq != expected_seq {
+            problem("digest_missing", key, format!("expected digest {expected_seq} next, found {seq}"));
+            previous = None;
+        }
+        expected_seq = seq + 1;
+        let bytes = store.get(key).await?;
+        let object = match DigestObject::parse(key, &bytes) {
+            Ok(o) => o,
+            Err(e) => {
+                problem("digest_malformed", key, e.to_string());
+                previous = None;
+                continue;
+            }
+        };
+        match trusted.get(&object.key_id) {
+            None => problem("digest_signature", key, format!("signed by unknown key {}", object.key_id)),
+            Some(k) if !object.verify(k) => {
+                problem("digest_signature", key, format!("signature does not verify with key {}", object.key_id))
+            }
+            Some(_) => {}
+        }
+        let body = &object.body;
+        if body.seq != seq || body.partition != partition {
+            problem("digest_chain", key, format!("body says seq {} partition {}", body.seq, body.partition));
+        }
+        let expected_prev = previous.as_ref().map_or([0u8; 32], |p| p.body_sha256());
+        // After a gap or an unreadable digest the expected hash is unknown (already reported).
+        if (seq == 0 || previous.is_some()) && body.prev_digest_sha256 != hex::encode(expected_prev) {
+            problem(
+                "digest_chain",
+                key,
+                format!(
+                    "prev_digest_sha256 {} but the previous digest hashes to {}",
+                    body.prev_digest_sha256,
+                    hex::encode(expected_prev)
+                ),
+            );
+        }
+        if let Some(p) = &previous {
+            if body.first_prev_hash != p.body.last_entry_hash || body.first_offset <= p.body.last_offset {
+                problem(
+                    "digest_chain",
+                    key,
+                    format!(
+                        "range starts at offset {} linking to {}, previous digest ended at {} with {}",
+                        body.first_offset, body.first_prev_hash, p.body.last_offset, p.body.last_entry_hash
+                    ),
+                );
+            }
+        }
+        for entry in &body.segments {
+            signed.segments.insert(entry.key.clone(), entry.clone());
+        }
+        signed.anchors.insert(body.last_offset, body.last_entry_hash.clone());
+        signed.through = signed.through.max(Some(body.last_offset));
+        signed.from = Some(signed.from.map_or(body.first_offset, |f: i64| f.min(body.first_offset)));
+        previous = Some(object);
+    }
+    Ok(signed)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn check_partition(
+    store: Arc<dyn ObjectStore>,
+    topic: &str,
+    partition: i32,
+    names: &[SegmentName],
+    signed: &Signed,
+    options: &VerifyOptions,
+    bar: &indicatif::ProgressBar,
+    report: &mut Report,
+) {
+    let mut problems: Vec<Problem> = Vec::new();
+    let problem = |code, key: &str, offset: Option<i64>, detail: String| Problem {
+        code,
+        partition,
+        key: key.to_string(),
+        offset,
+        detail,
+    };
+    // Coverage: every signed segment exists, every segment in the signed range is signed.
+    let present: BTreeMap<&str, &SegmentName> = names.iter().map(|n| (n.key.as_str(), n)).collect();
+    for (key, entry) in &signed.segments {
+        let in_range =
+            options.from.is_none_or(|f| entry.last_offset >= f) && options.to.is_none_or(|t| entry.first_offset <= t);
+        if in_range && !present.contains_key(key.as_str()) {
+            problems.push(problem(
+                "missing_segment",
+                key,
+                Some(entry.first_offset),
+                format!(
+                    "signed in a digest ({} rows, offsets {}..={}) but absent",
+                    entry.rows, entry.first_offset, entry.last_offset
+                ),
+            ));
+        }
+    }
+    let mut flushes: BTreeMap<(i64, i64), Vec<SegmentName>> = BTreeMap::new();
+    for name in names {
+        let wanted =
+            options.from.is_none_or(|f| name.flush_last >= f) && options.to.is_none_or(|t| name.flush_first <= t);
+        if wanted {
+            flushes.entry((name.flush_first, name.flush_last)).or_default().push(name.clone());
+        }
+        if !wanted || signed.segments.contains_key(&name.key) {
+            continue;
+        }
+        if signed.through.is_some_and(|t| name.flush_last <= t) && signed.from.is_some_and(|f| name.flush_first >= f) {
+            problems.push(problem(
+                "unsigned_segment",
+                &name.key,
+                Some(name.flush_first),
+                "inside the range the digests signed, but listed in none of them".into(),
+            ));
+        } else {
+            report.unsigned_segments += 1;
+        }
+    }
+    if signed.segments.is_empty() && !names.is_empty() {
+        report.notes.push(format!("partition {partition}: no digests; links and hashes checked, signatures not"));
+    }
+
+    // Fetch flush by flush (objects of one flush concurrently, a few flushes ahead).
+    let concurrency = options.concurrency.max(1);
+    let fetches = stream::iter(flushes.into_iter().map(|(range, names)| {
+        let store = store.clone();
+        async move {
+            let objects: Vec<Fetched> = stream::iter(names)
+                .map(|name| {
+                    let store = store.clone();
+                    async move {
+                        let result = store.get_checked(&name.key).await;
+                        Fetched { name, result }
+                    }
+                })
+                .buffered(concurrency)
+                .collect()
+                .await;
+            (range, objects)
+        }
+    }))
+    .buffered(2);
+    futures::pin_mut!(fetches);
+
+    let mut expected_prev: Option<(String, i64, String)> = None; // (hash, offset, key) of the last entry seen
+    let mut first_flush = true;
+    while let Some(((first, last), objects)) = fetches.next().await {
+        let mut rows: Vec<(Row, String)> = Vec::new();
+        for fetched in objects {
+            bar.inc(1);
+            report.objects += 1;
+            let key = fetched.name.key.clone();
+            let (body, stored_sha) = match fetched.result {
+                Ok(v) => v,
+                Err(e) => {
+                    problems.push(problem("object_unreadable", &key, None, e.to_string()));
+                    continue;
+                }
+            };
+            let actual_sha = hex::encode(Sha256::digest(&body));
+            if let Some(stored) = stored_sha {
+                if stored != actual_sha {
+                    problems.push(problem(
+                        "object_checksum",
+                        &key,
+                        None,
+                        format!("stored checksum {stored}, body hashes to {actual_sha}"),
+                    ));
+                }
+            }
+            if let Some(entry) = signed.segments.get(&key) {
+                if entry.sha256 != actual_sha {
+                    problems.push(problem(
+                        "object_changed",
+                        &key,
+                        None,
+                        format!("the digest signed SHA-256 {}, the object now hashes to {actual_sha}", entry.sha256),
+                    ));
+                }
+            }
+            let segment = match read_segment(body) {
+                Ok(s) => s,
+                Err(e) => {
+                    problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
+                    continue;
+                }
+            };
+            let entries: Vec<Hash> = segment.rows.iter().filter_map(|r| parse_hash(&r.entry_hash)).collect();
+            let root = crate::merkle::root(&entries).map(hex::encode).unwrap_or_default();
+            let footer = segment.metadata.get("aegis.merkle_root").cloned().unwrap_or_default();
+            if footer != root {
+                problems.push(problem("merkle_root", &key, None, format!("footer says {footer}, rows give {root}")));
+            }
+            if let Some(entry) = signed.segments.get(&key) {
+                if entry.merkle_root != root {
+                    problems.push(problem(
+                        "merkle_root",
+                        &key,
+                        None,
+                        format!("the digest signed {}, rows give {root}", entry.merkle_root),
+                    ));
+                }
+            }
+            rows.extend(segment.rows.into_iter().map(|r| (r, key.clone())));
+        }
+        rows.sort_by_key(|(r, _)| r.offset);
+        report.records += rows.len() as u64;
+        // The flush's rows cover exactly first..=last, each offset once.
+        match (rows.first(), rows.last()) {
+            (Some((f, fk)), Some((l, lk))) if f.offset != first || l.offset != last => problems.push(problem(
+                "segment_range",
+                if f.offset != first { fk } else { lk },
+                Some(if f.offset != first { f.offset } else { l.offset }),
+                format!("flush {first}..={last} has rows {}..={}", f.offset, l.offset),
+            )),
+            _ => {}
+        }
+        for pair in rows.windows(2) {
+            if pair[0].0.offset == pair[1].0.offset {
+                problems.push(problem(
+                    "duplicate_offset",
+                    &pair[1].1,
+                    Some(pair[1].0.offset),
+                    "offset appears twice".into(),
+                ));
+            }
+        }
+        for (row, key) in &rows {
+            if row.topic != topic || row.partition != partition {
+                problems.push(problem(
+                    "misplaced_row",
+                    key,
+                    Some(row.offset),
+                    format!("row says {}/{}", row.topic, row.partition),
+                ));
+            }
+            // The link: this row's prev_hash is the previous entry (genesis for the first).
+            let expected = match &expected_prev {
+                Some((hash, _, _)) => Some(hash.clone()),
+                None if first_flush && options.from.is_none() => Some(hex::encode(genesis(topic, partition))),
+                None => None, // --from: the first row is the anchor
+            };
+            if let Some(expected) = expected {
+                if row.prev_hash != expected {
+                    let after =
+                        expected_prev.as_ref().map_or("genesis".to_string(), |(_, o, k)| format!("offset {o} in {k}"));
+                    problems.push(problem(
+                        "broken_link",
+                        key,
+                        Some(row.offset),
+                        format!("prev_hash {} but the previous entry ({after}) is {expected}", row.prev_hash),
+                    ));
+                }
+            }
+            match recompute(row) {
+                Some(h) if hex::encode(h) == row.entry_hash => {}
+                Some(h) => problems.push(problem(
+                    "entry_hash",
+                    key,
+                    Some(row.offset),
+                    format!("entry_hash {} but the row's contents hash to {}", row.entry_hash, hex::encode(h)),
+                )),
+                None => problems.push(problem(
+                    "entry_hash",
+                    key,
+                    Some(row.offset),
+                    format!("prev_hash {:?} is not hex", row.prev_hash),
+                )),
+            }
+            if let Some(anchor) = signed.anchors.get(&row.offset) {
+                if anchor != &row.entry_hash {
+                    problems.push(problem(
+                        "digest_mismatch",
+                        key,
+                        Some(row.offset),
+                        format!("a digest signed entry {anchor} here, the row has {}", row.entry_hash),
+                    ));
+                }
+            }
+            expected_prev = Some((row.entry_hash.clone(), row.offset, key.clone()));
+        }
+        first_flush = false;
+        bar.set_message(format!("p{partition} offset {last}"));
+    }
+    report.problems.extend(problems);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::digest::DigestSigner;
+    use crate::partition::{PartitionWriter, Sinks};
+    use crate::sinks::memory::{MemoryHeads, MemoryIndex, MemoryObjectStore};
+    use tokio_util::sync::CancellationToken;
+
+    const TOPIC: &str = "t";
+
+    fn signer() -> Arc<DigestSigner> {
+        Arc::new(DigestSigner::from_text("k", &"11".repeat(32)).unwrap())
+    }
+
+    /// A signed trail of 12 records in 4 flushes of 3, digests after flushes 2 and 4.
+    async fn trail() -> Arc<MemoryObjectStore> {
+        let mut config = Config::from_toml_str(
+            "[kafka]\nbrokers = \"x:1\"\ntopic = \"t\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n",
+        )
+        .unwrap();
+        config.segment.max_records = 3;
+        let objects = Arc::new(MemoryObjectStore::default());
+        let sinks = Sinks {
+            objects: objects.clone(),
+            index: Arc::new(MemoryIndex::default()),
+            heads: Arc::new(MemoryHeads::default()),
+            dead_letters: None,
+            signer: Some(signer()),
+        };
+        let cancel = CancellationToken::new();
+        let mut w = PartitionWriter::open(TOPIC, 0, Arc::new(config), sinks, &cancel).await.unwrap();
+        for i in 0..12i64 {
+            let env = if i % 2 == 0 { "prod" } else { "dev" };
+            let payload = format!(
+                r#"{{"decision_id":"d-{i}","event_type":"decision","occurred_at":"2026-11-20T08:00:00Z","environment":"{env}","user_id":"u","session_id":"s","action":"a","confidence_score":0.5,"policy_version":"p","model_version":"m","request_id":"r"}}"#
+            );
+            w.admit(i, None, Some(payload.as_bytes())).unwrap();
+            if w.should_flush(Instant::now()) {
+                w.flush(&cancel).await.unwrap();
+                if i == 5 || i == 11 {
+                    w.write_digest(&cancel).await.unwrap();
+                }
+            }
+        }
+        objects
+    }
+
+    async fn check(objects: &Arc<MemoryObjectStore>) -> Report {
+        let options = VerifyOptions {
+            topic: TOPIC.into(),
+            public_keys: vec![signer().verifying_key()],
+            concurrency: 4,
+            ..Default::default()
+        };
+        verify(objects.clone(), "trail", &options).await.unwrap()
+    }
+
+    fn codes(report: &Report) -> Vec<&'static str> {
+        let mut codes: Vec<_> = report.problems.iter().map(|p| p.code).collect();
+        codes.dedup();
+        codes
+    }
+
+    fn segment_keys(objects: &MemoryObjectStore) -> Vec<String> {
+        objects.keys().into_iter().filter(|k| k.ends_with(".parquet")).collect()
+    }
+
+    #[tokio::test]
+    async fn intact_trail_verifies() {
+        let objects = trail().await;
+        let report = check(&objects).await;
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!((report.records, report.objects, report.digests), (12, 8, 2));
+    }
+
+    #[tokio::test]
+    async fn deleted_segment_is_missing_and_breaks_the_link() {
+        let objects = trail().await;
+        let victim = segment_keys(&objects).into_iter().find(|k| k.contains("-00000000000000000003-")).unwrap();
+        objects.remove(&victim);
+        let report = check(&objects).await;
+        assert!(codes(&report).contains(&"missing_segment"), "{:?}", report.problems);
+        assert!(codes(&report).contains(&"broken_link"));
+    }
+
+    #[tokio::test]
+    async fn tail_truncation_is_caught_by_the_digest() {
+        let objects = trail().await;
+        for key in segment_keys(&objects).into_iter().filter(|k| k.contains("-00000000000000000009-")) {
+            objects.remove(&key);
+        }
+        let report = check(&objects).await;
+        assert_eq!(codes(&report), vec!["missing_segment"], "{:?}", report.problems);
+    }
+
+    #[tokio::test]
+    async fn replaced_or_foreign_signed_digest_is_caught() {
+        let objects = trail().await;
+        let key = crate::digest::digest_key("trail", TOPIC, 0, 0);
+        let original = DigestObject::parse(&key, &objects.body(&key).unwrap()).unwrap();
+        let intruder = DigestSigner::from_text("k", &"22".repeat(32)).unwrap();
+        objects.put(&key, Bytes::from(intruder.encode(&original.body)), &BTreeMap::new()).await.unwrap();
+        assert_eq!(codes(&check(&objects).await), vec!["digest_signature"]);
+        objects.remove(&key);
+        assert!(codes(&check(&objects).await).contains(&"digest_missing"));
+    }
+
+    #[tokio::test]
+    async fn proof_round_trip_and_tampered_proof() {
+        let objects = trail().await;
+        let key = segment_keys(&objects)
+            .into_iter()
+            .find(|k| k.contains("environment=prod") && k.contains("-00000000000000000003-"))
+            .unwrap();
+        let located = crate::prove::Located { segment_key: key, partition: 0, offset: 4 };
+        let proof = crate::prove::prove(objects.as_ref(), "trail", TOPIC, "d-4", &located).await.unwrap();
+        let public = signer().verifying_key();
+        assert!(crate::prove::verify_proof(&proof, &public).unwrap().starts_with("proof OK"));
+        let mut forged = proof.clone();
+        forged.entry.payload_base64 = base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            String::from_utf8(
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, &proof.entry.payload_base64)
+                    .unwrap(),
+            )
+            .unwrap()
+            .replace("\"action\":\"a\"", "\"action\":\"b\""),
+        );
+        assert!(crate::prove::verify_proof(&forged, &public).is_err());
+        let other = DigestSigner::from_text("k", &"22".repeat(32)).unwrap();
+        assert!(crate::prove::verify_proof(&proof, &other.verifying_key()).is_err());
+    }
+
+    #[test]
+    fn segment_names_parse_with_dashes_in_topics() {
+        let key = "trail/year=2026/month=11/day=20/environment=prod/ai-decisions-p0003-00000000000000000010-00000000000000000019.parquet";
+        let name = parse_segment_key(key, "ai-decisions").unwrap();
+        assert_eq!((name.partition, name.flush_first, name.flush_last), (3, 10, 19));
+        assert!(parse_segment_key(key, "ai").is_none(), "another topic's prefix is not this topic");
+        assert!(parse_segment_key("trail/_digests/x.digest", "ai-decisions").is_none());
+    }
+}
