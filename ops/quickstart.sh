@@ -21,6 +21,15 @@ step "local stack (tansu Kafka broker + moto S3/DynamoDB on 127.0.0.1)"
 bash ops/stack.sh up
 eval "$(bash ops/stack.sh env)"
 
+step "digest signing key (Ed25519, .stack/digest-signing-key.pem)"
+mkdir -p .stack
+if [ ! -f .stack/digest-signing-key.pem ] || [ ! -f .stack/digest-public-key.pem ]; then
+    rm -f .stack/digest-signing-key.pem .stack/digest-public-key.pem
+    "$BIN" keygen --out .stack/digest-signing-key.pem --public-out .stack/digest-public-key.pem
+else
+    echo "  exists"
+fi
+
 step "aegis-audit config check"
 "$BIN" config check | sed -n '1,12p'; echo "  ..."
 
@@ -35,3 +44,19 @@ step "aegis-audit run (until caught up: exits after 5 s without new records)"
 
 step "where the audit trail landed"
 "$AEGIS_PYTHON" ops/show_trail.py
+
+step "aegis-audit verify (every hash, link, Merkle root, checksum and signed digest, from S3)"
+"$BIN" verify --public-key .stack/digest-public-key.pem
+
+step "aegis-audit prove <decision_id> | verify-proof (offline, public key only)"
+DECISION=$("$AEGIS_PYTHON" - <<'PY'
+import json, os, boto3
+ddb = boto3.client("dynamodb", endpoint_url="http://127.0.0.1:5000", region_name="us-east-1",
+                   aws_access_key_id="testing", aws_secret_access_key="testing")
+item = ddb.scan(TableName="aegis-audit-index", FilterExpression="SK = :d",
+                ExpressionAttributeValues={":d": {"S": "DECISION"}}, Limit=200)["Items"][0]
+print(item["decision_id"]["S"])
+PY
+)
+"$BIN" prove "$DECISION" --out .stack/proof.json
+"$BIN" verify-proof .stack/proof.json --public-key .stack/digest-public-key.pem

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tests" / "py"))
 import trail  # noqa: E402
-from conftest import Aegis, free_port, make_event, produce  # noqa: E402
+from conftest import Aegis, free_port, make_event, make_signing_key, produce  # noqa: E402
 
 SESSION_MS = 6000
 
@@ -47,7 +47,8 @@ class Soak:
     def __init__(self, args):
         self.args = args
         self.rng = random.Random(args.seed)
-        self.aegis = Aegis(Path(tempfile.mkdtemp(prefix="aegis-soak-")))
+        folder = Path(tempfile.mkdtemp(prefix="aegis-soak-"))
+        self.aegis = Aegis(folder, make_signing_key(folder))
         self.env = dict(AEGIS_SEGMENT__MAX_RECORDS="500", AEGIS_SEGMENT__MAX_AGE_MS="500", AEGIS_KAFKA__SESSION_TIMEOUT_MS=str(SESSION_MS))
         self.delivered: list = []
         self.stop = threading.Event()
@@ -138,6 +139,9 @@ class Soak:
         except AssertionError as e:
             forks = 1
             print(f"[soak] chain check failed: {e}")
+        verified = self.aegis.verify()
+        if not verified["ok"]:
+            print(f"[soak] aegis-audit verify: {verified['problems'][:5]}")
         report = {
             "duration_s": self.args.duration,
             "events_produced": len(self.delivered),
@@ -148,9 +152,13 @@ class Soak:
             "restarts": self.restarts,
             "faults": dict(self.faults),
             "peak_rss_mib": round(self.peak_rss / 1024, 1),
+            "verify_ok": verified["ok"],
+            "digests": verified["digests"],
+            "verify_records_per_s": round(verified["records_per_second"]),
         }
         print(json.dumps(report, indent=2))
-        return 0 if duplicates == gaps == forks == 0 and report["events_in_s3"] == report["events_produced"] else 1
+        clean = duplicates == gaps == forks == 0 and report["events_in_s3"] == report["events_produced"]
+        return 0 if clean and verified["ok"] else 1
 
 
 def main():

@@ -194,13 +194,22 @@ pub struct DigestConfig {
 
 impl DigestConfig {
     pub fn enabled(&self) -> bool {
-        self.signing_key_file.is_some() || self.signing_key.is_some()
+        self.key_text().is_some() || self.key_file().is_some()
+    }
+
+    // An empty value (e.g. an unset variable in compose) means "not set".
+    fn key_text(&self) -> Option<&String> {
+        self.signing_key.as_ref().filter(|s| !s.trim().is_empty())
+    }
+
+    fn key_file(&self) -> Option<&String> {
+        self.signing_key_file.as_ref().filter(|s| !s.trim().is_empty())
     }
 
     /// The configured signer, if any; errors name the key.
     pub fn signer(&self) -> Result<Option<crate::digest::DigestSigner>, ConfigError> {
         let to_config = |e: crate::digest::DigestError| ConfigError::Parse(e.to_string());
-        match (&self.signing_key, &self.signing_key_file) {
+        match (self.key_text(), self.key_file()) {
             (Some(text), _) => {
                 crate::digest::DigestSigner::from_text("digest.signing_key", text).map(Some).map_err(to_config)
             }
@@ -414,7 +423,7 @@ impl Config {
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(invalid("metrics.listen", "must be host:port (e.g. \"0.0.0.0:9898\") or empty"));
         }
-        if self.digest.signing_key.is_some() && self.digest.signing_key_file.is_some() {
+        if self.digest.key_text().is_some() && self.digest.key_file().is_some() {
             return Err(invalid("digest.signing_key", "set digest.signing_key or digest.signing_key_file, not both"));
         }
         if self.digest.interval_ms < 100 {
@@ -601,6 +610,13 @@ mod tests {
         assert!(err.contains("metrics.listen"), "{err}");
         let kms = MINIMAL.replace("bucket = \"audit-bucket\"", "bucket = \"audit-bucket\"\nsse = \"aws:kms\"");
         assert!(parse(&kms).unwrap_err().to_string().contains("s3.sse_kms_key_id"));
+        let missing = format!("{MINIMAL}\n[digest]\nsigning_key_file = \"/nonexistent/key.pem\"\n");
+        let err = parse(&missing).unwrap_err().to_string();
+        assert!(err.contains("digest.signing_key_file") && err.contains("/nonexistent/key.pem"), "{err}");
+        let garbage = format!("{MINIMAL}\n[digest]\nsigning_key = \"not a key\"\n");
+        assert!(parse(&garbage).unwrap_err().to_string().contains("digest.signing_key"));
+        let empty = format!("{MINIMAL}\n[digest]\nsigning_key = \"\"\n");
+        assert!(!parse(&empty).unwrap().digest.enabled(), "an empty key means digests off");
     }
 
     #[test]

@@ -48,10 +48,31 @@ def free_port() -> int:
     raise RuntimeError("no free port in 20000-32000")
 
 
+def make_signing_key(folder) -> tuple[str, str]:
+    """An Ed25519 digest key made with Python's `cryptography` (PKCS#8 PEM), and its public key."""
+    from pathlib import Path
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private, public = Path(folder) / "digest-key.pem", Path(folder) / "digest-public.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return str(private), str(public)
+
+
+@pytest.fixture(scope="session")
+def signing_key(tmp_path_factory):
+    return make_signing_key(tmp_path_factory.mktemp("keys"))
+
+
 class Aegis:
     """One test's isolated names and helpers to run the binary with them."""
 
-    def __init__(self, tmp_path, partitions: int = 4):
+    def __init__(self, tmp_path, signing_key: tuple[str, str], partitions: int = 4):
         tag = uuid.uuid4().hex[:10]
         self.tmp = tmp_path
         self.topic = f"it-{tag}"
@@ -64,6 +85,7 @@ class Aegis:
         self.partitions = partitions
         self.metrics_port = free_port()
         self.logs = []
+        self.signing_key, self.public_key = signing_key
 
     def env(self, **extra) -> dict:
         env = dict(os.environ)
@@ -82,6 +104,8 @@ class Aegis:
             "AEGIS_SEGMENT__MAX_AGE_MS": "1000",
             "AEGIS_METRICS__LISTEN": f"127.0.0.1:{self.metrics_port}",
             "AEGIS_RETRY__MAX_BACKOFF_MS": "2000",
+            "AEGIS_DIGEST__SIGNING_KEY_FILE": self.signing_key,
+            "AEGIS_DIGEST__INTERVAL_MS": "1500",
             "RUST_LOG": "info,rdkafka=warn",
         })
         env.update({k: str(v) for k, v in extra.items()})
@@ -114,10 +138,18 @@ class Aegis:
     def init(self):
         return self.run("init")
 
+    def verify(self, *args, **extra) -> dict:
+        """`aegis-audit verify --json` against the test's bucket, with the test's public key."""
+        out = self.run("verify", "--json", "--public-key", self.public_key, *args, check=False, timeout=600, **extra)
+        assert out.returncode in (0, 1), f"verify exited {out.returncode}: {out.stderr[-2000:]}"
+        report = json.loads(out.stdout)
+        assert (out.returncode == 0) == report["ok"]
+        return report
+
 
 @pytest.fixture
-def aegis(tmp_path):
-    a = Aegis(tmp_path)
+def aegis(tmp_path, signing_key):
+    a = Aegis(tmp_path, signing_key)
     yield a
     for path in a.logs:
         with open(path) as f:
