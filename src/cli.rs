@@ -66,6 +66,9 @@ pub enum Command {
         /// Only flushes starting at this offset or earlier.
         #[arg(long)]
         to: Option<i64>,
+        /// Segments dated before this day (YYYY-MM-DD) were pruned on purpose (`prune`).
+        #[arg(long, value_name = "DATE")]
+        pruned_before: Option<chrono::NaiveDate>,
         /// Trusted Ed25519 public key (SPKI PEM); default: the keys published in the bucket.
         #[arg(long, value_name = "FILE")]
         public_key: Vec<PathBuf>,
@@ -96,6 +99,79 @@ pub enum Command {
         /// Also write the public key (SPKI PEM) here.
         #[arg(long, value_name = "FILE")]
         public_out: Option<PathBuf>,
+    },
+    /// Per partition: committed offset, end offset, lag, chain head, digest state.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rewind a consumer group (it must be stopped). Replaying is idempotent: records already
+    /// in the chain are recognised by offset and not written again.
+    Replay {
+        /// Group to reset (default: kafka.group_id).
+        #[arg(long)]
+        group: Option<String>,
+        #[arg(long, group = "target")]
+        to_earliest: bool,
+        /// RFC 3339 time: the first offset at or after it, per partition.
+        #[arg(long, group = "target", value_name = "TIME")]
+        to_time: Option<String>,
+        /// Explicit offsets: `0:100,3:42`.
+        #[arg(long, group = "target", value_name = "P:O,...")]
+        to_offsets: Option<String>,
+        /// Show the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Reset even though the group has live members (they may overwrite it).
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the DynamoDB index from the segments in S3 (parallel, idempotent, resumable).
+    RebuildIndex {
+        /// First day (YYYY-MM-DD, the event's occurred_at date).
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Last day, inclusive.
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        #[arg(long)]
+        environment: Option<String>,
+        /// Segments processed concurrently.
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+        /// Progress file: finished segments; an interrupted run resumes after them.
+        #[arg(long, value_name = "FILE", default_value = "aegis-rebuild-index.checkpoint")]
+        checkpoint: PathBuf,
+    },
+    /// Delete segments older than D days (whole flushes, oldest first, where Object Lock allows).
+    Prune {
+        #[arg(long, value_name = "DAYS")]
+        older_than: u32,
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print an S3 lifecycle configuration for the trail (for `aws s3api put-bucket-lifecycle-configuration`).
+    Lifecycle {
+        #[arg(long, default_value_t = 30)]
+        standard_ia_after_days: u32,
+        #[arg(long, default_value_t = 365)]
+        glacier_after_days: u32,
+        #[arg(long, default_value_t = 1095)]
+        expire_after_days: u32,
+    },
+    /// Print the Athena CREATE EXTERNAL TABLE statement for the configured bucket and prefix.
+    AthenaDdl {
+        #[arg(long, default_value = "aegis_audit")]
+        database: String,
+        #[arg(long, default_value = "decisions")]
+        table: String,
+        /// First year partition projection covers.
+        #[arg(long, default_value_t = 2024)]
+        projection_start_year: i32,
     },
     /// Configuration commands.
     Config {

@@ -25,4 +25,5 @@ pub mod retry;
 pub mod segment;
 pub mod sinks;
 pub mod source;
+pub mod tools;
 pub mod verify;

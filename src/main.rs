@@ -10,6 +10,7 @@ use aegis_audit::config::Config;
 use aegis_audit::partition::Sinks;
 use aegis_audit::sinks::dead_letter::{DeadLetterSink, KafkaDeadLetters};
 use aegis_audit::sinks::{dynamodb::DynamoStore, s3::S3Store, ObjectStore};
+use aegis_audit::tools::{athena, group, rebuild, retention};
 use aegis_audit::verify::{Report, VerifyOptions};
 use aegis_audit::{init, metrics, produce, source};
 
@@ -69,7 +70,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 serde_json::to_string(&serde_json::json!({ "topic": config.kafka.topic, "partitions": delivered }))?
             );
         }
-        Command::Verify { topic, partition, from, to, public_key, concurrency, json } => {
+        Command::Verify { topic, partition, from, to, pruned_before, public_key, concurrency, json } => {
             let config = load(&cli)?;
             let public_keys = public_key
                 .iter()
@@ -84,6 +85,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 partition: *partition,
                 from: *from,
                 to: *to,
+                pruned_before: *pruned_before,
                 public_keys,
                 concurrency: *concurrency,
                 progress: !json,
@@ -136,6 +138,105 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 std::fs::write(path, &public).with_context(|| format!("--public-out {}", path.display()))?;
             }
             print!("{public}");
+        }
+        Command::Status { json } => {
+            let config = load(&cli)?;
+            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
+            let heads = DynamoStore::new(&sdk, &config.dynamodb);
+            let status = group::status(&config, &heads).await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!("{}", group::render_status(&status));
+            }
+        }
+        Command::Replay { group: group_id, to_earliest, to_time, to_offsets, dry_run, force, json } => {
+            let config = load(&cli)?;
+            let target = match (to_earliest, to_time, to_offsets) {
+                (true, _, _) => group::ReplayTarget::Earliest,
+                (_, Some(t), _) => {
+                    let at = chrono::DateTime::parse_from_rfc3339(t)
+                        .with_context(|| format!("--to-time {t:?}: expected RFC 3339, e.g. 2026-11-23T08:00:00Z"))?;
+                    group::ReplayTarget::Time(at.timestamp_millis())
+                }
+                (_, _, Some(o)) => group::ReplayTarget::Offsets(group::parse_offsets(o)?),
+                _ => anyhow::bail!("replay: pass one of --to-earliest, --to-time or --to-offsets"),
+            };
+            let group_id = group_id.clone().unwrap_or_else(|| config.kafka.group_id.clone());
+            let (dry_run, force) = (*dry_run, *force);
+            let plan = tokio::task::spawn_blocking(move || group::replay(&config, &group_id, &target, dry_run, force))
+                .await??;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+            } else {
+                print!("{}", group::render_plan(&plan));
+            }
+        }
+        Command::RebuildIndex { from, to, environment, concurrency, checkpoint } => {
+            let config = load(&cli)?;
+            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
+            let objects: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&sdk, &config.s3));
+            let index: Arc<dyn aegis_audit::sinks::IndexStore> = Arc::new(DynamoStore::new(&sdk, &config.dynamodb));
+            let options = rebuild::RebuildOptions {
+                from: *from,
+                to: *to,
+                environment: environment.clone(),
+                concurrency: *concurrency,
+                checkpoint: checkpoint.clone(),
+                progress: true,
+            };
+            let report = rebuild::rebuild(&config, objects, index, &options).await?;
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Prune { older_than, dry_run, json } => {
+            let config = load(&cli)?;
+            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
+            let store = S3Store::new(&sdk, &config.s3);
+            let report = retention::prune(
+                store.client(),
+                &config.s3.bucket,
+                &config.s3.prefix,
+                &config.kafka.topic,
+                *older_than,
+                *dry_run,
+            )
+            .await?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                let verb = if report.dry_run { "would delete" } else { "deleted" };
+                for key in &report.deleted {
+                    println!("{verb} {key}");
+                }
+                for (key, until) in &report.locked {
+                    println!("locked until {until}: {key}");
+                }
+                println!(
+                    "{verb} {} objects dated before {}; {} expired but locked; {} kept. Verify with --pruned-before {}",
+                    report.deleted.len(),
+                    report.cutoff,
+                    report.locked.len(),
+                    report.kept_objects,
+                    report.cutoff
+                );
+            }
+        }
+        Command::Lifecycle { standard_ia_after_days, glacier_after_days, expire_after_days } => {
+            let config = load(&cli)?;
+            let l = retention::Lifecycle {
+                standard_ia_after_days: *standard_ia_after_days,
+                glacier_after_days: *glacier_after_days,
+                expire_after_days: *expire_after_days,
+            };
+            anyhow::ensure!(
+                l.standard_ia_after_days >= 30 && l.glacier_after_days > l.standard_ia_after_days && l.expire_after_days > l.glacier_after_days,
+                "lifecycle: need 30 <= --standard-ia-after-days < --glacier-after-days < --expire-after-days (S3's minimums)"
+            );
+            println!("{}", serde_json::to_string_pretty(&retention::lifecycle_json(&config.s3.prefix, l))?);
+        }
+        Command::AthenaDdl { database, table, projection_start_year } => {
+            let config = load(&cli)?;
+            print!("{}", athena::ddl(database, table, &config.s3.bucket, &config.s3.prefix, *projection_start_year));
         }
         Command::Run { exit_when_idle } => {
             let config = Arc::new(load(&cli)?);

@@ -17,6 +17,8 @@ use crate::sinks::SinkError;
 
 pub const RECORDS_CONSUMED: &str = "aegis_records_consumed_total";
 pub const RECORDS_REJECTED: &str = "aegis_records_rejected_total";
+pub const RECORDS_DEAD_LETTERED: &str = "aegis_records_dead_lettered_total";
+pub const CONSUMER_LAG: &str = "aegis_consumer_lag";
 pub const RECORDS_SKIPPED: &str = "aegis_records_already_chained_total";
 pub const RECORDS_WRITTEN: &str = "aegis_records_written_total";
 pub const SAFETY_FLAGS: &str = "aegis_safety_flags_total";
@@ -101,6 +103,14 @@ pub fn record_consumed(partition: i32, outcome: &Result<DecisionEvent, RejectRea
         Ok(_) => {}
         Err(reason) => counter!(RECORDS_REJECTED, "partition" => p, "reason" => reason.code()).increment(1),
     }
+}
+
+pub fn dead_lettered(partition: i32, records: usize) {
+    counter!(RECORDS_DEAD_LETTERED, "partition" => partition.to_string()).increment(records as u64);
+}
+
+pub fn consumer_lag(partition: i32, lag: i64) {
+    gauge!(CONSUMER_LAG, "partition" => partition.to_string()).set(lag as f64);
 }
 
 pub fn already_chained(partition: i32) {

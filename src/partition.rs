@@ -304,6 +304,7 @@ impl PartitionWriter {
             if !letters.is_empty() {
                 retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || dead_letters.send(&letters))
                     .await?;
+                metrics::dead_lettered(self.partition, letters.len());
             }
         }
         // 3. Index.

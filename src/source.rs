@@ -45,7 +45,18 @@ pub struct AuditContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
 }
 
-impl ClientContext for AuditContext {}
+impl ClientContext for AuditContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition,
+    /// from the high watermark and the committed offset.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else { return };
+        for (&partition, p) in &topic.partitions {
+            if partition >= 0 && p.consumer_lag >= 0 {
+                metrics::consumer_lag(partition, p.consumer_lag);
+            }
+        }
+    }
+}
 
 impl AuditContext {
     fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
@@ -122,6 +133,7 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
             ("isolation.level", "read_committed".into()),
             ("session.timeout.ms", config.kafka.session_timeout_ms.to_string()),
             ("enable.partition.eof", "false".into()),
+            ("statistics.interval.ms", "5000".into()),
         ],
     )
 }

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type};
+use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
+use arrow_array::Array;
 use bytes::Bytes;
 use ed25519_dalek::VerifyingKey;
 use futures::stream::{self, StreamExt};
@@ -52,6 +53,10 @@ pub struct VerifyOptions {
     /// Offsets: check flushes that overlap `from..=to` (the first link is then an anchor).
     pub from: Option<i64>,
     pub to: Option<i64>,
+    /// Segments dated before this were pruned on purpose (`aegis-audit prune`): a missing
+    /// prefix of whole flushes older than it is expected, and the first remaining entry must
+    /// link to what the digests signed for the last pruned one.
+    pub pruned_before: Option<chrono::NaiveDate>,
     /// Trusted keys; when empty, the keys published in the bucket are used (and said so).
     pub public_keys: Vec<VerifyingKey>,
     /// Objects fetched concurrently.
@@ -87,6 +92,8 @@ pub struct Report {
     pub digests: usize,
     /// Segments newer than the partition's last digest (not yet signed; checked by links only).
     pub unsigned_segments: usize,
+    /// Signed segments absent because they were pruned (`--pruned-before`).
+    pub pruned_segments: usize,
     pub seconds: f64,
     pub records_per_second: f64,
     pub notes: Vec<String>,
@@ -95,14 +102,14 @@ pub struct Report {
 
 /// A segment object's name, parsed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct SegmentName {
-    key: String,
-    partition: i32,
-    flush_first: i64,
-    flush_last: i64,
+pub struct SegmentName {
+    pub key: String,
+    pub partition: i32,
+    pub flush_first: i64,
+    pub flush_last: i64,
 }
 
-fn parse_segment_key(key: &str, topic: &str) -> Option<SegmentName> {
+pub fn parse_segment_key(key: &str, topic: &str) -> Option<SegmentName> {
     let file = key.rsplit('/').next()?.strip_suffix(".parquet")?;
     let rest = file.strip_prefix(topic)?.strip_prefix("-p")?;
     let mut parts = rest.split('-');
@@ -122,6 +129,7 @@ fn parse_segment_key(key: &str, topic: &str) -> Option<SegmentName> {
 #[derive(Debug, Clone)]
 pub struct Row {
     pub offset: i64,
+    pub kafka_timestamp_ms: Option<i64>,
     pub topic: String,
     pub partition: i32,
     pub status: EntryStatus,
@@ -145,7 +153,16 @@ pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
         .key_value_metadata()
         .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
         .unwrap_or_default();
-    let wanted = ["kafka_topic", "kafka_partition", "kafka_offset", "status", "payload", "prev_hash", "entry_hash"];
+    let wanted = [
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+        "kafka_timestamp",
+        "status",
+        "payload",
+        "prev_hash",
+        "entry_hash",
+    ];
     let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
     let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
@@ -155,6 +172,10 @@ pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
         let topic = col("kafka_topic")?.as_string_opt::<i32>().ok_or("kafka_topic is not a string")?.clone();
         let partition = col("kafka_partition")?.as_primitive_opt::<Int32Type>().ok_or("kafka_partition type")?.clone();
         let offset = col("kafka_offset")?.as_primitive_opt::<Int64Type>().ok_or("kafka_offset type")?.clone();
+        let timestamp = col("kafka_timestamp")?
+            .as_primitive_opt::<TimestampMillisecondType>()
+            .ok_or("kafka_timestamp type")?
+            .clone();
         let status = col("status")?.as_string_opt::<i32>().ok_or("status type")?.clone();
         let payload = col("payload")?.as_binary_opt::<i32>().ok_or("payload type")?.clone();
         let prev = col("prev_hash")?.as_string_opt::<i32>().ok_or("prev_hash type")?.clone();
@@ -167,6 +188,7 @@ pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
             };
             rows.push(Row {
                 offset: offset.value(i),
+                kafka_timestamp_ms: timestamp.is_valid(i).then(|| timestamp.value(i)),
                 topic: topic.value(i).to_string(),
                 partition: partition.value(i),
                 status,
@@ -220,7 +242,7 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
         }
     }
     let total_objects: usize = segments.values().map(Vec::len).sum();
-    let bar = progress_bar(options.progress, total_objects as u64);
+    let bar = progress_bar(options.progress, total_objects as u64, "verifying");
     for (&partition, names) in &segments {
         report.partitions += 1;
         let digests = digest_keys.remove(&partition).unwrap_or_default();
@@ -234,15 +256,14 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
     Ok(report)
 }
 
-fn progress_bar(enabled: bool, total: u64) -> indicatif::ProgressBar {
+/// A progress bar on a terminal's stderr; hidden otherwise (logs, pipes, CI).
+pub fn progress_bar(enabled: bool, total: u64, verb: &str) -> indicatif::ProgressBar {
     if !enabled || !std::io::stderr().is_terminal() {
         return indicatif::ProgressBar::hidden();
     }
     let bar = indicatif::ProgressBar::new(total);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} verifying {pos}/{len} objects {msg} [{elapsed}]")
-            .expect("static template"),
-    );
+    let template = format!("{{spinner}} {verb} {{pos}}/{{len}} objects {{msg}} [{{elapsed}}, eta {{eta}}]");
+    bar.set_style(indicatif::ProgressStyle::with_template(&template).expect("valid template"));
     bar
 }
 
@@ -392,7 +413,12 @@ async fn check_partition(
     };
     // Coverage: every signed segment exists, every segment in the signed range is signed.
     let present: BTreeMap<&str, &SegmentName> = names.iter().map(|n| (n.key.as_str(), n)).collect();
+    let (pruned, anchor) = pruned_prefix(signed, &present, &options.topic, options.pruned_before);
+    report.pruned_segments += pruned.len();
     for (key, entry) in &signed.segments {
+        if pruned.contains(key.as_str()) {
+            continue;
+        }
         let in_range =
             options.from.is_none_or(|f| entry.last_offset >= f) && options.to.is_none_or(|t| entry.first_offset <= t);
         if in_range && !present.contains_key(key.as_str()) {
@@ -549,7 +575,9 @@ async fn check_partition(
             // The link: this row's prev_hash is the previous entry (genesis for the first).
             let expected = match &expected_prev {
                 Some((hash, _, _)) => Some(hash.clone()),
-                None if first_flush && options.from.is_none() => Some(hex::encode(genesis(topic, partition))),
+                None if first_flush && options.from.is_none() => {
+                    Some(anchor.clone().unwrap_or_else(|| hex::encode(genesis(topic, partition))))
+                }
                 None => None, // --from: the first row is the anchor
             };
             if let Some(expected) = expected {
@@ -595,6 +623,37 @@ async fn check_partition(
         bar.set_message(format!("p{partition} offset {last}"));
     }
     report.problems.extend(problems);
+}
+
+/// The signed flushes at the start of the partition that are gone and dated before `cutoff`
+/// (pruned on purpose), and the entry hash the first remaining entry must link to.
+fn pruned_prefix(
+    signed: &Signed,
+    present: &BTreeMap<&str, &SegmentName>,
+    topic: &str,
+    cutoff: Option<chrono::NaiveDate>,
+) -> (std::collections::BTreeSet<String>, Option<String>) {
+    let mut pruned = std::collections::BTreeSet::new();
+    let mut anchor = None;
+    let Some(cutoff) = cutoff else { return (pruned, anchor) };
+    let mut by_flush: BTreeMap<(i64, i64), Vec<&SegmentEntry>> = BTreeMap::new();
+    for entry in signed.segments.values() {
+        if let Some(name) = parse_segment_key(&entry.key, topic) {
+            by_flush.entry((name.flush_first, name.flush_last)).or_default().push(entry);
+        }
+    }
+    for entries in by_flush.values() {
+        let gone = entries.iter().all(|e| {
+            !present.contains_key(e.key.as_str())
+                && crate::tools::retention::key_date(&e.key).is_some_and(|d| d < cutoff)
+        });
+        if !gone {
+            break;
+        }
+        pruned.extend(entries.iter().map(|e| e.key.clone()));
+        anchor = entries.iter().max_by_key(|e| e.last_offset).map(|e| e.last_entry_hash.clone());
+    }
+    (pruned, anchor)
 }
 
 #[cfg(test)]

@@ -1,0 +1,778 @@
+#!/usr/bin/env python3
+"""Independent verifier of an aegis-audit trail, written from schemas/CHAIN.md only.
+
+This is the second implementation of the checks `aegis-audit verify` makes. It deliberately
+follows nothing but the written spec (schemas/CHAIN.md for the hash chain, Merkle roots, digests
+and problem codes; schemas/parquet-columns.md for the Parquet columns) and shares no code with
+the Rust sources, so a bug in either implementation (or in the spec) shows up as a disagreement.
+
+What it checks, per partition of one topic:
+  * segments `<topic>-p<PPPP>-<first:020>-<last:020>.parquet` anywhere under the prefix
+    (accepted rows and quarantine/), one flush (first, last) at a time in ascending order, rows of
+    a flush merged by kafka_offset: offsets (segment_range, duplicate_offset), placement
+    (misplaced_row), links from genesis (broken_link), entry hashes (entry_hash), the footer
+    Merkle root (merkle_root), the SHA-256 checksum S3 stored at upload (object_checksum);
+  * signed digests `<prefix>/_digests/<topic>/p<PPPP>/<seq:012>.digest`: presence from seq 0
+    (digest_missing), format (digest_malformed), Ed25519 signature (digest_signature), chaining
+    (digest_chain), and what they list: missing_segment, object_changed, merkle_root,
+    digest_mismatch, unsigned_segment.
+
+Usage:
+  verify_trail.py --bucket B [--prefix trail] --topic T [--partition P] [--public-key FILE ...]
+                  [--endpoint-url URL] [--json]
+  verify_trail.py --dir MIRROR ...      # a local copy where each S3 key is a path under MIRROR
+  verify_trail.py --self-test           # the test vectors of CHAIN.md
+
+Exit status: 0 when the trail verifies, 1 when problems were found, 2 on usage or operational
+errors (unreachable endpoint, missing bucket, unreadable key file, ...).
+
+The S3 endpoint defaults to $AEGIS_TEST_AWS_ENDPOINT or http://127.0.0.1:5000 (the local stack),
+with $AWS_ACCESS_KEY_ID/$AWS_SECRET_ACCESS_KEY or "testing"/"testing"; `--endpoint-url ''`
+uses AWS itself with boto3's default credential and region chain.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import struct
+import sys
+from collections import defaultdict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, NamedTuple
+
+import pyarrow.parquet as pq
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+DEFAULT_ENDPOINT = "http://127.0.0.1:5000"
+DIGEST_FORMAT = "aegis-digest/v1"
+ZERO_HASH = "0" * 64
+STATUS_CODES = {"accepted": 0, "rejected": 1}
+COLUMNS = ["kafka_topic", "kafka_partition", "kafka_offset", "status", "payload", "prev_hash", "entry_hash"]
+HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+SIGNATURE_LINE = re.compile(r"ed25519:([0-9a-f]{16}):([0-9a-f]{128})\Z")
+DIGEST_NAME = re.compile(r"p(\d{4,})/(\d{12})\.digest\Z")
+# Flushes (and digests) fetched ahead of the one being checked: bounds memory to a few flushes.
+LOOKAHEAD = 8
+
+
+class UsageError(Exception):
+    """An operational or usage problem: reported as `error: ...`, exit status 2."""
+
+
+# ------------------------------------------------------------------ chain primitives (CHAIN.md)
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def genesis(topic: str, partition: int) -> bytes:
+    t = topic.encode()
+    return sha256(b"aegis-audit/genesis/v1\0" + struct.pack(">H", len(t)) + t + struct.pack(">i", partition))
+
+
+def entry_hash(prev: bytes, topic: str, partition: int, offset: int, status: int, payload: bytes) -> bytes:
+    t = topic.encode()
+    return sha256(b"aegis-audit/entry/v1\0" + prev + struct.pack(">H", len(t)) + t
+                  + struct.pack(">iqB", partition, offset, status)
+                  + struct.pack(">I", len(payload)) + payload)
+
+
+def merkle_root(entry_hashes: list[bytes]) -> bytes:
+    """RFC 9162 §2.1 Merkle Tree Hash over raw 32-byte entry hashes, in the given order."""
+    if not entry_hashes:
+        return sha256(b"")  # RFC 9162: the hash of an empty list is SHA-256 of nothing
+
+    def mth(lo: int, hi: int) -> bytes:
+        n = hi - lo
+        if n == 1:
+            return sha256(b"\x00" + entry_hashes[lo])
+        k = 1 << ((n - 1).bit_length() - 1)  # the largest power of two < n
+        return sha256(b"\x01" + mth(lo, lo + k) + mth(lo + k, hi))
+
+    return mth(0, len(entry_hashes))
+
+
+def key_id(public_key: ed25519.Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def load_public_key(pem: bytes, where: str) -> ed25519.Ed25519PublicKey:
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError as e:
+        raise UsageError(f"{where}: not an SPKI PEM public key ({e})") from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise UsageError(f"{where}: not an Ed25519 public key")
+    return key
+
+
+# ------------------------------------------------------------------ storage: S3 or a local mirror
+
+@dataclass
+class Blob:
+    body: bytes
+    stored_sha256: str | None = None  # base64, as S3 returns it; None when none was stored
+    checked: bool = False             # whether the store can tell what checksum was stored
+
+
+class S3Store:
+    def __init__(self, bucket: str, endpoint_url: str, workers: int):
+        import boto3
+        from botocore.config import Config
+        from botocore.exceptions import ClientError, FlexibleChecksumError
+
+        self.ClientError, self.FlexibleChecksumError = ClientError, FlexibleChecksumError
+        self.bucket = bucket
+        # "when_required": botocore then validates a body only when we ask for checksums, so a
+        # second, plain GET returns a tampered body for us to report instead of raising.
+        config = Config(max_pool_connections=workers, response_checksum_validation="when_required",
+                        retries={"max_attempts": 5, "mode": "standard"})
+        kwargs: dict = {"config": config}
+        if endpoint_url:  # the local stack (moto): static credentials, fixed region
+            kwargs.update(endpoint_url=endpoint_url, region_name="us-east-1",
+                          aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+                          aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"))
+        self.client = boto3.client("s3", **kwargs)
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/"
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                yield obj["Key"]
+
+    def get(self, key: str) -> Blob:
+        """The object's bytes and the SHA-256 checksum S3 stored at upload. Raises KeyError
+        when the object cannot be read (gone, access denied)."""
+        try:
+            resp = self.client.get_object(Bucket=self.bucket, Key=key, ChecksumMode="ENABLED")
+            stored = resp.get("ChecksumSHA256")
+            try:
+                body = resp["Body"].read()
+            except self.FlexibleChecksumError:
+                # botocore found the body differs from a stored checksum; fetch it unchecked so
+                # the difference is reported as a problem and the other checks still run.
+                body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except self.ClientError as e:
+            raise KeyError(f"cannot read: {e.response.get('Error', {}).get('Code', e)}") from None
+        return Blob(body, stored, checked=True)
+
+
+class DirStore:
+    """A local mirror: S3 key `a/b/c` is the file DIR/a/b/c. No stored checksums here."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise UsageError(f"--dir {root}: not a directory")
+        self.root = root
+
+    def describe(self) -> str:
+        return f"{self.root}/"
+
+    def keys(self, prefix: str) -> Iterator[str]:
+        for dirpath, _, files in os.walk(self.root):
+            for name in files:
+                key = os.path.relpath(os.path.join(dirpath, name), self.root).replace(os.sep, "/")
+                if key.startswith(prefix):
+                    yield key
+
+    def get(self, key: str) -> Blob:
+        try:
+            with open(os.path.join(self.root, *key.split("/")), "rb") as f:
+                return Blob(f.read())
+        except OSError as e:
+            raise KeyError(f"cannot read: {e.strerror}") from None
+
+
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int = LOOKAHEAD) -> Iterator:
+    """Like pool.map, in order, but with at most `ahead` items in flight or waiting, so only a
+    few flushes' bytes are in memory at once."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+# ------------------------------------------------------------------ report
+
+@dataclass
+class Report:
+    problems: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    partitions: int = 0
+    objects: int = 0
+    records: int = 0
+    digests: int = 0
+    unsigned_segments: int = 0
+
+    def problem(self, code: str, partition: int, key: str | None, offset: int | None, detail: str) -> None:
+        self.problems.append({"code": code, "partition": partition, "key": key, "offset": offset, "detail": detail})
+
+    def as_json(self) -> dict:
+        return {"ok": not self.problems, "partitions": self.partitions, "objects": self.objects,
+                "records": self.records, "digests": self.digests,
+                "unsigned_segments": self.unsigned_segments, "notes": self.notes, "problems": self.problems}
+
+    def print_text(self, out=sys.stdout) -> None:
+        for p in self.problems:
+            offset = "-" if p["offset"] is None else p["offset"]
+            print(f"FAIL {p['code']} p{p['partition']} {p['key'] or '-'} offset {offset}: {p['detail']}", file=out)
+        for note in self.notes:
+            print(f"note: {note}", file=out)
+        counts = (f"{self.partitions} partitions, {self.objects} objects, {self.records} records, "
+                  f"{self.digests} digests, {self.unsigned_segments} unsigned segments")
+        print(f"FAILED: {len(self.problems)} problems; {counts}" if self.problems else f"OK: {counts}", file=out)
+
+
+# ------------------------------------------------------------------ the trail's layout
+
+class Layout(NamedTuple):
+    """What the listing holds for the topic: segment keys by partition and flush, digest keys by
+    partition and seq, and the published public keys."""
+    segments: dict[int, dict[tuple[int, int], list[str]]]
+    digests: dict[int, dict[int, str]]
+    key_files: list[str]
+
+
+def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
+    base = f"{prefix}/" if prefix else ""
+    digests_root = f"{base}_digests/"
+    topic_digests = f"{digests_root}{topic}/"
+    segment_name = re.compile(re.escape(topic) + r"-p(\d{4,})-(\d{20})-(\d{20})\.parquet\Z")
+    segments: dict = defaultdict(lambda: defaultdict(list))
+    digests: dict = defaultdict(dict)
+    key_files = []
+    for key in store.keys(base):
+        if key.startswith(digests_root):
+            if key.startswith(f"{digests_root}keys/") and key.endswith(".pem"):
+                key_files.append(key)
+            elif key.startswith(topic_digests) and (m := DIGEST_NAME.match(key[len(topic_digests):])):
+                if only_partition is None or int(m[1]) == only_partition:
+                    digests[int(m[1])][int(m[2])] = key
+            continue  # everything else under _digests/ is not part of the chain
+        if m := segment_name.match(key.rsplit("/", 1)[-1]):
+            if only_partition is None or int(m[1]) == only_partition:
+                segments[int(m[1])][(int(m[2]), int(m[3]))].append(key)
+    return Layout(segments, digests, sorted(key_files))
+
+
+def digest_key(prefix: str, topic: str, partition: int, seq: int) -> str:
+    base = f"{prefix}/" if prefix else ""
+    return f"{base}_digests/{topic}/p{partition:04d}/{seq:012d}.digest"
+
+
+# ------------------------------------------------------------------ reading one segment object
+
+class Row(NamedTuple):  # the fields of COLUMNS, in that order, and the object's key
+    topic: str
+    partition: int
+    offset: int
+    status: str
+    payload: bytes
+    prev_hash: str
+    entry_hash: str
+    key: str
+
+
+@dataclass
+class Segment:
+    key: str
+    sha256: str | None = None          # hex SHA-256 of the whole object
+    checksum_problem: str | None = None
+    unreadable: str | None = None      # why the object could not be read or parsed
+    footer_root: str | None = None
+    merkle_root: str | None = None     # recomputed from the rows' entry hashes, in row order
+    merkle_error: str | None = None
+    rows: list[Row] = field(default_factory=list)
+
+
+def load_segment(store, key: str) -> Segment:
+    seg = Segment(key)
+    try:
+        blob = store.get(key)
+    except KeyError as e:
+        seg.unreadable = str(e.args[0])
+        return seg
+    seg.sha256 = hashlib.sha256(blob.body).hexdigest()
+    seg.checksum_problem = checksum_problem(blob)
+    try:
+        parquet = pq.ParquetFile(io.BytesIO(blob.body))
+        meta = parquet.metadata.metadata or {}
+        columns = parquet.read(columns=COLUMNS).to_pydict()
+    except Exception as e:  # pyarrow raises many types for corrupt or foreign files
+        seg.unreadable = f"not a readable segment: {e}"
+        return seg
+    root = meta.get(b"aegis.merkle_root")
+    seg.footer_root = root.decode(errors="replace") if root is not None else None
+    seg.rows = [Row(*values, key) for values in zip(*(columns[c] for c in COLUMNS))]
+    try:
+        seg.merkle_root = merkle_root([bytes.fromhex(r.entry_hash) for r in seg.rows]).hex()
+    except (TypeError, ValueError):
+        seg.merkle_error = "an entry_hash is not hex, so the Merkle root cannot be recomputed"
+    return seg
+
+
+def checksum_problem(blob: Blob) -> str | None:
+    if not blob.checked:
+        return None
+    if blob.stored_sha256 is None:
+        return "S3 stored no SHA-256 checksum for this object (every segment PUT carries one)"
+    if "-" in blob.stored_sha256:
+        return None  # a multipart composite checksum is not a hash of the body: nothing to compare
+    actual = base64.b64encode(sha256(blob.body)).decode()
+    if actual != blob.stored_sha256:
+        return f"body SHA-256 {actual} differs from the checksum S3 stored at upload {blob.stored_sha256}"
+    return None
+
+
+# ------------------------------------------------------------------ digests
+
+class DigestError(Exception):
+    """A digest that does not follow the documented format (digest_malformed)."""
+
+
+@dataclass
+class Digest:
+    key: str
+    body: bytes
+    fields: dict
+    key_id: str
+    signature: bytes
+
+
+SEGMENT_FIELDS = {"key": str, "sha256": "hex", "rows": int, "first_offset": int, "last_offset": int,
+                  "first_prev_hash": "hex", "last_entry_hash": "hex", "merkle_root": "hex"}
+DIGEST_FIELDS = {"format": str, "topic": str, "partition": int, "seq": int, "prev_digest_sha256": "hex",
+                 "key_id": str, "created_at": str, "first_offset": int, "first_prev_hash": "hex",
+                 "last_offset": int, "last_entry_hash": "hex", "segments": list}
+
+
+def check_fields(obj, spec: dict, what: str) -> None:
+    if not isinstance(obj, dict):
+        raise DigestError(f"{what} is not a JSON object")
+    for name, kind in spec.items():
+        value = obj.get(name)
+        if kind == "hex":
+            ok = isinstance(value, str) and HEX64.match(value)
+        elif kind is int:
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        else:
+            ok = isinstance(value, kind)
+        if not ok:
+            raise DigestError(f"{what}: field {name!r} is missing or not a {getattr(kind, '__name__', kind)}")
+
+
+def parse_digest(key: str, data: bytes, topic: str, partition: int, seq: int) -> Digest:
+    lines = data.split(b"\n")
+    if len(lines) != 3 or lines[2] != b"":
+        raise DigestError("not exactly two lines each ending in a newline")
+    body, sig_line = lines[0], lines[1].decode("ascii", errors="replace")
+    m = SIGNATURE_LINE.match(sig_line)
+    if not m:
+        raise DigestError("second line is not ed25519:<16 hex key_id>:<128 hex signature>")
+    try:
+        fields = json.loads(body)
+    except ValueError as e:
+        raise DigestError(f"body is not JSON: {e}") from None
+    check_fields(fields, DIGEST_FIELDS, "body")
+    for i, seg in enumerate(fields["segments"]):
+        check_fields(seg, SEGMENT_FIELDS, f"segments[{i}]")
+    expected = {"format": DIGEST_FORMAT, "topic": topic, "partition": partition, "seq": seq}
+    for name, want in expected.items():
+        if fields[name] != want:
+            raise DigestError(f"{name} is {fields[name]!r}, expected {want!r} from the key")
+    return Digest(key, body, fields, m[1], bytes.fromhex(m[2]))
+
+
+@dataclass
+class Signed:
+    """What a partition's digests claim: the segments they list, the head at each digest's
+    last_offset, and the offset range they cover."""
+    listed: dict[str, tuple[dict, str]] = field(default_factory=dict)  # key -> (segment entry, digest key)
+    heads: dict[int, tuple[str, str]] = field(default_factory=dict)    # offset -> (entry hash, digest key)
+    first: int | None = None
+    last: int | None = None
+
+    def covers(self, first: int, last: int) -> bool:
+        """Whether a flush falls in the signed range (anything not starting after it)."""
+        return self.first is not None and first <= self.last and last >= self.first
+
+
+# ------------------------------------------------------------------ verifying one partition
+
+class Verifier:
+    def __init__(self, store, prefix: str, topic: str, keys: dict[str, ed25519.Ed25519PublicKey],
+                 pool: ThreadPoolExecutor, report: Report):
+        self.store, self.prefix, self.topic, self.keys = store, prefix, topic, keys
+        self.pool, self.report = pool, report
+
+    def problem(self, code: str, partition: int, key: str | None, offset: int | None, detail: str) -> None:
+        self.report.problem(code, partition, key, offset, detail)
+
+    # -- digests
+
+    def check_digests(self, partition: int, digest_keys: dict[int, str]) -> Signed:
+        signed = Signed()
+        seqs = range(max(digest_keys, default=-1) + 1)
+        prev: Digest | None = None
+        prev_body: bytes | None = None  # kept even when the previous digest was malformed
+        fetched = bounded_map(self.pool, lambda s: self.fetch_digest(digest_keys.get(s)), seqs)
+        for seq, data in zip(seqs, fetched):
+            key = digest_keys.get(seq) or digest_key(self.prefix, self.topic, partition, seq)
+            if data is None or isinstance(data, KeyError):
+                reason = "absent" if data is None else str(data.args[0])
+                self.problem("digest_missing", partition, key, None, f"digest seq {seq} is {reason}")
+                prev = prev_body = None
+                continue
+            self.report.digests += 1
+            try:
+                digest = parse_digest(key, data, self.topic, partition, seq)
+            except DigestError as e:
+                self.problem("digest_malformed", partition, key, None, str(e))
+                prev, prev_body = None, data.split(b"\n", 1)[0]
+                continue
+            self.check_signature(partition, digest)
+            self.check_digest_chain(partition, digest, seq, prev, prev_body)
+            self.record_claims(signed, digest)
+            prev, prev_body = digest, digest.body
+        return signed
+
+    def fetch_digest(self, key: str | None):
+        if key is None:
+            return None
+        try:
+            return self.store.get(key).body
+        except KeyError as e:
+            return e
+
+    def check_signature(self, partition: int, digest: Digest) -> None:
+        problem = None
+        public_key = self.keys.get(digest.key_id)
+        if public_key is None:
+            problem = f"no trusted public key with key_id {digest.key_id}"
+        elif digest.fields["key_id"] != digest.key_id:
+            problem = f"body key_id {digest.fields['key_id']} differs from the signature's {digest.key_id}"
+        else:
+            try:
+                public_key.verify(digest.signature, digest.body)
+            except InvalidSignature:
+                problem = f"Ed25519 signature does not verify with key {digest.key_id}"
+        if problem:
+            self.problem("digest_signature", partition, digest.key, digest.fields["last_offset"], problem)
+
+    def check_digest_chain(self, partition: int, digest: Digest, seq: int,
+                           prev: Digest | None, prev_body: bytes | None) -> None:
+        f = digest.fields
+        if seq == 0:
+            if f["prev_digest_sha256"] != ZERO_HASH:
+                self.problem("digest_chain", partition, digest.key, f["first_offset"],
+                             "seq 0 must have prev_digest_sha256 of 64 zeros")
+            return
+        if prev_body is not None and f["prev_digest_sha256"] != hashlib.sha256(prev_body).hexdigest():
+            self.problem("digest_chain", partition, digest.key, f["first_offset"],
+                         f"prev_digest_sha256 is not the SHA-256 of digest seq {seq - 1}'s body")
+        if prev is None:
+            return  # the previous digest is missing or malformed: already reported
+        if f["first_prev_hash"] != prev.fields["last_entry_hash"]:
+            self.problem("digest_chain", partition, digest.key, f["first_offset"],
+                         f"first_prev_hash {f['first_prev_hash']} is not seq {seq - 1}'s last_entry_hash "
+                         f"{prev.fields['last_entry_hash']}")
+        if f["first_offset"] <= prev.fields["last_offset"]:
+            self.problem("digest_chain", partition, digest.key, f["first_offset"],
+                         f"first_offset {f['first_offset']} does not follow seq {seq - 1}'s last_offset "
+                         f"{prev.fields['last_offset']}")
+
+    @staticmethod
+    def record_claims(signed: Signed, digest: Digest) -> None:
+        f = digest.fields
+        for seg in f["segments"]:
+            signed.listed.setdefault(seg["key"], (seg, digest.key))
+        signed.heads.setdefault(f["last_offset"], (f["last_entry_hash"], digest.key))
+        signed.first = f["first_offset"] if signed.first is None else min(signed.first, f["first_offset"])
+        signed.last = f["last_offset"] if signed.last is None else max(signed.last, f["last_offset"])
+
+    # -- segments
+
+    def verify_partition(self, partition: int, flushes: dict[tuple[int, int], list[str]],
+                         digest_keys: dict[int, str]) -> None:
+        signed = self.check_digests(partition, digest_keys)
+        chain = ChainState(genesis(self.topic, partition).hex())
+        order = sorted(flushes)
+        loaded = bounded_map(self.pool, lambda r: [load_segment(self.store, k) for k in sorted(flushes[r])], order)
+        for (first, last), segments in zip(order, loaded):
+            for seg in segments:
+                self.check_object(partition, seg, first, last, signed)
+            self.check_flush(partition, first, last, segments, chain, signed)
+        self.check_leftover_claims(partition, signed, chain)
+        if not digest_keys and flushes:
+            self.report.notes.append(f"p{partition}: no digests; its segments are checked by links alone")
+
+    def check_object(self, partition: int, seg: Segment, first: int, last: int, signed: Signed) -> None:
+        self.report.objects += 1
+        self.report.records += len(seg.rows)
+        key = seg.key
+        if seg.unreadable:
+            self.problem("object_unreadable", partition, key, first, seg.unreadable)
+        if seg.checksum_problem:
+            self.problem("object_checksum", partition, key, first, seg.checksum_problem)
+        if seg.merkle_error:
+            self.problem("merkle_root", partition, key, first, seg.merkle_error)
+        elif seg.merkle_root is not None:
+            if seg.footer_root is None:
+                self.problem("merkle_root", partition, key, first, "footer has no aegis.merkle_root")
+            elif seg.footer_root != seg.merkle_root:
+                self.problem("merkle_root", partition, key, first,
+                             f"footer aegis.merkle_root {seg.footer_root} but the rows give {seg.merkle_root}")
+        claim = signed.listed.pop(key, None)
+        if claim is not None:
+            self.check_claim(partition, seg, first, *claim)
+        elif signed.covers(first, last):
+            self.problem("unsigned_segment", partition, key, first,
+                         f"flush {first}..{last} lies in the signed range {signed.first}..{signed.last} "
+                         "but no digest lists this object")
+        else:
+            self.report.unsigned_segments += 1
+
+    def check_claim(self, partition: int, seg: Segment, first: int, claim: dict, digest: str) -> None:
+        if seg.sha256 is None:
+            return  # unreadable: already reported
+        if seg.sha256 != claim["sha256"]:
+            self.problem("object_changed", partition, seg.key, first,
+                         f"SHA-256 {seg.sha256} but {digest} lists {claim['sha256']}")
+        if seg.merkle_root is not None and seg.merkle_root != claim["merkle_root"]:
+            self.problem("merkle_root", partition, seg.key, first,
+                         f"rows give Merkle root {seg.merkle_root} but {digest} lists {claim['merkle_root']}")
+
+    def check_flush(self, partition: int, first: int, last: int, segments: list[Segment],
+                    chain: "ChainState", signed: Signed) -> None:
+        rows = sorted((r for seg in segments for r in seg.rows), key=lambda r: r.offset)
+        complete = not any(seg.unreadable for seg in segments)
+        name = f"{self.topic}-p{partition:04d}-{first:020d}-{last:020d}.parquet"
+        if complete:
+            if not rows:
+                self.problem("segment_range", partition, name, first, f"flush {first}..{last} has no rows")
+            else:
+                if rows[0].offset != first:
+                    self.problem("segment_range", partition, rows[0].key, rows[0].offset,
+                                 f"flush {first}..{last} starts at offset {rows[0].offset}")
+                if rows[-1].offset != last:
+                    self.problem("segment_range", partition, rows[-1].key, rows[-1].offset,
+                                 f"flush {first}..{last} ends at offset {rows[-1].offset}")
+        for row in rows:
+            # Rows of an unreadable object (already reported) are missing somewhere in this
+            # flush, so no link in it, nor the next flush's first, can be expected to hold:
+            # each row's own link is taken as the anchor instead.
+            chain.resync |= not complete
+            self.check_row(partition, row, chain, signed)
+        chain.resync |= not complete
+
+    def check_row(self, partition: int, row: Row, chain: "ChainState", signed: Signed) -> None:
+        if row.topic != self.topic or row.partition != partition:
+            self.problem("misplaced_row", partition, row.key, row.offset,
+                         f"row is {row.topic!r} partition {row.partition}, the key says {self.topic!r} p{partition}")
+        self.check_entry_hash(partition, row)
+        if chain.offset is not None and row.offset <= chain.offset:
+            # Not part of the chain we are following: report it and keep linking past it.
+            what = "appears again" if row.offset == chain.offset else f"is not above {chain.offset}"
+            self.problem("duplicate_offset", partition, row.key, row.offset, f"offset {row.offset} {what}")
+            return
+        if not chain.resync and row.prev_hash != chain.head:
+            where = "genesis" if chain.offset is None else f"entry_hash of offset {chain.offset}"
+            self.problem("broken_link", partition, row.key, row.offset,
+                         f"prev_hash {row.prev_hash} is not the {where} {chain.head}")
+        head = signed.heads.pop(row.offset, None)
+        if head is not None and row.entry_hash != head[0]:
+            self.problem("digest_mismatch", partition, row.key, row.offset,
+                         f"entry_hash {row.entry_hash} but {head[1]} signed {head[0]}")
+        chain.head, chain.offset, chain.resync = row.entry_hash, row.offset, False
+
+    def check_entry_hash(self, partition: int, row: Row) -> None:
+        status = STATUS_CODES.get(row.status)
+        if status is None:
+            detail = f"status {row.status!r} is neither accepted nor rejected"
+        elif not (isinstance(row.prev_hash, str) and HEX64.match(row.prev_hash)):
+            detail = f"prev_hash {row.prev_hash!r} is not 64 lowercase hex chars"
+        else:
+            payload = row.payload or b""  # a null value is hashed as 0 bytes
+            want = entry_hash(bytes.fromhex(row.prev_hash), row.topic, row.partition, row.offset, status, payload)
+            if want.hex() == row.entry_hash:
+                return
+            detail = f"row hashes to {want.hex()}, stored entry_hash {row.entry_hash}"
+        self.problem("entry_hash", partition, row.key, row.offset, detail)
+
+    def check_leftover_claims(self, partition: int, signed: Signed, chain: "ChainState") -> None:
+        for key, (claim, digest) in signed.listed.items():
+            self.problem("missing_segment", partition, key, claim["first_offset"],
+                         f"listed in {digest} but not in the trail")
+        for offset, (want, digest) in signed.heads.items():
+            self.problem("digest_mismatch", partition, None, offset,
+                         f"{digest} signed entry_hash {want} at offset {offset}, but no such row is in the trail")
+
+
+@dataclass
+class ChainState:
+    head: str                  # entry_hash (hex) the next row must link to
+    offset: int | None = None  # offset of that entry; None before the first
+    resync: bool = False       # accept the next row's link as is (after unreadable rows)
+
+
+# ------------------------------------------------------------------ command line
+
+def trusted_keys(args, store, layout: Layout, report: Report) -> dict[str, ed25519.Ed25519PublicKey]:
+    keys = {}
+    if args.public_key:
+        for path in args.public_key:
+            try:
+                with open(path, "rb") as f:
+                    key = load_public_key(f.read(), path)
+            except OSError as e:
+                raise UsageError(f"--public-key {path}: {e.strerror}") from None
+            keys[key_id(key)] = key
+        return keys
+    for obj in layout.key_files:
+        try:
+            key = load_public_key(store.get(obj).body, obj)
+        except (KeyError, UsageError) as e:
+            report.notes.append(f"ignored published key {obj}: {e.args[0]}")
+            continue
+        keys[key_id(key)] = key
+    report.notes.append(f"no --public-key: trusting the {len(keys)} key(s) published under _digests/keys/ "
+                        f"({', '.join(sorted(keys)) or 'none'}); pass --public-key for an independent check")
+    return keys
+
+
+def verify(args) -> Report:
+    prefix = args.prefix.strip("/")
+    if args.dir:
+        store = DirStore(args.dir)
+    else:
+        endpoint = args.endpoint_url if args.endpoint_url is not None else \
+            os.environ.get("AEGIS_TEST_AWS_ENDPOINT", DEFAULT_ENDPOINT)
+        store = S3Store(args.bucket, endpoint, args.workers)
+    report = Report()
+    layout = scan(store, prefix, args.topic, args.partition)
+    keys = trusted_keys(args, store, layout, report)
+    if args.dir:
+        report.notes.append("local mirror: S3's stored checksums are not available, object_checksum not checked")
+    partitions = sorted(set(layout.segments) | set(layout.digests))
+    if not partitions:
+        report.notes.append(f"no segments or digests for topic {args.topic!r} under {store.describe()}{prefix}")
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        verifier = Verifier(store, prefix, args.topic, keys, pool, report)
+        for partition in partitions:
+            report.partitions += 1
+            verifier.verify_partition(partition, layout.segments.get(partition, {}),
+                                      layout.digests.get(partition, {}))
+    return report
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line on stderr, exit status 2
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str]):
+    p = Parser(description="Verify an aegis-audit trail independently (schemas/CHAIN.md).")
+    p.add_argument("--bucket", help="S3 bucket holding the trail")
+    p.add_argument("--dir", help="a local mirror of the bucket (each S3 key is a path under DIR)")
+    p.add_argument("--prefix", default="trail", help="key prefix of the trail (default: trail)")
+    p.add_argument("--topic", help="Kafka topic whose chains to verify")
+    p.add_argument("--partition", type=int, help="only this partition")
+    p.add_argument("--public-key", action="append", metavar="FILE",
+                   help="trusted Ed25519 public key (SPKI PEM); repeatable. Default: the keys published in the bucket")
+    p.add_argument("--endpoint-url", help="S3 endpoint (default: $AEGIS_TEST_AWS_ENDPOINT or "
+                   f"{DEFAULT_ENDPOINT}; '' for AWS itself with boto3's default credentials)")
+    p.add_argument("--workers", type=int, default=16, help="objects fetched concurrently (default: 16)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--self-test", action="store_true", help="check the test vectors of CHAIN.md and exit")
+    args = p.parse_args(argv)
+    if args.self_test:
+        return args
+    if bool(args.bucket) == bool(args.dir):
+        p.error("give exactly one of --bucket and --dir")
+    if not args.topic:
+        p.error("--topic is required")
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    return args
+
+
+# ------------------------------------------------------------------ self-test (CHAIN.md vectors)
+
+def self_test() -> bool:
+    g0, g7 = genesis("ai-decisions", 0), genesis("ai-decisions", 7)
+    e0 = entry_hash(g0, "ai-decisions", 0, 0, 0, b'{"decision_id":"d-1","event_type":"decision"}')
+    e1 = entry_hash(e0, "ai-decisions", 0, 1, 1, b"not json")
+    e5 = entry_hash(e1, "ai-decisions", 0, 5, 0, b"")
+    ints = lambda n: [sha256(struct.pack(">I", i)) for i in range(n)]  # noqa: E731
+    seed_key = ed25519.Ed25519PrivateKey.from_private_bytes(b"\x11" * 32)
+    public = seed_key.public_key()
+    message = b'{"format":"aegis-digest/v1"}'
+    signature = bytes.fromhex(
+        "70af2add3043a9e77eaed85df3c5ccbec454fdb0aa4c6b88c1249e9fb41d6279"
+        "a6f9f8f6cb554b675d5019d0fc204486ba53a051ab411cc9e51e4b48e97d110e")
+    try:
+        public.verify(signature, message)
+        verified = "verifies"
+    except InvalidSignature:
+        verified = "does not verify"
+    checks = [
+        ("genesis ai-decisions/0", g0.hex(), "9c3f787772d9e568588361733a67cde94159483ec76fd3c82d7eb1d3b181d7cd"),
+        ("genesis ai-decisions/7", g7.hex(), "aaa640bb4a298c8433f431e18a51e90ce40028904a383aec87dfc5853496016b"),
+        ("entry offset 0 accepted", e0.hex(), "94ddd7fb090d327d570688f7c77dcdf99ef8fe863ecdce451758369beb7342ce"),
+        ("entry offset 1 rejected", e1.hex(), "e74ad988c7a070b8a26a20c58667d29dee34de61dcc0fb8c545d5e5a06255ce3"),
+        ("entry offset 5 empty", e5.hex(), "e0a1cda54dad9aa1399d3862ba0d436f12c29985d6e4522b00e960d846c85806"),
+        ("merkle n=1", merkle_root(ints(1)).hex(), "965053f8e65891f8079863a0808b66d6dbba6e4ac34b710f797019ed633adf92"),
+        ("merkle n=3", merkle_root(ints(3)).hex(), "b1782769b8906e20ab9b2648e93f64b15e98d20ebdc70e9d5dd2737378bfa0cd"),
+        ("merkle n=5", merkle_root(ints(5)).hex(), "1a5bc16137527daa24003b99e35095b4d66d4c997f8986a46842f3cc4a81e275"),
+        ("ed25519 public key",
+         public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex(),
+         "d04ab232742bb4ab3a1368bd4615e4e6d0224ab71a016baf8520a332c9778737"),
+        ("ed25519 key_id", key_id(public), "10ba682c8ad13513"),
+        ("ed25519 signature", seed_key.sign(message).hex(), signature.hex()),
+        ("ed25519 verify", verified, "verifies"),
+    ]
+    ok = True
+    for name, got, want in checks:
+        good = got == want
+        ok &= good
+        print(f"{'ok  ' if good else 'FAIL'} {name}" + ("" if good else f": got {got}, want {want}"))
+    print("self-test OK" if ok else "self-test FAILED")
+    return ok
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    if args.self_test:
+        return 0 if self_test() else 1
+    try:
+        report = verify(args)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # endpoint unreachable, bucket missing, credentials, ...
+        print(f"error: {type(e).__name__}: {e}".replace("\n", " "), file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(report.as_json(), indent=2))
+    else:
+        report.print_text()
+    return 0 if not report.problems else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,327 @@
+//! `status` and `replay`: a consumer group's position per partition, and rewinding it.
+//!
+//! Both use a plain librdkafka client with the group's id that never subscribes, so it reads
+//! and commits the group's offsets without joining it.
+
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::sinks::{HeadStore, SinkError};
+
+const TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    #[error("kafka ({what}): {source}")]
+    Kafka { what: String, source: rdkafka::error::KafkaError },
+    #[error("topic {0}: not found on the brokers (kafka.topic)")]
+    NoTopic(String),
+    #[error("group {group} has {count} live member(s) ({members}); stop them first (a running consumer would overwrite the reset), or pass --force")]
+    LiveMembers { group: String, count: usize, members: String },
+    #[error("--to-offsets {0:?}: expected comma-separated partition:offset pairs, e.g. 0:100,3:42")]
+    BadOffsets(String),
+    #[error("--to-offsets names partition {0}, which the topic does not have")]
+    UnknownPartition(i32),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+fn kafka(what: impl Into<String>) -> impl FnOnce(rdkafka::error::KafkaError) -> GroupError {
+    let what = what.into();
+    move |source| GroupError::Kafka { what, source }
+}
+
+/// A client with the group's id, for reading and committing its offsets without joining it.
+pub fn group_client(config: &Config, group: &str) -> Result<BaseConsumer, GroupError> {
+    crate::source::client_config(
+        config,
+        [
+            ("group.id", group.to_string()),
+            ("enable.auto.commit", "false".into()),
+            ("client.id", "aegis-audit-admin".into()),
+        ],
+    )
+    .create()
+    .map_err(kafka("create client"))
+}
+
+pub fn partitions(client: &BaseConsumer, topic: &str) -> Result<Vec<i32>, GroupError> {
+    let metadata = client.fetch_metadata(Some(topic), TIMEOUT).map_err(kafka(format!("metadata of {topic}")))?;
+    let t = metadata.topics().iter().find(|t| t.name() == topic).ok_or_else(|| GroupError::NoTopic(topic.into()))?;
+    if t.partitions().is_empty() {
+        return Err(GroupError::NoTopic(topic.into()));
+    }
+    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// Committed offset per partition (`None`: nothing committed).
+pub fn committed(client: &BaseConsumer, topic: &str, partitions: &[i32]) -> Result<Vec<Option<i64>>, GroupError> {
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    let out = client.committed_offsets(tpl, TIMEOUT).map_err(kafka("committed offsets"))?;
+    Ok(partitions
+        .iter()
+        .map(|&p| match out.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => Some(o),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Live members of the group (client ids and hosts).
+pub fn live_members(client: &BaseConsumer, group: &str) -> Result<Vec<String>, GroupError> {
+    let list = client.fetch_group_list(Some(group), TIMEOUT).map_err(kafka(format!("describe group {group}")))?;
+    Ok(list
+        .groups()
+        .iter()
+        .filter(|g| g.name() == group)
+        .flat_map(|g| g.members().iter().map(|m| format!("{}@{}", m.client_id(), m.client_host())))
+        .collect())
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PartitionStatus {
+    pub partition: i32,
+    pub committed: Option<i64>,
+    pub low_watermark: i64,
+    pub end_offset: i64,
+    /// Records not yet committed (end − committed, or end − low when nothing is committed).
+    pub lag: i64,
+    /// The chain head: last offset durable in S3 and the index, and its entry hash.
+    pub chain_head_offset: Option<i64>,
+    pub chain_head_hash: Option<String>,
+    pub flush_pending: Option<String>,
+    pub digest_seq: Option<u64>,
+    pub undigested_segments: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupStatus {
+    pub topic: String,
+    pub group: String,
+    pub members: Vec<String>,
+    pub partitions: Vec<PartitionStatus>,
+    pub total_lag: i64,
+}
+
+pub async fn status(config: &Config, heads: &dyn HeadStore) -> Result<GroupStatus, GroupError> {
+    let topic = config.kafka.topic.clone();
+    let group = config.kafka.group_id.clone();
+    let (ids, committed, watermarks, members) = {
+        let config = config.clone();
+        let (topic, group) = (topic.clone(), group.clone());
+        tokio::task::spawn_blocking(move || -> Result<_, GroupError> {
+            let client = group_client(&config, &group)?;
+            let ids = partitions(&client, &topic)?;
+            let committed = committed(&client, &topic, &ids)?;
+            let watermarks = ids
+                .iter()
+                .map(|&p| {
+                    client.fetch_watermarks(&topic, p, TIMEOUT).map_err(kafka(format!("watermarks of {topic}/{p}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let members = live_members(&client, &group)?;
+            Ok((ids, committed, watermarks, members))
+        })
+        .await
+        .expect("status task does not panic")?
+    };
+    let mut out = Vec::new();
+    for ((&partition, committed), (low, high)) in ids.iter().zip(committed).zip(watermarks) {
+        let head = heads.load(&topic, partition).await?;
+        out.push(PartitionStatus {
+            partition,
+            committed,
+            low_watermark: low,
+            end_offset: high,
+            lag: (high - committed.unwrap_or(low)).max(0),
+            chain_head_offset: head.committed.map(|h| h.last_offset),
+            chain_head_hash: head.committed.map(|h| hex::encode(h.last_hash)),
+            flush_pending: head.pending.map(|p| format!("{}..={}", p.first_offset, p.last_offset)),
+            digest_seq: head.digest.map(|d| d.seq),
+            undigested_segments: head.undigested.len(),
+        });
+    }
+    let total_lag = out.iter().map(|p| p.lag).sum();
+    Ok(GroupStatus { topic, group, members, partitions: out, total_lag })
+}
+
+pub fn render_status(status: &GroupStatus) -> String {
+    let mut s = format!(
+        "topic {}  group {}  members {}  total lag {}\n",
+        status.topic,
+        status.group,
+        if status.members.is_empty() { "none".to_string() } else { status.members.join(", ") },
+        status.total_lag
+    );
+    s += &format!(
+        "{:>9} {:>12} {:>12} {:>10} {:>12}  {:<16} {:>7} {:>10}  pending\n",
+        "partition", "committed", "end", "lag", "chain head", "head hash", "digest", "unsigned"
+    );
+    let dash = || "-".to_string();
+    for p in &status.partitions {
+        s += &format!(
+            "{:>9} {:>12} {:>12} {:>10} {:>12}  {:<16} {:>7} {:>10}  {}\n",
+            p.partition,
+            p.committed.map_or_else(dash, |o| o.to_string()),
+            p.end_offset,
+            p.lag,
+            p.chain_head_offset.map_or_else(dash, |o| o.to_string()),
+            p.chain_head_hash.as_deref().map_or_else(dash, |h| h[..16].to_string()),
+            p.digest_seq.map_or_else(dash, |d| d.to_string()),
+            p.undigested_segments,
+            p.flush_pending.clone().unwrap_or_default(),
+        );
+    }
+    s
+}
+
+/// Where `replay` moves the group.
+#[derive(Debug, Clone)]
+pub enum ReplayTarget {
+    Earliest,
+    /// Milliseconds since the epoch: the first offset at or after it.
+    Time(i64),
+    Offsets(Vec<(i32, i64)>),
+}
+
+pub fn parse_offsets(text: &str) -> Result<Vec<(i32, i64)>, GroupError> {
+    text.split(',')
+        .map(|pair| {
+            let (p, o) = pair.trim().split_once(':').ok_or_else(|| GroupError::BadOffsets(text.into()))?;
+            let p: i32 = p.parse().map_err(|_| GroupError::BadOffsets(text.into()))?;
+            let o: i64 = o.parse().map_err(|_| GroupError::BadOffsets(text.into()))?;
+            if p < 0 || o < 0 {
+                return Err(GroupError::BadOffsets(text.into()));
+            }
+            Ok((p, o))
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayStep {
+    pub partition: i32,
+    pub current: Option<i64>,
+    pub target: i64,
+    /// Records the group will read again (their chain entries are recognised and skipped).
+    pub to_reprocess: i64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplayPlan {
+    pub group: String,
+    pub topic: String,
+    pub steps: Vec<ReplayStep>,
+    pub applied: bool,
+}
+
+/// Computes the plan and, unless `dry_run`, commits the targets for the group.
+pub fn replay(
+    config: &Config,
+    group: &str,
+    target: &ReplayTarget,
+    dry_run: bool,
+    force: bool,
+) -> Result<ReplayPlan, GroupError> {
+    let topic = &config.kafka.topic;
+    let client = group_client(config, group)?;
+    let ids = partitions(&client, topic)?;
+    let members = live_members(&client, group)?;
+    if !members.is_empty() && !force && !dry_run {
+        return Err(GroupError::LiveMembers { group: group.into(), count: members.len(), members: members.join(", ") });
+    }
+    let current = committed(&client, topic, &ids)?;
+    let mut steps = Vec::new();
+    let targets: Vec<(i32, i64)> = match target {
+        ReplayTarget::Earliest => ids
+            .iter()
+            .map(|&p| Ok((p, client.fetch_watermarks(topic, p, TIMEOUT).map_err(kafka("watermarks"))?.0)))
+            .collect::<Result<_, GroupError>>()?,
+        ReplayTarget::Time(ms) => {
+            let mut tpl = TopicPartitionList::new();
+            for &p in &ids {
+                tpl.add_partition_offset(topic, p, Offset::Offset(*ms)).map_err(kafka("offsets for times"))?;
+            }
+            let found = client.offsets_for_times(tpl, TIMEOUT).map_err(kafka("offsets for times"))?;
+            ids.iter()
+                .map(|&p| {
+                    let (low, high) = client.fetch_watermarks(topic, p, TIMEOUT).map_err(kafka("watermarks"))?;
+                    // No record at or after the time: the end (nothing to replay).
+                    let offset = match found.find_partition(topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(o)) => o.clamp(low, high),
+                        _ => high,
+                    };
+                    Ok((p, offset))
+                })
+                .collect::<Result<_, GroupError>>()?
+        }
+        ReplayTarget::Offsets(pairs) => {
+            for (p, _) in pairs {
+                if !ids.contains(p) {
+                    return Err(GroupError::UnknownPartition(*p));
+                }
+            }
+            pairs.clone()
+        }
+    };
+    for (partition, target) in targets {
+        let index = ids.iter().position(|&p| p == partition).expect("checked above");
+        let cur = current[index];
+        let (_, high) = client.fetch_watermarks(topic, partition, TIMEOUT).map_err(kafka("watermarks"))?;
+        steps.push(ReplayStep { partition, current: cur, target, to_reprocess: (cur.unwrap_or(high) - target).max(0) });
+    }
+    let mut applied = false;
+    if !dry_run {
+        let mut tpl = TopicPartitionList::new();
+        for step in &steps {
+            tpl.add_partition_offset(topic, step.partition, Offset::Offset(step.target))
+                .map_err(kafka("commit new offsets"))?;
+        }
+        client.commit(&tpl, CommitMode::Sync).map_err(kafka(format!("commit offsets for group {group}")))?;
+        applied = true;
+    }
+    Ok(ReplayPlan { group: group.into(), topic: topic.clone(), steps, applied })
+}
+
+pub fn render_plan(plan: &ReplayPlan) -> String {
+    let mut s = format!(
+        "{} group {} on {}:\n",
+        if plan.applied { "reset" } else { "plan (dry run) for" },
+        plan.group,
+        plan.topic
+    );
+    s += &format!("{:>9} {:>12} {:>12} {:>14}\n", "partition", "current", "target", "to reprocess");
+    for step in &plan.steps {
+        s += &format!(
+            "{:>9} {:>12} {:>12} {:>14}\n",
+            step.partition,
+            step.current.map_or("-".to_string(), |o| o.to_string()),
+            step.target,
+            step.to_reprocess
+        );
+    }
+    s += "Replayed records already in the chain are recognised by offset and not written again.\n";
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offsets_parse_or_name_the_flag() {
+        assert_eq!(parse_offsets("0:100, 3:42").unwrap(), vec![(0, 100), (3, 42)]);
+        for bad in ["0", "a:1", "0:-1", "0:1,"] {
+            assert!(parse_offsets(bad).unwrap_err().to_string().contains("--to-offsets"), "{bad}");
+        }
+    }
+}

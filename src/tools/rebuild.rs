@@ -1,0 +1,173 @@
+//! `rebuild-index`: restores the DynamoDB index from the segments in S3 (the trail is the
+//! source of truth; the index is derived). Parallel, idempotent and resumable: the items are
+//! the ones the consumer writes (`index::item_for`), decisions go through the same
+//! order-independent winner rule, and finished segments are checkpointed to a local file.
+
+use std::collections::HashSet;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::NaiveDate;
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+
+use crate::chain::{parse_hash, Link};
+use crate::config::Config;
+use crate::index;
+use crate::segment::ChainedRecord;
+use crate::sinks::{IndexStore, ObjectStore, SinkError};
+use crate::verify::read_segment;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error(transparent)]
+    Store(#[from] SinkError),
+    #[error("{key}: not a readable segment: {message}")]
+    Segment { key: String, message: String },
+    #[error("checkpoint {path}: {source}")]
+    Checkpoint { path: String, source: std::io::Error },
+}
+
+#[derive(Debug, Clone)]
+pub struct RebuildOptions {
+    pub from: Option<NaiveDate>,
+    pub to: Option<NaiveDate>,
+    pub environment: Option<String>,
+    pub concurrency: usize,
+    /// Finished segment keys, one per line; present after an interrupted run.
+    pub checkpoint: PathBuf,
+    pub progress: bool,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RebuildReport {
+    pub segments: usize,
+    pub resumed_past: usize,
+    pub records: usize,
+    pub items: usize,
+    pub conflicts: usize,
+    /// Accepted rows that fail today's validation settings (not indexed; listed in the log).
+    pub no_longer_valid: usize,
+    pub seconds: f64,
+}
+
+/// `(date, environment)` of a trail key `<prefix>/year=/month=/day=/environment=/<file>.parquet`.
+fn placement(prefix: &str, key: &str) -> Option<(NaiveDate, String)> {
+    let rest = key.strip_prefix(prefix.trim_end_matches('/'))?.strip_prefix('/')?;
+    let parts: Vec<&str> = rest.split('/').collect();
+    let [y, m, d, e, file] = parts.as_slice() else { return None };
+    if !file.ends_with(".parquet") {
+        return None;
+    }
+    let num = |part: &str, name: &str| part.strip_prefix(name)?.parse::<u32>().ok();
+    let date = NaiveDate::from_ymd_opt(num(y, "year=")? as i32, num(m, "month=")?, num(d, "day=")?)?;
+    Some((date, e.strip_prefix("environment=")?.to_string()))
+}
+
+fn read_checkpoint(path: &PathBuf) -> Result<HashSet<String>, RebuildError> {
+    match std::fs::File::open(path) {
+        Ok(f) => std::io::BufReader::new(f)
+            .lines()
+            .collect::<Result<HashSet<_>, _>>()
+            .map_err(|source| RebuildError::Checkpoint { path: path.display().to_string(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
+        Err(source) => Err(RebuildError::Checkpoint { path: path.display().to_string(), source }),
+    }
+}
+
+pub async fn rebuild(
+    config: &Config,
+    objects: Arc<dyn ObjectStore>,
+    index: Arc<dyn IndexStore>,
+    options: &RebuildOptions,
+) -> Result<RebuildReport, RebuildError> {
+    let started = Instant::now();
+    let prefix = config.s3.prefix.clone();
+    let done = read_checkpoint(&options.checkpoint)?;
+    let mut report = RebuildReport::default();
+    let keys: Vec<String> = objects
+        .list(&format!("{}/year=", prefix.trim_end_matches('/')))
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            let (date, env) = placement(&prefix, &o.key)?;
+            let wanted = options.from.is_none_or(|f| date >= f)
+                && options.to.is_none_or(|t| date <= t)
+                && options.environment.as_ref().is_none_or(|e| e == &env);
+            wanted.then_some(o.key)
+        })
+        .collect();
+    report.resumed_past = keys.iter().filter(|k| done.contains(*k)).count();
+    let todo: Vec<String> = keys.into_iter().filter(|k| !done.contains(k)).collect();
+    let bar = crate::verify::progress_bar(options.progress, todo.len() as u64, "rebuilding from");
+    let mut checkpoint = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&options.checkpoint)
+        .map_err(|source| RebuildError::Checkpoint { path: options.checkpoint.display().to_string(), source })?;
+    let write_concurrency = config.dynamodb.write_concurrency;
+    let mut results = stream::iter(todo)
+        .map(|key| {
+            let (objects, index) = (objects.clone(), index.clone());
+            async move {
+                let segment = read_segment(objects.get(&key).await?)
+                    .map_err(|message| RebuildError::Segment { key: key.clone(), message })?;
+                let mut items = Vec::new();
+                let mut invalid = 0;
+                let records = segment.rows.len();
+                for row in segment.rows {
+                    let (Some(prev_hash), Some(entry_hash)) = (parse_hash(&row.prev_hash), parse_hash(&row.entry_hash))
+                    else {
+                        return Err(RebuildError::Segment { key, message: format!("offset {}: bad hashes", row.offset) });
+                    };
+                    let outcome = crate::decode::decode(Some(&row.payload), row.kafka_timestamp_ms, &config.validation);
+                    if let Err(reason) = &outcome {
+                        tracing::warn!(%key, offset = row.offset, %reason, "accepted row fails today's validation; not indexed");
+                        invalid += 1;
+                    }
+                    let record = ChainedRecord {
+                        offset: row.offset,
+                        kafka_timestamp_ms: row.kafka_timestamp_ms,
+                        payload: row.payload,
+                        link: Link { prev_hash, entry_hash },
+                        outcome,
+                    };
+                    items.extend(index::item_for(&row.topic, row.partition, &record, &key));
+                }
+                let written = index::write_items(index.as_ref(), items, write_concurrency).await?;
+                Ok::<_, RebuildError>((key, records, written, invalid))
+            }
+        })
+        .buffer_unordered(options.concurrency.max(1));
+    while let Some(result) = results.next().await {
+        let (key, records, written, invalid) = result?;
+        writeln!(checkpoint, "{key}")
+            .map_err(|source| RebuildError::Checkpoint { path: options.checkpoint.display().to_string(), source })?;
+        report.segments += 1;
+        report.records += records;
+        report.items += written.items;
+        report.conflicts += written.conflicts;
+        report.no_longer_valid += invalid;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    // Complete: a later rebuild starts from scratch.
+    let _ = std::fs::remove_file(&options.checkpoint);
+    report.seconds = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placement_reads_trail_keys_only() {
+        let key = "trail/year=2026/month=11/day=20/environment=prod/t-p0000-00000000000000000000-00000000000000000009.parquet";
+        assert_eq!(placement("trail", key), Some((NaiveDate::from_ymd_opt(2026, 11, 20).unwrap(), "prod".into())));
+        assert_eq!(placement("trail", "trail/quarantine/year=2026/month=11/day=20/x.parquet"), None);
+        assert_eq!(placement("trail", "trail/_digests/t/p0000/000000000000.digest"), None);
+    }
+}
