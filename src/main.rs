@@ -142,8 +142,8 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Status { json } => {
             let config = load(&cli)?;
             let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
-            let heads = DynamoStore::new(&sdk, &config.dynamodb);
-            let status = group::status(&config, &heads).await?;
+            let dynamo = DynamoStore::new(&sdk, &config.dynamodb);
+            let status = group::status(&config, &dynamo).await?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
@@ -163,9 +163,13 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 _ => anyhow::bail!("replay: pass one of --to-earliest, --to-time or --to-offsets"),
             };
             let group_id = group_id.clone().unwrap_or_else(|| config.kafka.group_id.clone());
+            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
+            let members = group::members(&config, &group_id, &DynamoStore::new(&sdk, &config.dynamodb)).await?;
             let (dry_run, force) = (*dry_run, *force);
-            let plan = tokio::task::spawn_blocking(move || group::replay(&config, &group_id, &target, dry_run, force))
-                .await??;
+            let plan = tokio::task::spawn_blocking(move || {
+                group::replay(&config, &group_id, &members, &target, dry_run, force)
+            })
+            .await??;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
@@ -312,12 +316,38 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
             "digest.signing_key(_file) not set: segments are hash-chained but no signed digests are written"
         ),
     }
-    let sinks = Sinks { objects, index: dynamo.clone(), heads: dynamo, dead_letters, signer };
+    let sinks = Sinks { objects, index: dynamo.clone(), heads: dynamo.clone(), dead_letters, signer };
     spawn_signal_handler(shutdown.clone(), hard_stop.clone());
+    let member = spawn_heartbeat(dynamo.clone(), config.kafka.group_id.clone(), hard_stop.clone());
     let options = source::RunOptions { exit_when_idle };
-    source::run(config, sinks, options, shutdown, hard_stop.clone()).await?;
+    let result = source::run(config.clone(), sinks, options, shutdown, hard_stop.clone()).await;
     hard_stop.cancel();
+    if let Err(e) = dynamo.leave(&config.kafka.group_id, &member).await {
+        tracing::warn!(error = %e, "could not remove this member's heartbeat (it expires by itself)");
+    }
+    result?;
     Ok(())
+}
+
+/// Every 5 s, tells `replay` and `status` this member is alive (for brokers that cannot
+/// describe groups). Failures only log: the pipeline does not depend on it.
+fn spawn_heartbeat(dynamo: Arc<DynamoStore>, group: String, stop: CancellationToken) -> String {
+    let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_default();
+    let member = format!("{}-{}-{:08x}", host, std::process::id(), rand::random::<u32>());
+    let detail = format!("aegis-audit@{host} pid {}", std::process::id());
+    let id = member.clone();
+    tokio::spawn(async move {
+        loop {
+            if let Err(e) = dynamo.heartbeat(&group, &id, &detail).await {
+                tracing::debug!(error = %e, "member heartbeat failed");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    });
+    member
 }
 
 /// First SIGTERM/SIGINT: graceful (flush, commit, leave the group). Second: stop now.

@@ -438,7 +438,16 @@ impl Worker {
                                 return;
                             }
                         }
-                        Ok(Admit::AlreadyChained) => metrics::already_chained(self.partition),
+                        Ok(Admit::AlreadyChained) => {
+                            metrics::already_chained(self.partition);
+                            // A replay reached the durable head: commit past it, so the group's
+                            // position (and lag) reflect the trail without waiting for new data.
+                            if writer.durable_head().is_some_and(|h| h.last_offset == inbound.offset) {
+                                if let Err(e) = self.committer.commit(self.partition, inbound.offset + 1).await {
+                                    tracing::warn!(error = %e, "offset commit failed");
+                                }
+                            }
+                        }
                         Ok(Admit::SeekTo(offset)) => {
                             min_generation = inbound.generation + 1;
                             let _ = self.commands.send(Command::Seek { partition: self.partition, offset });

@@ -218,6 +218,60 @@ impl IndexStore for DynamoStore {
 }
 
 impl DynamoStore {
+    /// Records that `member` of `group` is alive (an item in the chain table, refreshed every
+    /// few seconds by `run`; `replay` refuses while one is fresh).
+    pub async fn heartbeat(&self, group: &str, member: &str, detail: &str) -> Result<(), SinkError> {
+        let now = chrono::Utc::now().timestamp();
+        self.client
+            .put_item()
+            .table_name(&self.chain_table)
+            .item("PK", AttributeValue::S(format!("MEMBER#{group}#{member}")))
+            .item("detail", AttributeValue::S(detail.into()))
+            .item("seen_at", n(now))
+            // For a DynamoDB TTL on `expires_at`, if the operator enables one.
+            .item("expires_at", n(now + 3600))
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "PutItem", &self.chain_table, &e))?;
+        Ok(())
+    }
+
+    pub async fn leave(&self, group: &str, member: &str) -> Result<(), SinkError> {
+        self.client
+            .delete_item()
+            .table_name(&self.chain_table)
+            .key("PK", AttributeValue::S(format!("MEMBER#{group}#{member}")))
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "DeleteItem", &self.chain_table, &e))?;
+        Ok(())
+    }
+
+    /// Members of `group` whose heartbeat is younger than `max_age`.
+    pub async fn live_members(&self, group: &str, max_age: Duration) -> Result<Vec<String>, SinkError> {
+        let oldest = chrono::Utc::now().timestamp() - max_age.as_secs() as i64;
+        let mut members = Vec::new();
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.chain_table)
+            .filter_expression("begins_with(PK, :member) AND seen_at >= :oldest")
+            .expression_attribute_values(":member", AttributeValue::S(format!("MEMBER#{group}#")))
+            .expression_attribute_values(":oldest", n(oldest))
+            .consistent_read(true)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify_sdk_error(BACKEND, "Scan", &self.chain_table, &e))?;
+            for item in page.items() {
+                if let Some(detail) = item.get("detail").and_then(|v| v.as_s().ok()) {
+                    members.push(detail.clone());
+                }
+            }
+        }
+        Ok(members)
+    }
+
     /// Where the index says decision `id`'s winning record is: (segment key, partition, offset).
     pub async fn locate_decision(&self, id: &str) -> Result<Option<(String, i32, i64)>, SinkError> {
         let out = self

@@ -10,6 +10,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::config::Config;
+use crate::sinks::dynamodb::DynamoStore;
 use crate::sinks::{HeadStore, SinkError};
 
 const TIMEOUT: Duration = Duration::from_secs(15);
@@ -112,10 +113,32 @@ pub struct GroupStatus {
     pub total_lag: i64,
 }
 
-pub async fn status(config: &Config, heads: &dyn HeadStore) -> Result<GroupStatus, GroupError> {
+/// The group's live members: from the broker (DescribeGroups), or, where the broker cannot
+/// describe groups (tansu 0.6), from the heartbeats every running aegis-audit writes to the
+/// chain table.
+pub async fn members(config: &Config, group: &str, dynamo: &DynamoStore) -> Result<Vec<String>, GroupError> {
+    let (config_c, group_c) = (config.clone(), group.to_string());
+    let from_broker = tokio::task::spawn_blocking(move || live_members(&group_client(&config_c, &group_c)?, &group_c))
+        .await
+        .expect("describe task does not panic");
+    match from_broker {
+        Ok(members) => Ok(members),
+        Err(e) => {
+            tracing::warn!(error = %e, "the broker cannot describe the group; using aegis-audit member heartbeats");
+            Ok(dynamo.live_members(group, MEMBER_STALE_AFTER).await?)
+        }
+    }
+}
+
+/// A member whose heartbeat is older than this is gone (heartbeats are every 5 s).
+pub const MEMBER_STALE_AFTER: Duration = Duration::from_secs(20);
+
+pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus, GroupError> {
+    let heads: &dyn HeadStore = dynamo;
     let topic = config.kafka.topic.clone();
     let group = config.kafka.group_id.clone();
-    let (ids, committed, watermarks, members) = {
+    let members = members(config, &group, dynamo).await?;
+    let (ids, committed, watermarks) = {
         let config = config.clone();
         let (topic, group) = (topic.clone(), group.clone());
         tokio::task::spawn_blocking(move || -> Result<_, GroupError> {
@@ -128,8 +151,7 @@ pub async fn status(config: &Config, heads: &dyn HeadStore) -> Result<GroupStatu
                     client.fetch_watermarks(&topic, p, TIMEOUT).map_err(kafka(format!("watermarks of {topic}/{p}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let members = live_members(&client, &group)?;
-            Ok((ids, committed, watermarks, members))
+            Ok((ids, committed, watermarks))
         })
         .await
         .expect("status task does not panic")?
@@ -224,10 +246,12 @@ pub struct ReplayPlan {
     pub applied: bool,
 }
 
-/// Computes the plan and, unless `dry_run`, commits the targets for the group.
+/// Computes the plan and, unless `dry_run`, commits the targets for the group. `members` are
+/// the group's live members (see [`members`]).
 pub fn replay(
     config: &Config,
     group: &str,
+    members: &[String],
     target: &ReplayTarget,
     dry_run: bool,
     force: bool,
@@ -235,7 +259,6 @@ pub fn replay(
     let topic = &config.kafka.topic;
     let client = group_client(config, group)?;
     let ids = partitions(&client, topic)?;
-    let members = live_members(&client, group)?;
     if !members.is_empty() && !force && !dry_run {
         return Err(GroupError::LiveMembers { group: group.into(), count: members.len(), members: members.join(", ") });
     }

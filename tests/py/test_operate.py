@@ -1,0 +1,200 @@
+"""Operating it on the local stack: status, replay (idempotent), rebuild-index (equal items,
+resumable), prune (whole expired flushes, Object Lock respected, verify still holds), lifecycle,
+athena-ddl, and the metrics endpoint's counters against what was produced."""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+import urllib.request
+
+import trail
+from conftest import BIN, REPO, committed_offsets, make_event, produce, wait_for
+
+
+def produce_mix(aegis, n, seed, start=0, day_offset=0, bad=0):
+    rng = random.Random(seed)
+    payloads = [json.dumps(make_event(start + i, rng, day_offset=day_offset)).encode() for i in range(n)]
+    payloads += [b"not json %d" % i for i in range(bad)]
+    return produce(aegis.topic, payloads, partitions=aegis.partitions)
+
+
+def end_offsets(delivered):
+    end = {}
+    for p, o, _ in delivered:
+        end[p] = max(end.get(p, -1), o + 1)
+    return end
+
+
+def snapshot_objects(bucket):
+    s3 = trail.s3()
+    return {k: s3.head_object(Bucket=bucket, Key=k)["ETag"] for k in trail.list_keys(bucket)}
+
+
+def snapshot_index(table):
+    items = []
+    for page in trail.dynamodb().get_paginator("scan").paginate(TableName=table, ConsistentRead=True):
+        items += page["Items"]
+    return sorted(items, key=lambda i: (i["PK"]["S"], i["SK"]["S"]))
+
+
+def test_status_replay_and_rebuild_index(aegis, tmp_path):
+    aegis.init()
+    delivered = produce_mix(aegis, 800, seed=31)
+    aegis.consume_until_idle(AEGIS_SEGMENT__MAX_RECORDS="50")
+    end = end_offsets(delivered)
+
+    status = json.loads(aegis.run("status", "--json").stdout)
+    assert status["members"] == [] and status["total_lag"] == 0
+    for p in status["partitions"]:
+        assert p["committed"] == p["end_offset"] == end[p["partition"]]
+        assert p["chain_head_offset"] == end[p["partition"]] - 1 and p["digest_seq"] is not None
+    assert "total lag 0" in aegis.run("status").stdout
+
+    objects, index = snapshot_objects(aegis.bucket), snapshot_index(aegis.table)
+
+    # Replay: a dry run changes nothing; a live group is refused; then rewind to the start.
+    plan = json.loads(aegis.run("replay", "--to-earliest", "--dry-run", "--json").stdout)
+    assert not plan["applied"] and {s["partition"]: s["to_reprocess"] for s in plan["steps"]} == end
+    assert committed_offsets(aegis.group, aegis.topic, aegis.partitions) == end
+    live = aegis.start("run")
+    try:
+        wait_for(lambda: json.loads(aegis.run("status", "--json").stdout)["members"], timeout=60, what="live member")
+        refused = aegis.run("replay", "--to-earliest", check=False)
+        assert refused.returncode == 2 and "live member" in refused.stderr, refused.stderr
+    finally:
+        live.send_signal(signal.SIGTERM)
+        live.wait(timeout=60)
+    wait_for(lambda: not json.loads(aegis.run("status", "--json").stdout)["members"], timeout=60, what="group empty")
+    aegis.run("replay", "--to-earliest")
+    assert committed_offsets(aegis.group, aegis.topic, aegis.partitions) == {p: 0 for p in end}
+    log = aegis.consume_until_idle()
+    assert committed_offsets(aegis.group, aegis.topic, aegis.partitions) == end
+    assert "flushed" not in log, "replayed records must not be written again"
+    assert snapshot_objects(aegis.bucket) == objects, "S3 unchanged by the replay"
+    assert snapshot_index(aegis.table) == index, "index unchanged by the replay"
+    assert aegis.verify()["ok"]
+
+    # Rebuild: drop the index table, recreate it, restore it from S3; interrupt once midway.
+    trail.dynamodb().delete_table(TableName=aegis.table)
+    wait_for(lambda: aegis.table not in trail.dynamodb().list_tables()["TableNames"], what="table deleted")
+    aegis.init()
+    assert snapshot_index(aegis.table) == []
+    checkpoint = tmp_path / "rebuild.checkpoint"
+    first = subprocess.Popen([BIN, "rebuild-index", "--concurrency", "1", "--checkpoint", str(checkpoint)],
+                             env=aegis.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for(lambda: checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 3, timeout=120,
+             interval=0.02, what="rebuild progress")
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    done_before = len(checkpoint.read_text().splitlines())
+    report = json.loads(aegis.run("rebuild-index", "--checkpoint", str(checkpoint)).stdout)
+    assert report["resumed_past"] == done_before >= 3
+    assert not checkpoint.exists(), "a finished rebuild removes its checkpoint"
+    rebuilt = snapshot_index(aegis.table)
+    assert len(rebuilt) == len(index) and rebuilt == index, "every item equal to what the consumer wrote"
+
+
+def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
+    # A bucket without Object Lock (the local config locks for a day): prune can delete there.
+    unlocked_config = tmp_path / "unlocked.toml"
+    text = open(os.path.join(REPO, "config", "local.toml")).read()
+    unlocked_config.write_text("\n".join(l for l in text.splitlines() if not l.startswith("object_lock_retention_days")))
+    unlocked = {"AEGIS_CONFIG": str(unlocked_config)}
+    aegis.run("init", **unlocked)
+    old = produce_mix(aegis, 200, seed=41, day_offset=5)
+    aegis.consume_until_idle(**unlocked)
+    new = produce_mix(aegis, 200, seed=42, start=1000)
+    aegis.consume_until_idle(**unlocked)
+    before = [k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")]
+
+    dry = json.loads(aegis.run("prune", "--older-than", "2", "--dry-run", "--json", **unlocked).stdout)
+    assert dry["deleted"] and not dry["locked"]
+    assert [k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")] == before
+
+    report = json.loads(aegis.run("prune", "--older-than", "2", "--json", **unlocked).stdout)
+    assert sorted(report["deleted"]) == sorted(dry["deleted"])
+    after = [k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")]
+    assert set(after) == set(before) - set(report["deleted"])
+    versions = trail.s3().list_object_versions(Bucket=aegis.bucket, Prefix="trail/year=")
+    assert not any(v["Key"] in report["deleted"] for v in versions.get("Versions", []) + versions.get("DeleteMarkers", []))
+    rows = trail.read_rows(aegis.bucket, "trail/")
+    assert {(r["kafka_partition"], r["kafka_offset"]) for r in rows} == {(p, o) for p, o, _ in new}, \
+        "exactly the old flushes are gone"
+
+    # The remaining trail verifies only with the prune acknowledged.
+    assert "missing_segment" in {p["code"] for p in aegis.verify(**unlocked)["problems"]}
+    pruned = aegis.verify("--pruned-before", report["cutoff"], **unlocked)
+    assert pruned["ok"], pruned["problems"][:3]
+    assert pruned["pruned_segments"] == len(report["deleted"])
+
+    # In a locked bucket nothing expired is deleted; each locked object is reported.
+    locked_aegis_bucket = f"{aegis.bucket}-locked"
+    locked = {"AEGIS_S3__BUCKET": locked_aegis_bucket}
+    aegis.run("init", **locked)
+    for key in before[:3]:
+        body = trail.s3().get_object(Bucket=aegis.bucket, Key=key)["Body"].read() if key in after else b"x"
+        trail.s3().put_object(Bucket=locked_aegis_bucket, Key=key, Body=body, ObjectLockMode="COMPLIANCE",
+                              ObjectLockRetainUntilDate=time.time() + 86400)
+    locked_report = json.loads(aegis.run("prune", "--older-than", "2", "--json", **locked).stdout)
+    assert locked_report["deleted"] == [] and len(locked_report["locked"]) >= 1
+    assert len(trail.list_keys(locked_aegis_bucket, "trail/")) == 3
+
+    # lifecycle: the AWS CLI document, accepted by the S3 API.
+    lifecycle = json.loads(aegis.run("lifecycle").stdout)
+    rule = lifecycle["Rules"][0]
+    assert [t["StorageClass"] for t in rule["Transitions"]] == ["STANDARD_IA", "GLACIER"]
+    assert rule["Expiration"]["Days"] == 1095 and rule["Filter"]["Prefix"] == "trail/"
+    trail.s3().put_bucket_lifecycle_configuration(Bucket=aegis.bucket, LifecycleConfiguration=lifecycle)
+    assert aegis.run("lifecycle", "--standard-ia-after-days", "10", check=False).returncode == 2
+
+    ddl = aegis.run("athena-ddl").stdout
+    assert f"s3://{aegis.bucket}/trail/" in ddl and "{{" not in ddl
+
+
+def scrape(port):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def total(values, metric):
+    return sum(v for k, v in values.items() if k == metric or k.startswith(metric + "{"))
+
+
+def test_metrics_endpoint_counts_what_was_produced(aegis):
+    aegis.init()
+    delivered = produce_mix(aegis, 600, seed=51, bad=20)
+    good = 600
+    end = end_offsets(delivered)
+    consumer = aegis.start("run")
+    try:
+        wait_for(lambda: committed_offsets(aegis.group, aegis.topic, aegis.partitions) == end, timeout=120,
+                 what="caught up")
+        # Lag comes from librdkafka statistics (every 5 s): wait for a report after the commits.
+        wait_for(lambda: (v := scrape(aegis.metrics_port)) and total(v, "aegis_consumer_lag") == 0
+                 and any(k.startswith("aegis_consumer_lag{") for k in v), timeout=30, what="lag reported")
+        values = scrape(aegis.metrics_port)
+        assert total(values, "aegis_records_consumed_total") == len(delivered)
+        assert total(values, "aegis_records_written_total") == len(delivered)
+        assert total(values, "aegis_records_rejected_total") == 20
+        assert total(values, "aegis_records_dead_lettered_total") == 20
+        flags = sum(1 for _, _, v in delivered if b'"safety_flag"' in v)
+        assert total(values, "aegis_safety_flags_total") == flags
+        assert total(values, "aegis_segments_written_total") > 0 and total(values, "aegis_segment_bytes_total") > 0
+        assert values["aegis_flush_duration_seconds_count"] > 0 and values["aegis_commit_duration_seconds_count"] > 0
+        for p, o in end.items():
+            assert values[f'aegis_chain_head_offset{{partition="{p}"}}'] == o - 1
+            assert values[f'aegis_committed_offset{{partition="{p}"}}'] == o
+        assert good + 20 == len(delivered)
+        with urllib.request.urlopen(f"http://127.0.0.1:{aegis.metrics_port}/readyz", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        consumer.wait(timeout=60)
