@@ -169,8 +169,8 @@ pub enum Command {
         database: String,
         #[arg(long, default_value = "decisions")]
         table: String,
-        /// First year partition projection covers.
-        #[arg(long, default_value_t = 2024)]
+        /// First year partition projection covers (events before it are invisible to Athena).
+        #[arg(long, default_value_t = 2000)]
         projection_start_year: i32,
     },
     /// Configuration commands.

@@ -240,7 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::AthenaDdl { database, table, projection_start_year } => {
             let config = load(&cli)?;
-            print!("{}", athena::ddl(database, table, &config.s3.bucket, &config.s3.prefix, *projection_start_year));
+            print!("{}", athena::ddl(database, table, &config.s3.bucket, &config.s3.prefix, *projection_start_year)?);
         }
         Command::Run { exit_when_idle } => {
             let config = Arc::new(load(&cli)?);

@@ -297,7 +297,7 @@ struct Signed {
     /// Listed segments by key.
     segments: BTreeMap<String, SegmentEntry>,
     /// Chain positions the digests signed (offset → entry hash): each digest's last entry.
-    anchors: BTreeMap<i64, String>,
+    anchors: BTreeMap<i64, (String, String)>, // offset → (entry hash, digest key)
     /// Highest offset covered by a digest.
     through: Option<i64>,
     /// Lowest offset covered by a digest.
@@ -384,7 +384,7 @@ async fn check_digests(
         for entry in &body.segments {
             signed.segments.insert(entry.key.clone(), entry.clone());
         }
-        signed.anchors.insert(body.last_offset, body.last_entry_hash.clone());
+        signed.anchors.insert(body.last_offset, (body.last_entry_hash.clone(), key.clone()));
         signed.through = signed.through.max(Some(body.last_offset));
         signed.from = Some(signed.from.map_or(body.first_offset, |f: i64| f.min(body.first_offset)));
         previous = Some(object);
@@ -481,6 +481,7 @@ async fn check_partition(
     futures::pin_mut!(fetches);
 
     let mut expected_prev: Option<(String, i64, String)> = None; // (hash, offset, key) of the last entry seen
+    let mut seen_anchors = std::collections::BTreeSet::new();
     let mut first_flush = true;
     while let Some(((first, last), objects)) = fetches.next().await {
         let mut rows: Vec<(Row, String)> = Vec::new();
@@ -607,7 +608,8 @@ async fn check_partition(
                     format!("prev_hash {:?} is not hex", row.prev_hash),
                 )),
             }
-            if let Some(anchor) = signed.anchors.get(&row.offset) {
+            if let Some((anchor, _)) = signed.anchors.get(&row.offset) {
+                seen_anchors.insert(row.offset);
                 if anchor != &row.entry_hash {
                     problems.push(problem(
                         "digest_mismatch",
@@ -621,6 +623,19 @@ async fn check_partition(
         }
         first_flush = false;
         bar.set_message(format!("p{partition} offset {last}"));
+    }
+    // A signed head whose row is gone (with its segment, reported above as well).
+    let pruned_through = signed.segments.values().filter(|e| pruned.contains(&e.key)).map(|e| e.last_offset).max();
+    for (&offset, (hash, digest_key)) in &signed.anchors {
+        let in_range = options.from.is_none_or(|f| offset >= f) && options.to.is_none_or(|t| offset <= t);
+        if in_range && !seen_anchors.contains(&offset) && pruned_through.is_none_or(|p| offset > p) {
+            problems.push(problem(
+                "digest_mismatch",
+                digest_key,
+                Some(offset),
+                format!("the digest signed entry {hash} at offset {offset}, but no row has that offset"),
+            ));
+        }
     }
     report.problems.extend(problems);
 }

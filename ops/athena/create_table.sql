@@ -6,7 +6,7 @@ CREATE EXTERNAL TABLE IF NOT EXISTS `{{database}}`.`{{table}}` (
   --
   -- Data columns: exactly those of schemas/parquet-columns.md, in file order (Athena matches
   -- Parquet columns by name). Utf8 is string, Int32 int, Int64 bigint, Float64 double, Binary
-  -- binary, Timestamp(ms or us, UTC) timestamp. Timestamps are stored adjusted to UTC; Athena
+  -- binary, Timestamp(ms or us, UTC) timestamp. Timestamps are stored adjusted to UTC. Athena
   -- shows them as UTC wall-clock time with millisecond precision (occurred_at has microseconds
   -- in the files, which DuckDB and pyarrow show).
   `kafka_topic`      string    COMMENT 'source topic',
@@ -43,7 +43,7 @@ COMMENT 'aegis-audit trail: AI decisions, human overrides and safety flags'
 -- Athena writes month 1 as 01 when it builds the S3 path from storage.location.template, while
 -- queries compare plain numbers (month = 1, year * 10000 + month * 100 + day >= 20261101) rather
 -- than zero-padded strings. environment is not a data column (Athena forbids a data column with
--- the name of a partition key); the environment of an event is also inside payload.
+-- the name of a partition key). The environment of an event is also inside payload.
 PARTITIONED BY (
   `year`        int    COMMENT 'UTC year of occurred_at',
   `month`       int    COMMENT 'UTC month of occurred_at, 1 to 12, directory month=01 to 12',
@@ -55,9 +55,11 @@ LOCATION '{{location}}'
 TBLPROPERTIES (
   -- Partition projection: Athena computes the partitions from these properties, so there is
   -- nothing to register (no crawler, no MSCK REPAIR TABLE) and new days appear by themselves.
-  -- The year range ends at 2200, the last year decode.rs accepts for occurred_at; it starts at
-  -- the first year the trail holds. Days 1 to 31 in every month are fine: a missing day is an
-  -- empty partition.
+  -- The year range ends at 2200, the last year decode.rs accepts for occurred_at. It must start
+  -- no later than the oldest occurred_at in the trail (rows of earlier years would be invisible),
+  -- and 2000, the first year decode.rs accepts, is always safe. Queries filter on year anyway, so
+  -- a wide range costs nothing. Days 1 to 31 in every month are fine: a missing day is an empty
+  -- partition.
   'projection.enabled'          = 'true',
   'projection.year.type'        = 'integer',
   'projection.year.range'       = '{{projection_start_year}},2200',
@@ -69,7 +71,7 @@ TBLPROPERTIES (
   'projection.day.digits'       = '2',
   -- environment is injected: Athena takes its values from the query, so the table needs no list
   -- of environments (a new environment is queryable as soon as its first row lands) and every
-  -- query must name its environments with a static equality or IN list; a query without one
+  -- query must name its environments with a static equality or IN list. A query without one
   -- fails with CONSTRAINT_VIOLATION instead of listing every environment of every day. An enum
   -- would need this table altered for each new environment, and rows of an environment missing
   -- from the list would be invisible to every query, which an audit table must not allow.
@@ -78,7 +80,7 @@ TBLPROPERTIES (
   -- LOCATION are not part of the table: quarantine/year=/month=/day=/ (rejected records, which
   -- have no environment directory) and _digests/ (signed digests).
   'storage.location.template'   = '{{location}}year=${year}/month=${month}/day=${day}/environment=${environment}/',
-  -- Only used by Athena writes (CTAS, INSERT INTO); aegis-audit writes ZSTD Parquet too.
+  -- Only used by Athena writes (CTAS, INSERT INTO). aegis-audit writes ZSTD Parquet too.
   'parquet.compression'         = 'ZSTD',
   'classification'              = 'parquet'
 )

@@ -3,21 +3,45 @@
 
 const TEMPLATE: &str = include_str!("../../ops/athena/create_table.sql");
 
-pub fn ddl(database: &str, table: &str, bucket: &str, prefix: &str, projection_start_year: i32) -> String {
+#[derive(Debug, thiserror::Error)]
+pub enum DdlError {
+    #[error("--{flag} {value:?}: Athena names here must be [a-z0-9_]+")]
+    Name { flag: &'static str, value: String },
+    #[error("s3.prefix {0:?}: cannot contain quotes or backticks in a LOCATION")]
+    Prefix(String),
+}
+
+pub fn ddl(
+    database: &str,
+    table: &str,
+    bucket: &str,
+    prefix: &str,
+    projection_start_year: i32,
+) -> Result<String, DdlError> {
+    let valid = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    for (flag, value) in [("database", database), ("table", table)] {
+        if !valid(value) {
+            return Err(DdlError::Name { flag, value: value.into() });
+        }
+    }
+    if prefix.contains(['\'', '`']) {
+        return Err(DdlError::Prefix(prefix.into()));
+    }
     let location = format!("s3://{bucket}/{}/", prefix.trim_matches('/'));
-    TEMPLATE
+    Ok(TEMPLATE
         .replace("{{database}}", database)
         .replace("{{table}}", table)
         .replace("{{location}}", &location)
-        .replace("{{projection_start_year}}", &projection_start_year.to_string())
+        .replace("{{projection_start_year}}", &projection_start_year.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     #[test]
     fn placeholders_are_all_filled() {
-        let sql = super::ddl("audit", "decisions", "bkt", "trail", 2024);
+        let sql = super::ddl("audit", "decisions", "bkt", "trail", 2000).unwrap();
         assert!(!sql.contains("{{"), "{sql}");
         assert!(sql.contains("s3://bkt/trail/"));
+        assert!(super::ddl("audit", "Bad-Name", "bkt", "trail", 2000).unwrap_err().to_string().contains("--table"));
     }
 }

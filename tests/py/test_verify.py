@@ -39,8 +39,14 @@ def both(aegis, bucket) -> tuple[dict, dict]:
     return aegis.verify(AEGIS_S3__BUCKET=bucket), python_verify(aegis, bucket)
 
 
+ROW_CODES = {"broken_link", "entry_hash", "duplicate_offset", "misplaced_row", "segment_range", "digest_mismatch"}
+
+
 def findings(report) -> set:
-    return {(p["code"], p["partition"], p["key"], p["offset"]) for p in report["problems"]}
+    """(code, partition, key, offset): offsets compared for row-level findings only (an
+    object-level finding may name the object's first offset or none)."""
+    return {(p["code"], p["partition"], p["key"], p["offset"] if p["code"] in ROW_CODES else None)
+            for p in report["problems"]}
 
 
 def codes(report) -> set:
