@@ -28,9 +28,10 @@ WORKDIR /src
 # 1. Dependencies only, against stub sources: this layer is rebuilt only when Cargo.toml or
 #    Cargo.lock change (a release build of the dependencies takes minutes, librdkafka included).
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir src \
+RUN mkdir src benches \
  && echo 'fn main() {}' > src/main.rs \
  && : > src/lib.rs \
+ && echo 'fn main() {}' > benches/hot_path.rs \
  && cargo build --release --locked --bin aegis-audit \
  && rm -rf src \
         target/release/.fingerprint/aegis-audit-* \
@@ -43,6 +44,8 @@ RUN mkdir src \
 #    future include_str!/include_bytes! of it in non-test code still builds.
 COPY src ./src
 COPY schemas ./schemas
+# `athena-ddl` embeds the DDL template (include_str!).
+COPY ops/athena/create_table.sql ./ops/athena/create_table.sql
 # COPY keeps the context's mtimes, which can be older than the stub build: touch so cargo
 # rebuilds our crate (its fingerprints are also removed above).
 RUN touch src/main.rs src/lib.rs \

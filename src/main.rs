@@ -51,6 +51,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match &cli.command {
         Command::Config { command: ConfigCommand::Check } => {
             let config = load(&cli)?;
+            if let Some(signer) = config.digest.signer()? {
+                println!("# digest signing key loaded: key_id {}", signer.key_id);
+            }
             println!("# effective configuration ({}; AEGIS_* overrides applied)", cli.config.display());
             print!("{}", config.redacted_toml());
         }
@@ -308,6 +311,7 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
     };
     let objects: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&sdk, &config.s3));
     let signer = config.digest.signer()?.map(Arc::new);
+    metrics::describe_run(signer.as_ref().map(|_| config.digest.interval_ms as f64 / 1000.0));
     match &signer {
         Some(signer) => aegis_audit::digest::publish_public_key(objects.as_ref(), &config.s3.prefix, signer)
             .await

@@ -28,6 +28,7 @@ pub const INDEX_ITEMS: &str = "aegis_index_items_written_total";
 pub const DECISION_CONFLICTS: &str = "aegis_decision_conflicts_total";
 pub const DIGESTS_WRITTEN: &str = "aegis_digests_written_total";
 pub const DIGEST_SEQ: &str = "aegis_digest_seq";
+pub const DIGEST_INTERVAL: &str = "aegis_digest_interval_seconds";
 pub const FLUSH_SECONDS: &str = "aegis_flush_duration_seconds";
 pub const COMMIT_SECONDS: &str = "aegis_commit_duration_seconds";
 pub const COMMITS: &str = "aegis_offset_commits_total";
@@ -177,6 +178,14 @@ pub fn paused(delta: f64) {
 }
 
 static PROMETHEUS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Series alerts compare against, present from start-up (a counter that first appears at its
+/// first increment hides that increment from `increase()`).
+pub fn describe_run(digest_interval_secs: Option<f64>) {
+    gauge!(DIGEST_INTERVAL).set(digest_interval_secs.unwrap_or(0.0));
+    counter!(FENCE_LOST).absolute(0);
+    counter!(COMMIT_FAILURES).absolute(0);
+}
 
 /// Installs the Prometheus recorder (once per process) and returns its handle.
 pub fn install() -> PrometheusHandle {

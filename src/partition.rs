@@ -45,6 +45,9 @@ pub enum PartitionError {
     Irreproducible { topic: String, partition: i32, first: i64, last: i64, detail: String },
     #[error("{0}: cancelled")]
     Cancelled(String),
+    /// The chain table has no head for a partition whose trail already exists.
+    #[error("{topic}/{partition}: the chain table has no head but the trail exists ({detail}); refusing to start a second chain from genesis. Restore the head (ops/RUNBOOK.md, \"Lost chain table\")")]
+    HeadMissing { topic: String, partition: i32, detail: String },
 }
 
 impl PartitionError {
@@ -137,6 +140,22 @@ impl PartitionWriter {
         let head =
             retry(&context, &config.retry, cancel, metrics::set_backend_up, || sinks.heads.load(topic, partition))
                 .await?;
+        if head.committed.is_none() && head.pending.is_none() {
+            // An empty head must mean an empty chain. If this partition already has signed
+            // digests in S3, the chain table was lost or replaced: starting from genesis would
+            // fork the trail (and Object Lock would keep the fork). Refuse instead.
+            let dir = crate::digest::partition_dir(&config.s3.prefix, topic, partition);
+            let objects = &sinks.objects;
+            let digests =
+                retry(&context, &config.retry, cancel, metrics::set_backend_up, || objects.list(&dir)).await?;
+            if let Some(newest) = digests.last() {
+                return Err(PartitionError::HeadMissing {
+                    topic: topic.to_string(),
+                    partition,
+                    detail: format!("{} digest(s) exist, newest {}", digests.len(), newest.key),
+                });
+            }
+        }
         let chain = match head.committed {
             Some(pos) => Chain::resume(topic, partition, pos.last_offset, pos.last_hash),
             None => Chain::new(topic, partition),
@@ -204,6 +223,14 @@ impl PartitionWriter {
                 tracing::warn!(
                     topic = %self.topic, partition = self.partition, missing_first = next, missing_last = offset - 1,
                     "offsets not present in Kafka after {MAX_SEEKS} seeks (transaction markers, compaction or retention); continuing the chain at {offset}"
+                );
+                metrics::offsets_missing(self.partition, (offset - next) as u64);
+            } else if offset > next {
+                // Mid-run: Kafka itself skipped (transaction markers, compaction, retention
+                // overtaking a stalled consumer). The chain links across it; say so loudly.
+                tracing::warn!(
+                    topic = %self.topic, partition = self.partition, missing_first = next, missing_last = offset - 1,
+                    "offsets not delivered by Kafka (transaction markers, compaction or retention); the chain links across them"
                 );
                 metrics::offsets_missing(self.partition, (offset - next) as u64);
             }
@@ -694,6 +721,21 @@ mod tests {
         assert_eq!(s.heads.get("t", 0).undigested.len(), 1, "the newer segment waits for digest 1");
         assert_eq!(w.write_digest(&cancel).await.unwrap(), Some(1));
         assert_eq!(digest_at(&s, 1).body.first_offset, 3);
+    }
+
+    #[tokio::test]
+    async fn an_empty_head_with_an_existing_trail_refuses_to_fork() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut w, 0..3).await;
+        w.write_digest(&cancel).await.unwrap();
+        // The chain table is lost (an empty replacement table): the head reads as empty.
+        let fresh_heads = Arc::new(MemoryHeads::default());
+        let sinks = Sinks { heads: fresh_heads, ..signed(&s) };
+        let err = PartitionWriter::open("t", 0, config(), sinks, &cancel).await.err().unwrap();
+        assert!(matches!(err, PartitionError::HeadMissing { .. }), "{err}");
+        assert!(err.to_string().contains("refusing to start a second chain"));
     }
 
     #[tokio::test]

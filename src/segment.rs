@@ -230,11 +230,25 @@ fn writer_properties(
     config: &SegmentConfig,
 ) -> WriterProperties {
     let kv = |k: &str, v: String| KeyValue::new(k.to_string(), v);
-    let no_dict = ["payload", "prev_hash", "entry_hash", "decision_id", "request_id", "kafka_offset"];
+    let no_dict = [
+        "payload",
+        "prev_hash",
+        "entry_hash",
+        "decision_id",
+        "request_id",
+        "kafka_offset",
+        "kafka_timestamp",
+        "occurred_at",
+        "metadata",
+        "reject_reason",
+        "confidence_score",
+    ];
     let mut builder = WriterProperties::builder()
         .set_compression(Compression::ZSTD(ZstdLevel::try_new(config.zstd_level).unwrap_or_default()))
         .set_max_row_group_row_count(Some(config.row_group_rows))
-        .set_statistics_enabled(EnabledStatistics::Page)
+        // Row-group (chunk) min/max is what Athena and DuckDB prune on; page-level statistics
+        // cost encode time for little gain on append-only audit data.
+        .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_dictionary_enabled(true)
         .set_created_by(format!("aegis-audit {}", env!("CARGO_PKG_VERSION")))
         .set_key_value_metadata(Some(vec![

@@ -764,7 +764,7 @@ mod tests {
             objects.remove(&key);
         }
         let report = check(&objects).await;
-        assert_eq!(codes(&report), vec!["missing_segment"], "{:?}", report.problems);
+        assert_eq!(codes(&report), vec!["missing_segment", "digest_mismatch"], "{:?}", report.problems);
     }
 
     #[tokio::test]

@@ -164,23 +164,30 @@ impl Default for Lifecycle {
 }
 
 /// `aws s3api put-bucket-lifecycle-configuration --bucket B --lifecycle-configuration file://…`
+///
+/// Only segments (the trail and quarantine) are tiered and expired. Digests and public keys
+/// stay in STANDARD forever: they are tiny, and `verify` must read every one of them.
 pub fn lifecycle_json(prefix: &str, l: Lifecycle) -> serde_json::Value {
-    let prefix = format!("{}/", prefix.trim_end_matches('/'));
+    let base = prefix.trim_end_matches('/');
+    let rule = |id: &str, filter: String| {
+        serde_json::json!({
+            "ID": id,
+            "Filter": { "Prefix": filter },
+            "Status": "Enabled",
+            "Transitions": [
+                { "Days": l.standard_ia_after_days, "StorageClass": "STANDARD_IA" },
+                { "Days": l.glacier_after_days, "StorageClass": "GLACIER" }
+            ],
+            // Object Lock blocks expiry of retained versions until their retention ends.
+            "Expiration": { "Days": l.expire_after_days },
+            "NoncurrentVersionExpiration": { "NoncurrentDays": 30 },
+            "AbortIncompleteMultipartUpload": { "DaysAfterInitiation": 7 }
+        })
+    };
     serde_json::json!({
         "Rules": [
-            {
-                "ID": "aegis-audit-trail-tiering-and-expiry",
-                "Filter": { "Prefix": prefix },
-                "Status": "Enabled",
-                "Transitions": [
-                    { "Days": l.standard_ia_after_days, "StorageClass": "STANDARD_IA" },
-                    { "Days": l.glacier_after_days, "StorageClass": "GLACIER" }
-                ],
-                // Object Lock blocks expiry of retained versions until their retention ends.
-                "Expiration": { "Days": l.expire_after_days },
-                "NoncurrentVersionExpiration": { "NoncurrentDays": 30 },
-                "AbortIncompleteMultipartUpload": { "DaysAfterInitiation": 7 }
-            }
+            rule("aegis-audit-segments", format!("{base}/year=")),
+            rule("aegis-audit-quarantine", format!("{base}/quarantine/")),
         ]
     })
 }
@@ -202,7 +209,8 @@ mod tests {
     fn lifecycle_defaults_match_the_docs() {
         let json = lifecycle_json("trail", Lifecycle::default());
         let rule = &json["Rules"][0];
-        assert_eq!(rule["Filter"]["Prefix"], "trail/");
+        assert_eq!(rule["Filter"]["Prefix"], "trail/year=");
+        assert_eq!(json["Rules"][1]["Filter"]["Prefix"], "trail/quarantine/");
         assert_eq!(rule["Transitions"][0]["Days"], 30);
         assert_eq!(rule["Transitions"][1]["StorageClass"], "GLACIER");
         assert_eq!(rule["Expiration"]["Days"], 1095);

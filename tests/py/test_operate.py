@@ -145,7 +145,8 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     lifecycle = json.loads(aegis.run("lifecycle").stdout)
     rule = lifecycle["Rules"][0]
     assert [t["StorageClass"] for t in rule["Transitions"]] == ["STANDARD_IA", "GLACIER"]
-    assert rule["Expiration"]["Days"] == 1095 and rule["Filter"]["Prefix"] == "trail/"
+    assert rule["Expiration"]["Days"] == 1095 and rule["Filter"]["Prefix"] == "trail/year="
+    assert lifecycle["Rules"][1]["Filter"]["Prefix"] == "trail/quarantine/", "digests are never tiered or expired"
     trail.s3().put_bucket_lifecycle_configuration(Bucket=aegis.bucket, LifecycleConfiguration=lifecycle)
     assert aegis.run("lifecycle", "--standard-ia-after-days", "10", check=False).returncode == 2
 

@@ -1,0 +1,96 @@
+//! The in-memory hot path of one partition, per record: decode + validate → chain (SHA-256) →
+//! Arrow batch → Parquet (ZSTD), on realistic events (`aegis-audit produce`'s generator,
+//! ~350-700 bytes). Beside it, the reference bound: what any consumer doing the job must at
+//! least spend, parsing the JSON (serde_json) and hashing the bytes (SHA-256).
+//!
+//! `cargo bench --bench hot_path`; throughput is reported in records/s ("elements") and bytes/s.
+
+use std::hint::black_box;
+
+use aegis_audit::chain::{Chain, EntryStatus};
+use aegis_audit::config::{SegmentConfig, ValidationConfig};
+use aegis_audit::produce::Generator;
+use aegis_audit::segment::{encode_flush, ChainedRecord};
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use sha2::{Digest, Sha256};
+
+/// One flush's worth: large enough for Parquet to amortise its footer like a real segment.
+const RECORDS: usize = 20_000;
+
+fn payloads() -> Vec<Vec<u8>> {
+    let mut generator = Generator::new(7);
+    let now = chrono::Utc::now();
+    (0..RECORDS).map(|_| generator.next_event(now).1).collect()
+}
+
+fn chain_records(payloads: &[Vec<u8>], validation: &ValidationConfig) -> Vec<ChainedRecord> {
+    let mut chain = Chain::new("ai-decisions", 0);
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    payloads
+        .iter()
+        .enumerate()
+        .map(|(offset, payload)| {
+            let outcome = aegis_audit::decode::decode(Some(payload), Some(now_ms), validation);
+            let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
+            let link = chain.append(offset as i64, status, payload).expect("ascending offsets");
+            ChainedRecord {
+                offset: offset as i64,
+                kafka_timestamp_ms: Some(now_ms),
+                payload: Bytes::copy_from_slice(payload),
+                link,
+                outcome,
+            }
+        })
+        .collect()
+}
+
+fn hot_path(c: &mut Criterion) {
+    let payloads = payloads();
+    let bytes: usize = payloads.iter().map(Vec::len).sum();
+    let validation = ValidationConfig::default();
+    let segment = SegmentConfig::default();
+
+    let mut group = c.benchmark_group("per_record");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(RECORDS as u64));
+
+    group.bench_function("reference: serde_json parse + sha256", |b| {
+        b.iter(|| {
+            for p in &payloads {
+                let value: serde_json::Value = serde_json::from_slice(p).expect("valid JSON");
+                black_box(value);
+                black_box(Sha256::digest(p));
+            }
+        })
+    });
+    group.bench_function("decode + validate + chain", |b| b.iter(|| black_box(chain_records(&payloads, &validation))));
+    group.bench_function("arrow + parquet encode", |b| {
+        b.iter_batched(
+            || chain_records(&payloads, &validation),
+            |records| black_box(encode_flush("trail", "ai-decisions", 0, &records, &segment).expect("encodes")),
+            BatchSize::LargeInput,
+        )
+    });
+    group.bench_function("full hot path: decode + validate + chain + arrow + parquet", |b| {
+        b.iter(|| {
+            let records = chain_records(&payloads, &validation);
+            black_box(encode_flush("trail", "ai-decisions", 0, &records, &segment).expect("encodes"))
+        })
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("per_byte");
+    group.sample_size(10);
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.bench_function("full hot path", |b| {
+        b.iter(|| {
+            let records = chain_records(&payloads, &validation);
+            black_box(encode_flush("trail", "ai-decisions", 0, &records, &segment).expect("encodes"))
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hot_path);
+criterion_main!(benches);
