@@ -14,8 +14,8 @@ What it checks, per partition of one topic:
     Merkle root (merkle_root), the SHA-256 checksum S3 stored at upload (object_checksum);
   * signed digests `<prefix>/_digests/<topic>/p<PPPP>/<seq:012>.digest`: presence from seq 0
     (digest_missing), format (digest_malformed), Ed25519 signature (digest_signature), chaining
-    (digest_chain), and what they list: missing_segment, object_changed, merkle_root,
-    digest_mismatch, unsigned_segment.
+    (digest_chain), other objects in that folder (digest_unexpected), and what the digests list:
+    missing_segment, object_changed, merkle_root, digest_mismatch, unsigned_segment.
 
 Usage:
   verify_trail.py --bucket B [--prefix trail] --topic T [--partition P] [--public-key FILE ...]
@@ -46,6 +46,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -55,12 +56,25 @@ DEFAULT_ENDPOINT = "http://127.0.0.1:5000"
 DIGEST_FORMAT = "aegis-digest/v1"
 ZERO_HASH = "0" * 64
 STATUS_CODES = {"accepted": 0, "rejected": 1}
-COLUMNS = ["kafka_topic", "kafka_partition", "kafka_offset", "status", "payload", "prev_hash", "entry_hash"]
+# The columns the chain needs (schemas/parquet-columns.md), with the Arrow types a row must have
+# to be hashed at all; payload may be null (a null record value hashes as 0 bytes).
+def _is_text(t) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_bytes(t) -> bool:
+    return pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+COLUMNS = {
+    "kafka_topic": _is_text, "kafka_partition": pa.types.is_int32, "kafka_offset": pa.types.is_int64,
+    "status": _is_text, "payload": _is_bytes, "prev_hash": _is_text, "entry_hash": _is_text,
+}
+NULLABLE = {"payload"}
 HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 SIGNATURE_LINE = re.compile(r"ed25519:([0-9a-f]{16}):([0-9a-f]{128})\Z")
-DIGEST_NAME = re.compile(r"p(\d{4,})/(\d{12})\.digest\Z")
-# Flushes (and digests) fetched ahead of the one being checked: bounds memory to a few flushes.
-LOOKAHEAD = 8
+DIGEST_DIR = re.compile(r"p(\d{4,})/(.+)\Z", re.S)  # under <prefix>/_digests/<topic>/
+DIGEST_NAME = re.compile(r"(\d{12})\.digest\Z")
 
 
 class UsageError(Exception):
@@ -194,9 +208,9 @@ class DirStore:
             raise KeyError(f"cannot read: {e.strerror}") from None
 
 
-def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int = LOOKAHEAD) -> Iterator:
-    """Like pool.map, in order, but with at most `ahead` items in flight or waiting, so only a
-    few flushes' bytes are in memory at once."""
+def bounded_map(pool: ThreadPoolExecutor, fn: Callable, items: Iterable, ahead: int) -> Iterator:
+    """Like pool.map, in order, but with at most `ahead` items fetched or waiting, so only that
+    many flushes' bytes are in memory at once."""
     pending: deque = deque()
     for item in items:
         pending.append(pool.submit(fn, item))
@@ -241,10 +255,14 @@ class Report:
 
 class Layout(NamedTuple):
     """What the listing holds for the topic: segment keys by partition and flush, digest keys by
-    partition and seq, and the published public keys."""
+    partition and seq, other objects in a partition's digest folder, the published public keys."""
     segments: dict[int, dict[tuple[int, int], list[str]]]
     digests: dict[int, dict[int, str]]
+    unexpected: dict[int, list[str]]
     key_files: list[str]
+
+    def partitions(self) -> list[int]:
+        return sorted(set(self.segments) | set(self.digests) | set(self.unexpected))
 
 
 def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
@@ -254,19 +272,24 @@ def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
     segment_name = re.compile(re.escape(topic) + r"-p(\d{4,})-(\d{20})-(\d{20})\.parquet\Z")
     segments: dict = defaultdict(lambda: defaultdict(list))
     digests: dict = defaultdict(dict)
+    unexpected: dict = defaultdict(list)
     key_files = []
+    wanted = lambda partition: only_partition is None or partition == only_partition  # noqa: E731
     for key in store.keys(base):
         if key.startswith(digests_root):
             if key.startswith(f"{digests_root}keys/") and key.endswith(".pem"):
                 key_files.append(key)
-            elif key.startswith(topic_digests) and (m := DIGEST_NAME.match(key[len(topic_digests):])):
-                if only_partition is None or int(m[1]) == only_partition:
-                    digests[int(m[1])][int(m[2])] = key
-            continue  # everything else under _digests/ is not part of the chain
-        if m := segment_name.match(key.rsplit("/", 1)[-1]):
-            if only_partition is None or int(m[1]) == only_partition:
-                segments[int(m[1])][(int(m[2]), int(m[3]))].append(key)
-    return Layout(segments, digests, sorted(key_files))
+            elif key.startswith(topic_digests) and (m := DIGEST_DIR.match(key[len(topic_digests):])):
+                if not wanted(partition := int(m[1])):
+                    continue
+                if name := DIGEST_NAME.match(m[2]):
+                    digests[partition][int(name[1])] = key
+                else:
+                    unexpected[partition].append(key)
+            continue  # the rest of _digests/ (other topics) is not part of this chain
+        if (m := segment_name.match(key.rsplit("/", 1)[-1])) and wanted(int(m[1])):
+            segments[int(m[1])][(int(m[2]), int(m[3]))].append(key)
+    return Layout(segments, digests, unexpected, sorted(key_files))
 
 
 def digest_key(prefix: str, topic: str, partition: int, seq: int) -> str:
@@ -292,6 +315,7 @@ class Segment:
     key: str
     sha256: str | None = None          # hex SHA-256 of the whole object
     checksum_problem: str | None = None
+    no_checksum: bool = False          # S3 holds no plain SHA-256 of the body to compare with
     unreadable: str | None = None      # why the object could not be read or parsed
     footer_root: str | None = None
     merkle_root: str | None = None     # recomputed from the rows' entry hashes, in row order
@@ -308,15 +332,20 @@ def load_segment(store, key: str) -> Segment:
         return seg
     seg.sha256 = hashlib.sha256(blob.body).hexdigest()
     seg.checksum_problem = checksum_problem(blob)
+    seg.no_checksum = blob.checked and (blob.stored_sha256 is None or "-" in blob.stored_sha256)
     try:
         parquet = pq.ParquetFile(io.BytesIO(blob.body))
         meta = parquet.metadata.metadata or {}
-        columns = parquet.read(columns=COLUMNS).to_pydict()
+        table = parquet.read(columns=[c for c in COLUMNS if c in parquet.schema_arrow.names])
     except Exception as e:  # pyarrow raises many types for corrupt or foreign files
         seg.unreadable = f"not a readable segment: {e}"
         return seg
+    seg.unreadable = column_problem(table)
+    if seg.unreadable:
+        return seg
     root = meta.get(b"aegis.merkle_root")
     seg.footer_root = root.decode(errors="replace") if root is not None else None
+    columns = table.to_pydict()
     seg.rows = [Row(*values, key) for values in zip(*(columns[c] for c in COLUMNS))]
     try:
         seg.merkle_root = merkle_root([bytes.fromhex(r.entry_hash) for r in seg.rows]).hex()
@@ -325,13 +354,24 @@ def load_segment(store, key: str) -> Segment:
     return seg
 
 
+def column_problem(table: pa.Table) -> str | None:
+    """Why the rows cannot be hashed (a missing, mistyped or null column), if so."""
+    for name, type_ok in COLUMNS.items():
+        if name not in table.column_names:
+            return f"not a readable segment: column {name} missing"
+        column = table.column(name)
+        if not type_ok(column.type):
+            return f"not a readable segment: column {name} is {column.type}"
+        if column.null_count and name not in NULLABLE:
+            return f"not a readable segment: column {name} has nulls"
+    return None
+
+
 def checksum_problem(blob: Blob) -> str | None:
-    if not blob.checked:
+    # No stored SHA-256, or a multipart composite one (not a hash of the body): nothing to
+    # compare with. object_checksum is defined as a difference; the absence is only noted.
+    if not blob.checked or blob.stored_sha256 is None or "-" in blob.stored_sha256:
         return None
-    if blob.stored_sha256 is None:
-        return "S3 stored no SHA-256 checksum for this object (every segment PUT carries one)"
-    if "-" in blob.stored_sha256:
-        return None  # a multipart composite checksum is not a hash of the body: nothing to compare
     actual = base64.b64encode(sha256(blob.body)).decode()
     if actual != blob.stored_sha256:
         return f"body SHA-256 {actual} differs from the checksum S3 stored at upload {blob.stored_sha256}"
@@ -375,7 +415,7 @@ def check_fields(obj, spec: dict, what: str) -> None:
             raise DigestError(f"{what}: field {name!r} is missing or not a {getattr(kind, '__name__', kind)}")
 
 
-def parse_digest(key: str, data: bytes, topic: str, partition: int, seq: int) -> Digest:
+def parse_digest(key: str, data: bytes) -> Digest:
     lines = data.split(b"\n")
     if len(lines) != 3 or lines[2] != b"":
         raise DigestError("not exactly two lines each ending in a newline")
@@ -388,12 +428,10 @@ def parse_digest(key: str, data: bytes, topic: str, partition: int, seq: int) ->
     except ValueError as e:
         raise DigestError(f"body is not JSON: {e}") from None
     check_fields(fields, DIGEST_FIELDS, "body")
+    if fields["format"] != DIGEST_FORMAT:
+        raise DigestError(f"format is {fields['format']!r}, expected {DIGEST_FORMAT!r}")
     for i, seg in enumerate(fields["segments"]):
         check_fields(seg, SEGMENT_FIELDS, f"segments[{i}]")
-    expected = {"format": DIGEST_FORMAT, "topic": topic, "partition": partition, "seq": seq}
-    for name, want in expected.items():
-        if fields[name] != want:
-            raise DigestError(f"{name} is {fields[name]!r}, expected {want!r} from the key")
     return Digest(key, body, fields, m[1], bytes.fromhex(m[2]))
 
 
@@ -403,11 +441,12 @@ class Signed:
     last_offset, and the offset range they cover."""
     listed: dict[str, tuple[dict, str]] = field(default_factory=dict)  # key -> (segment entry, digest key)
     heads: dict[int, tuple[str, str]] = field(default_factory=dict)    # offset -> (entry hash, digest key)
+    heads_seen: set[int] = field(default_factory=set)                  # offsets of heads a row was found at
     first: int | None = None
     last: int | None = None
 
     def covers(self, first: int, last: int) -> bool:
-        """Whether a flush falls in the signed range (anything not starting after it)."""
+        """Whether a flush overlaps the signed offset range (one after it is not signed yet)."""
         return self.first is not None and first <= self.last and last >= self.first
 
 
@@ -415,9 +454,10 @@ class Signed:
 
 class Verifier:
     def __init__(self, store, prefix: str, topic: str, keys: dict[str, ed25519.Ed25519PublicKey],
-                 pool: ThreadPoolExecutor, report: Report):
+                 pool: ThreadPoolExecutor, ahead: int, report: Report):
         self.store, self.prefix, self.topic, self.keys = store, prefix, topic, keys
-        self.pool, self.report = pool, report
+        self.pool, self.ahead, self.report = pool, ahead, report
+        self.no_checksum = 0  # objects S3 holds no plain SHA-256 checksum for
 
     def problem(self, code: str, partition: int, key: str | None, offset: int | None, detail: str) -> None:
         self.report.problem(code, partition, key, offset, detail)
@@ -426,33 +466,41 @@ class Verifier:
 
     def check_digests(self, partition: int, digest_keys: dict[int, str]) -> Signed:
         signed = Signed()
-        seqs = range(max(digest_keys, default=-1) + 1)
-        prev: Digest | None = None
-        prev_body: bytes | None = None  # kept even when the previous digest was malformed
-        fetched = bounded_map(self.pool, lambda s: self.fetch_digest(digest_keys.get(s)), seqs)
+        seqs = sorted(digest_keys)
+        prev: Digest | None = None  # None after a missing or malformed digest
+        expected = 0
+        fetched = bounded_map(self.pool, lambda s: self.fetch_digest(digest_keys[s]), seqs, self.ahead)
         for seq, data in zip(seqs, fetched):
-            key = digest_keys.get(seq) or digest_key(self.prefix, self.topic, partition, seq)
-            if data is None or isinstance(data, KeyError):
-                reason = "absent" if data is None else str(data.args[0])
-                self.problem("digest_missing", partition, key, None, f"digest seq {seq} is {reason}")
-                prev = prev_body = None
+            key = digest_keys[seq]
+            if seq > expected:  # one problem per gap: a forged huge seq must not mean a huge loop
+                self.report_missing_digests(partition, expected, seq - 1)
+                prev = None
+            expected = seq + 1
+            if isinstance(data, KeyError):
+                self.problem("digest_missing", partition, key, None, f"digest seq {seq} is {data.args[0]}")
+                prev = None
                 continue
             self.report.digests += 1
             try:
-                digest = parse_digest(key, data, self.topic, partition, seq)
+                digest = parse_digest(key, data)
             except DigestError as e:
                 self.problem("digest_malformed", partition, key, None, str(e))
-                prev, prev_body = None, data.split(b"\n", 1)[0]
+                prev = None
                 continue
             self.check_signature(partition, digest)
-            self.check_digest_chain(partition, digest, seq, prev, prev_body)
+            self.check_digest_chain(partition, digest, seq, prev)
+            # A digest that fails its signature or chain still says what it lists: checking
+            # that too points at what was changed rather than only at the digest.
             self.record_claims(signed, digest)
-            prev, prev_body = digest, digest.body
+            prev = digest
         return signed
 
-    def fetch_digest(self, key: str | None):
-        if key is None:
-            return None
+    def report_missing_digests(self, partition: int, first: int, last: int) -> None:
+        key = digest_key(self.prefix, self.topic, partition, first)
+        what = f"digest seq {first} is" if first == last else f"digests seq {first}..{last} are"
+        self.problem("digest_missing", partition, key, None, f"{what} absent")
+
+    def fetch_digest(self, key: str) -> bytes | KeyError:
         try:
             return self.store.get(key).body
         except KeyError as e:
@@ -473,19 +521,24 @@ class Verifier:
         if problem:
             self.problem("digest_signature", partition, digest.key, digest.fields["last_offset"], problem)
 
-    def check_digest_chain(self, partition: int, digest: Digest, seq: int,
-                           prev: Digest | None, prev_body: bytes | None) -> None:
+    def check_digest_chain(self, partition: int, digest: Digest, seq: int, prev: Digest | None) -> None:
         f = digest.fields
+        # A digest copied from another slot (replayed) is well formed but out of place.
+        where = {"topic": self.topic, "partition": partition, "seq": seq}
+        for name, want in where.items():
+            if f[name] != want:
+                self.problem("digest_chain", partition, digest.key, f["first_offset"],
+                             f"body says {name} {f[name]!r} but its key says {want!r}")
         if seq == 0:
             if f["prev_digest_sha256"] != ZERO_HASH:
                 self.problem("digest_chain", partition, digest.key, f["first_offset"],
                              "seq 0 must have prev_digest_sha256 of 64 zeros")
             return
-        if prev_body is not None and f["prev_digest_sha256"] != hashlib.sha256(prev_body).hexdigest():
-            self.problem("digest_chain", partition, digest.key, f["first_offset"],
-                         f"prev_digest_sha256 is not the SHA-256 of digest seq {seq - 1}'s body")
         if prev is None:
             return  # the previous digest is missing or malformed: already reported
+        if f["prev_digest_sha256"] != hashlib.sha256(prev.body).hexdigest():
+            self.problem("digest_chain", partition, digest.key, f["first_offset"],
+                         f"prev_digest_sha256 is not the SHA-256 of digest seq {seq - 1}'s body")
         if f["first_prev_hash"] != prev.fields["last_entry_hash"]:
             self.problem("digest_chain", partition, digest.key, f["first_offset"],
                          f"first_prev_hash {f['first_prev_hash']} is not seq {seq - 1}'s last_entry_hash "
@@ -507,16 +560,20 @@ class Verifier:
     # -- segments
 
     def verify_partition(self, partition: int, flushes: dict[tuple[int, int], list[str]],
-                         digest_keys: dict[int, str]) -> None:
+                         digest_keys: dict[int, str], unexpected: list[str]) -> None:
+        for key in unexpected:  # e.g. a digest renamed out of the sequence
+            self.problem("digest_unexpected", partition, key, None,
+                         "in the partition's digest folder but not named <seq:012>.digest")
         signed = self.check_digests(partition, digest_keys)
         chain = ChainState(genesis(self.topic, partition).hex())
         order = sorted(flushes)
-        loaded = bounded_map(self.pool, lambda r: [load_segment(self.store, k) for k in sorted(flushes[r])], order)
+        loaded = bounded_map(self.pool, lambda r: [load_segment(self.store, k) for k in sorted(flushes[r])],
+                             order, self.ahead)
         for (first, last), segments in zip(order, loaded):
             for seg in segments:
                 self.check_object(partition, seg, first, last, signed)
             self.check_flush(partition, first, last, segments, chain, signed)
-        self.check_leftover_claims(partition, signed, chain)
+        self.check_leftover_claims(partition, signed)
         if not digest_keys and flushes:
             self.report.notes.append(f"p{partition}: no digests; its segments are checked by links alone")
 
@@ -528,14 +585,8 @@ class Verifier:
             self.problem("object_unreadable", partition, key, first, seg.unreadable)
         if seg.checksum_problem:
             self.problem("object_checksum", partition, key, first, seg.checksum_problem)
-        if seg.merkle_error:
-            self.problem("merkle_root", partition, key, first, seg.merkle_error)
-        elif seg.merkle_root is not None:
-            if seg.footer_root is None:
-                self.problem("merkle_root", partition, key, first, "footer has no aegis.merkle_root")
-            elif seg.footer_root != seg.merkle_root:
-                self.problem("merkle_root", partition, key, first,
-                             f"footer aegis.merkle_root {seg.footer_root} but the rows give {seg.merkle_root}")
+        self.no_checksum += seg.no_checksum
+        self.check_footer_root(partition, seg, first)
         claim = signed.listed.pop(key, None)
         if claim is not None:
             self.check_claim(partition, seg, first, *claim)
@@ -545,6 +596,17 @@ class Verifier:
                          "but no digest lists this object")
         else:
             self.report.unsigned_segments += 1
+
+    def check_footer_root(self, partition: int, seg: Segment, first: int) -> None:
+        if seg.merkle_error:
+            self.problem("merkle_root", partition, seg.key, first, seg.merkle_error)
+        elif seg.merkle_root is None:
+            return  # unreadable: already reported
+        elif seg.footer_root is None:
+            self.problem("merkle_root", partition, seg.key, first, "footer has no aegis.merkle_root")
+        elif seg.footer_root != seg.merkle_root:
+            self.problem("merkle_root", partition, seg.key, first,
+                         f"footer aegis.merkle_root {seg.footer_root} but the rows give {seg.merkle_root}")
 
     def check_claim(self, partition: int, seg: Segment, first: int, claim: dict, digest: str) -> None:
         if seg.sha256 is None:
@@ -558,53 +620,52 @@ class Verifier:
 
     def check_flush(self, partition: int, first: int, last: int, segments: list[Segment],
                     chain: "ChainState", signed: Signed) -> None:
+        # Rows of an unreadable object (reported already) are simply absent here, like those of
+        # a deleted object: the links around them break and say where.
         rows = sorted((r for seg in segments for r in seg.rows), key=lambda r: r.offset)
-        complete = not any(seg.unreadable for seg in segments)
-        name = f"{self.topic}-p{partition:04d}-{first:020d}-{last:020d}.parquet"
-        if complete:
-            if not rows:
-                self.problem("segment_range", partition, name, first, f"flush {first}..{last} has no rows")
-            else:
-                if rows[0].offset != first:
-                    self.problem("segment_range", partition, rows[0].key, rows[0].offset,
-                                 f"flush {first}..{last} starts at offset {rows[0].offset}")
-                if rows[-1].offset != last:
-                    self.problem("segment_range", partition, rows[-1].key, rows[-1].offset,
-                                 f"flush {first}..{last} ends at offset {rows[-1].offset}")
+        if not rows:
+            key = segments[0].key if segments else None
+            self.problem("segment_range", partition, key, first, f"flush {first}..{last} has no rows")
+        elif rows[0].offset != first or rows[-1].offset != last:
+            bad = rows[0] if rows[0].offset != first else rows[-1]
+            self.problem("segment_range", partition, bad.key, bad.offset,
+                         f"flush {first}..{last} has rows {rows[0].offset}..{rows[-1].offset}")
         for row in rows:
-            # Rows of an unreadable object (already reported) are missing somewhere in this
-            # flush, so no link in it, nor the next flush's first, can be expected to hold:
-            # each row's own link is taken as the anchor instead.
-            chain.resync |= not complete
             self.check_row(partition, row, chain, signed)
-        chain.resync |= not complete
 
     def check_row(self, partition: int, row: Row, chain: "ChainState", signed: Signed) -> None:
         if row.topic != self.topic or row.partition != partition:
             self.problem("misplaced_row", partition, row.key, row.offset,
                          f"row is {row.topic!r} partition {row.partition}, the key says {self.topic!r} p{partition}")
         self.check_entry_hash(partition, row)
-        if chain.offset is not None and row.offset <= chain.offset:
-            # Not part of the chain we are following: report it and keep linking past it.
-            what = "appears again" if row.offset == chain.offset else f"is not above {chain.offset}"
+        if chain.highest is not None and row.offset <= chain.highest:
+            # Offsets are unique across the trail; overlapping flushes repeat them.
+            what = "appears again" if row.offset == chain.highest else f"is not above {chain.highest}, seen before"
             self.problem("duplicate_offset", partition, row.key, row.offset, f"offset {row.offset} {what}")
-            return
-        if not chain.resync and row.prev_hash != chain.head:
-            where = "genesis" if chain.offset is None else f"entry_hash of offset {chain.offset}"
+        else:
+            chain.highest = row.offset
+        head = signed.heads.get(row.offset)
+        if head is not None:  # every row claiming a signed head's offset must be that head
+            signed.heads_seen.add(row.offset)
+            if row.entry_hash != head[0]:
+                self.problem("digest_mismatch", partition, row.key, row.offset,
+                             f"entry_hash {row.entry_hash} but {head[1]} signed {head[0]}")
+        # Links are checked in row order even through repeated offsets: the previous entry is
+        # the row before, whatever it is.
+        if row.prev_hash != chain.head:
+            where = "genesis" if chain.offset is None else f"entry_hash of the previous entry (offset {chain.offset})"
             self.problem("broken_link", partition, row.key, row.offset,
                          f"prev_hash {row.prev_hash} is not the {where} {chain.head}")
-        head = signed.heads.pop(row.offset, None)
-        if head is not None and row.entry_hash != head[0]:
-            self.problem("digest_mismatch", partition, row.key, row.offset,
-                         f"entry_hash {row.entry_hash} but {head[1]} signed {head[0]}")
-        chain.head, chain.offset, chain.resync = row.entry_hash, row.offset, False
+        chain.head, chain.offset = row.entry_hash, row.offset
 
     def check_entry_hash(self, partition: int, row: Row) -> None:
         status = STATUS_CODES.get(row.status)
         if status is None:
             detail = f"status {row.status!r} is neither accepted nor rejected"
-        elif not (isinstance(row.prev_hash, str) and HEX64.match(row.prev_hash)):
+        elif not HEX64.match(row.prev_hash):
             detail = f"prev_hash {row.prev_hash!r} is not 64 lowercase hex chars"
+        elif len(row.topic.encode()) > 0xFFFF:
+            detail = "kafka_topic is too long to hash (u16 length)"
         else:
             payload = row.payload or b""  # a null value is hashed as 0 bytes
             want = entry_hash(bytes.fromhex(row.prev_hash), row.topic, row.partition, row.offset, status, payload)
@@ -613,20 +674,22 @@ class Verifier:
             detail = f"row hashes to {want.hex()}, stored entry_hash {row.entry_hash}"
         self.problem("entry_hash", partition, row.key, row.offset, detail)
 
-    def check_leftover_claims(self, partition: int, signed: Signed, chain: "ChainState") -> None:
+    def check_leftover_claims(self, partition: int, signed: Signed) -> None:
         for key, (claim, digest) in signed.listed.items():
             self.problem("missing_segment", partition, key, claim["first_offset"],
                          f"listed in {digest} but not in the trail")
         for offset, (want, digest) in signed.heads.items():
-            self.problem("digest_mismatch", partition, None, offset,
+            if offset in signed.heads_seen:
+                continue
+            self.problem("digest_mismatch", partition, digest, offset,
                          f"{digest} signed entry_hash {want} at offset {offset}, but no such row is in the trail")
 
 
 @dataclass
 class ChainState:
-    head: str                  # entry_hash (hex) the next row must link to
-    offset: int | None = None  # offset of that entry; None before the first
-    resync: bool = False       # accept the next row's link as is (after unreadable rows)
+    head: str                   # entry_hash (hex) of the previous row: the next must link to it
+    offset: int | None = None   # that row's offset; None before the first row (head = genesis)
+    highest: int | None = None  # highest offset seen so far (offsets must strictly increase)
 
 
 # ------------------------------------------------------------------ command line
@@ -667,15 +730,18 @@ def verify(args) -> Report:
     keys = trusted_keys(args, store, layout, report)
     if args.dir:
         report.notes.append("local mirror: S3's stored checksums are not available, object_checksum not checked")
-    partitions = sorted(set(layout.segments) | set(layout.digests))
+    partitions = layout.partitions()
     if not partitions:
         report.notes.append(f"no segments or digests for topic {args.topic!r} under {store.describe()}{prefix}")
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
-        verifier = Verifier(store, prefix, args.topic, keys, pool, report)
+        verifier = Verifier(store, prefix, args.topic, keys, pool, args.workers, report)
         for partition in partitions:
             report.partitions += 1
             verifier.verify_partition(partition, layout.segments.get(partition, {}),
-                                      layout.digests.get(partition, {}))
+                                      layout.digests.get(partition, {}), layout.unexpected.get(partition, []))
+    if verifier.no_checksum:
+        report.notes.append(f"{verifier.no_checksum} object(s) have no SHA-256 checksum stored in S3 (every "
+                            "segment PUT carries one: copied or rewritten?); object_checksum not checked for them")
     return report
 
 
@@ -696,7 +762,8 @@ def parse_args(argv: list[str]):
                    help="trusted Ed25519 public key (SPKI PEM); repeatable. Default: the keys published in the bucket")
     p.add_argument("--endpoint-url", help="S3 endpoint (default: $AEGIS_TEST_AWS_ENDPOINT or "
                    f"{DEFAULT_ENDPOINT}; '' for AWS itself with boto3's default credentials)")
-    p.add_argument("--workers", type=int, default=16, help="objects fetched concurrently (default: 16)")
+    p.add_argument("--workers", type=int, default=16,
+                   help="flushes fetched concurrently, also the most held in memory (default: 16)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--self-test", action="store_true", help="check the test vectors of CHAIN.md and exit")
     args = p.parse_args(argv)

@@ -23,11 +23,15 @@ pub enum CommitError {
 pub struct Committer {
     consumer: Arc<StreamConsumer<AuditContext>>,
     topic: String,
+    /// One synchronous commit at a time: workers of several partitions may finish together (or
+    /// all commit past the head at once after a replay), and librdkafka's group handling is
+    /// safest without concurrent commit calls racing a rebalance.
+    serial: Arc<std::sync::Mutex<()>>,
 }
 
 impl Committer {
     pub fn new(consumer: Arc<StreamConsumer<AuditContext>>, topic: &str) -> Self {
-        Self { consumer, topic: topic.to_string() }
+        Self { consumer, topic: topic.to_string(), serial: Arc::default() }
     }
 
     /// Synchronously commits `offset` (the next offset to read) for `partition`.
@@ -35,7 +39,9 @@ impl Committer {
         let started = Instant::now();
         let consumer = self.consumer.clone();
         let topic = self.topic.clone();
+        let serial = self.serial.clone();
         let result = tokio::task::spawn_blocking(move || {
+            let _one_at_a_time = serial.lock().unwrap_or_else(|e| e.into_inner());
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&topic, partition, Offset::Offset(offset)).map_err(|e| e.to_string())?;
             consumer.commit(&tpl, CommitMode::Sync).map_err(|e| e.to_string())

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# End-to-end benchmark of aegis-audit against a straightforward Python baseline (ops/bench/baseline.py)
+# on the local stack. See ops/bench/README.md.
+#
+#   bash ops/bench/e2e.sh [--events N (default 1000000)] [--partitions P (default 8)] [--skip-baseline]
+#                         [--marker-rate R (10)] [--marker-seconds S (30; 0 skips latency)]
+#                         [--modes s3-only,s3+dynamodb] [--keep]
+#
+# Uses target/release/aegis-audit when it exists, else target/debug/aegis-audit (build with
+# `cargo build --release` first for meaningful figures). Prints a summary table and writes the
+# full report to ops/bench/results/e2e-<date>.json.
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+ARGS=()
+while (($#)); do
+    case $1 in
+        --events | --partitions | --marker-rate | --marker-seconds | --modes | --timeout)
+            (($# >= 2)) || { echo "e2e.sh: $1 needs a value" >&2; exit 2; }
+            ARGS+=("$1" "$2"); shift 2 ;;
+        --skip-baseline | --keep) ARGS+=("$1"); shift ;;
+        -h | --help) sed -n '2,11p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "e2e.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+
+if [[ -x $REPO_ROOT/target/release/aegis-audit ]]; then
+    BIN=$REPO_ROOT/target/release/aegis-audit BUILD=release
+elif [[ -x $REPO_ROOT/target/debug/aegis-audit ]]; then
+    BIN=$REPO_ROOT/target/debug/aegis-audit BUILD=debug
+else
+    echo "e2e.sh: no aegis-audit binary under target/ (run: cargo build --release)" >&2
+    exit 2
+fi
+echo "[e2e] binary: $BIN ($BUILD build)"
+[[ $BUILD == release ]] || echo "[e2e] WARNING: debug build; run 'cargo build --release' for representative figures"
+
+bash "$REPO_ROOT/ops/stack.sh" up
+eval "$(bash "$REPO_ROOT/ops/stack.sh" env)"
+export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1
+
+exec "$AEGIS_PYTHON" "$REPO_ROOT/ops/bench/e2e.py" --bin "$BIN" --build "$BUILD" "${ARGS[@]}"
