@@ -153,9 +153,12 @@ pub fn backend_error(err: &SinkError) {
         SinkError::Conflict { .. } => "s3",
     };
     counter!(BACKEND_ERRORS, "backend" => backend, "kind" => err.kind()).increment(1);
-    if matches!(err, SinkError::FenceLost { .. }) {
-        counter!(FENCE_LOST).increment(1);
-    }
+}
+
+/// A worker stopped because another owner holds its partition's chain head.
+pub fn fence_lost() {
+    counter!(FENCE_LOST).increment(1);
+    counter!(BACKEND_ERRORS, "backend" => "dynamodb", "kind" => "fence_lost").increment(1);
 }
 
 /// A consumer-side Kafka error (broker down, transport); librdkafka reconnects by itself.

@@ -50,6 +50,14 @@ where
                 }
                 return Ok(value);
             }
+            Err(err @ SinkError::FenceLost { .. }) => {
+                // Not a backend failure, and not yet a loss: the caller first checks whether its
+                // own earlier attempt landed; the worker counts a real loss when it stops.
+                if attempt > 0 {
+                    on_state(true);
+                }
+                return Err(RetryError::Sink(err));
+            }
             Err(err) => {
                 metrics::backend_error(&err);
                 if !err.is_retryable() {

@@ -504,6 +504,7 @@ impl Worker {
 
     fn stop(&self, error: &PartitionError) {
         if error.is_fence_lost() {
+            metrics::fence_lost();
             tracing::error!(topic = %self.topic, partition = self.partition, %error, "lost the partition's fence; this worker stops writing it");
             return;
         }
