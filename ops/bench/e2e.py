@@ -20,7 +20,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,8 @@ from confluent_kafka.admin import AdminClient
 
 REPO = Path(__file__).resolve().parents[2]
 BASELINE = REPO / "ops" / "bench" / "baseline.py"
+sys.path.insert(0, str(REPO / "tests" / "py"))
+from conftest import free_port  # noqa: E402  (one port picker: below the ephemeral range, checked free)
 BROKERS = os.environ.get("AEGIS_KAFKA__BROKERS", "127.0.0.1:9092")
 AWS_URL = os.environ.get("AEGIS_S3__ENDPOINT_URL", "http://127.0.0.1:5000")
 IDLE_S = 5
@@ -48,19 +49,6 @@ SHORT_WINDOW_S = 3 * MAX_AGE_MS / 1000  # a measuring window this short is mostl
 
 def say(msg: str) -> None:
     print(f"[e2e] {time.strftime('%H:%M:%S')} {msg}", flush=True)
-
-
-def free_port() -> int:
-    """Below the ephemeral range, as tests/py/conftest.py does."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def ts(text: str) -> float:
