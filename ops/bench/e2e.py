@@ -18,7 +18,6 @@ import argparse
 import io
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
