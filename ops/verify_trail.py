@@ -473,7 +473,7 @@ class Verifier:
         for seq, data in zip(seqs, fetched):
             key = digest_keys[seq]
             if seq > expected:  # one problem per gap: a forged huge seq must not mean a huge loop
-                self.report_missing_digests(partition, expected, seq - 1)
+                self.report_missing_digests(partition, expected, seq, key)
                 prev = None
             expected = seq + 1
             if isinstance(data, KeyError):
@@ -495,10 +495,13 @@ class Verifier:
             prev = digest
         return signed
 
-    def report_missing_digests(self, partition: int, first: int, last: int) -> None:
-        key = digest_key(self.prefix, self.topic, partition, first)
-        what = f"digest seq {first} is" if first == last else f"digests seq {first}..{last} are"
-        self.problem("digest_missing", partition, key, None, f"{what} absent")
+    def report_missing_digests(self, partition: int, first: int, found: int, found_key: str) -> None:
+        # Named after the digest that reveals the gap (the spec leaves the key open; this is
+        # what `aegis-audit verify` reports); the detail names the absent objects.
+        absent = digest_key(self.prefix, self.topic, partition, first)
+        what = f"digest seq {first} ({absent}) is" if found == first + 1 else \
+            f"digests seq {first}..{found - 1} (from {absent}) are"
+        self.problem("digest_missing", partition, found_key, None, f"{what} absent, found seq {found}")
 
     def fetch_digest(self, key: str) -> bytes | KeyError:
         try:
@@ -638,20 +641,30 @@ class Verifier:
             self.problem("misplaced_row", partition, row.key, row.offset,
                          f"row is {row.topic!r} partition {row.partition}, the key says {self.topic!r} p{partition}")
         self.check_entry_hash(partition, row)
+        self.check_order(partition, row, chain)
+        self.check_signed_head(partition, row, signed)
+        self.check_link(partition, row, chain)
+
+    def check_order(self, partition: int, row: Row, chain: "ChainState") -> None:
+        # Offsets are unique across the trail and increase along the chain; overlapping flushes
+        # (or a row written twice) repeat them.
         if chain.highest is not None and row.offset <= chain.highest:
-            # Offsets are unique across the trail; overlapping flushes repeat them.
             what = "appears again" if row.offset == chain.highest else f"is not above {chain.highest}, seen before"
             self.problem("duplicate_offset", partition, row.key, row.offset, f"offset {row.offset} {what}")
         else:
             chain.highest = row.offset
+
+    def check_signed_head(self, partition: int, row: Row, signed: Signed) -> None:
         head = signed.heads.get(row.offset)
-        if head is not None:  # every row claiming a signed head's offset must be that head
-            signed.heads_seen.add(row.offset)
-            if row.entry_hash != head[0]:
-                self.problem("digest_mismatch", partition, row.key, row.offset,
-                             f"entry_hash {row.entry_hash} but {head[1]} signed {head[0]}")
-        # Links are checked in row order even through repeated offsets: the previous entry is
-        # the row before, whatever it is.
+        if head is None:
+            return
+        signed.heads_seen.add(row.offset)
+        if row.entry_hash != head[0]:  # every row at a signed head's offset must be that head
+            self.problem("digest_mismatch", partition, row.key, row.offset,
+                         f"entry_hash {row.entry_hash} but {head[1]} signed {head[0]}")
+
+    def check_link(self, partition: int, row: Row, chain: "ChainState") -> None:
+        # In row order even through repeated offsets: the previous entry is the row before.
         if row.prev_hash != chain.head:
             where = "genesis" if chain.offset is None else f"entry_hash of the previous entry (offset {chain.offset})"
             self.problem("broken_link", partition, row.key, row.offset,
