@@ -116,6 +116,10 @@ pub struct DynamoConfig {
     /// Concurrent BatchWriteItem calls per flush.
     #[serde(default = "defaults::write_concurrency")]
     pub write_concurrency: usize,
+    /// `false` writes only S3 and the chain table (a fast backfill); `rebuild-index` fills the
+    /// index from S3 afterwards.
+    #[serde(default = "defaults::yes")]
+    pub write_index: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -147,6 +151,10 @@ pub struct SegmentConfig {
     pub row_group_rows: usize,
     #[serde(default = "defaults::zstd_level")]
     pub zstd_level: i32,
+    /// All partitions' segment buffers together stay under this (`budget.rs`): past it, the
+    /// largest buffers flush early.
+    #[serde(default = "defaults::memory_budget_bytes")]
+    pub memory_budget_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -249,6 +257,9 @@ mod defaults {
     pub fn write_concurrency() -> usize {
         8
     }
+    pub fn yes() -> bool {
+        true
+    }
     // Athena wants few large files: ~100k records of ~500 B is ~15-25 MB of ZSTD Parquet.
     pub fn max_records() -> usize {
         100_000
@@ -266,6 +277,11 @@ mod defaults {
     // encodes about 1.6x faster; ZSTD dominated the hot path's profile at 3.
     pub fn zstd_level() -> i32 {
         1
+    }
+    // With librdkafka's queue (16 MiB), the worker queues and encoding, an instance stays
+    // under ~300 MiB resident (README, Performance).
+    pub fn memory_budget_bytes() -> usize {
+        128 * 1024 * 1024
     }
     pub fn max_record_bytes() -> usize {
         256 * 1024
@@ -291,6 +307,7 @@ impl Default for SegmentConfig {
             max_bytes: defaults::max_bytes(),
             max_age_ms: defaults::max_age_ms(),
             row_group_rows: defaults::row_group_rows(),
+            memory_budget_bytes: defaults::memory_budget_bytes(),
             zstd_level: defaults::zstd_level(),
         }
     }
@@ -402,6 +419,9 @@ impl Config {
         }
         if self.segment.max_records == 0 {
             return Err(invalid("segment.max_records", "must be at least 1"));
+        }
+        if self.segment.memory_budget_bytes < 1024 * 1024 {
+            return Err(invalid("segment.memory_budget_bytes", "must be at least 1 MiB"));
         }
         if self.segment.max_bytes < 1024 {
             return Err(invalid("segment.max_bytes", "must be at least 1024"));

@@ -7,6 +7,7 @@
 //! with `partition` holding one partition's ordered writer and flush protocol, and the operator
 //! commands (`init`, `produce`) beside them.
 
+pub mod budget;
 pub mod chain;
 pub mod cli;
 pub mod commit;

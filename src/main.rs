@@ -320,7 +320,16 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
             "digest.signing_key(_file) not set: segments are hash-chained but no signed digests are written"
         ),
     }
-    let sinks = Sinks { objects, index: dynamo.clone(), heads: dynamo.clone(), dead_letters, signer };
+    let index: Option<Arc<dyn aegis_audit::sinks::IndexStore>> = if config.dynamodb.write_index {
+        Some(dynamo.clone())
+    } else {
+        tracing::warn!(
+            "dynamodb.write_index = false: the decision index is not written; fill it later with rebuild-index"
+        );
+        None
+    };
+    let memory = aegis_audit::budget::MemoryBudget::new(config.segment.memory_budget_bytes);
+    let sinks = Sinks { objects, index, heads: dynamo.clone(), dead_letters, signer, memory };
     spawn_signal_handler(shutdown.clone(), hard_stop.clone());
     let member = spawn_heartbeat(dynamo.clone(), config.kafka.group_id.clone(), hard_stop.clone());
     let options = source::RunOptions { exit_when_idle };

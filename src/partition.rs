@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::{self, BudgetShare, MemoryBudget};
 use crate::chain::{Chain, ChainError, EntryStatus};
 use crate::config::Config;
 use crate::decode;
@@ -76,12 +77,15 @@ const MAX_UNDIGESTED: usize = 256;
 #[derive(Clone)]
 pub struct Sinks {
     pub objects: Arc<dyn ObjectStore>,
-    pub index: Arc<dyn IndexStore>,
+    /// The decision index; `None` when `dynamodb.write_index = false`.
+    pub index: Option<Arc<dyn IndexStore>>,
     pub heads: Arc<dyn HeadStore>,
     /// The dead-letter topic, when `kafka.dead_letter_topic` is set.
     pub dead_letters: Option<Arc<dyn DeadLetterSink>>,
     /// Signs digests, when `digest.*` configures a key.
     pub signer: Option<Arc<DigestSigner>>,
+    /// Shared by every partition writer of this instance.
+    pub memory: Arc<MemoryBudget>,
 }
 
 /// What became of an offered record.
@@ -120,6 +124,8 @@ pub struct PartitionWriter {
     seeks: u32,
     buffer: Vec<ChainedRecord>,
     buffer_bytes: usize,
+    /// The buffer's part of the instance's memory budget.
+    share: BudgetShare,
     oldest: Option<Instant>,
     /// The partition's last digest and the durable segments not in any digest yet.
     digest: Option<DigestPos>,
@@ -169,6 +175,7 @@ impl PartitionWriter {
                 "resuming an interrupted flush"
             );
         }
+        let share = BudgetShare::new(sinks.memory.clone());
         Ok(Self {
             topic: topic.to_string(),
             partition,
@@ -181,6 +188,7 @@ impl PartitionWriter {
             seeks: 0,
             buffer: Vec::new(),
             buffer_bytes: 0,
+            share,
             oldest: None,
             digest: head.digest,
             undigested: head.undigested,
@@ -201,12 +209,13 @@ impl PartitionWriter {
         self.buffer.len()
     }
 
-    /// Offers one Kafka record. `payload` is the exact record value (`None` for a tombstone).
+    /// Offers one Kafka record. `payload` is the exact record value (`None` for a tombstone),
+    /// owned so the buffer keeps it without another copy.
     pub fn admit(
         &mut self,
         offset: i64,
         kafka_timestamp_ms: Option<i64>,
-        payload: Option<&[u8]>,
+        payload: Option<Bytes>,
     ) -> Result<Admit, PartitionError> {
         if let Some(next) = self.next_offset() {
             if offset < next {
@@ -243,15 +252,16 @@ impl PartitionWriter {
                 );
             }
         }
-        let outcome = decode::decode(payload, kafka_timestamp_ms, &self.config.validation);
+        let outcome = decode::decode(payload.as_deref(), kafka_timestamp_ms, &self.config.validation);
         let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
-        let bytes = Bytes::copy_from_slice(payload.unwrap_or_default());
+        let bytes = payload.unwrap_or_default();
         let link = self.chain.append(offset, status, &bytes)?;
         if let Err(reason) = &outcome {
             tracing::warn!(topic = %self.topic, partition = self.partition, offset, code = reason.code(), %reason, "record rejected");
         }
         metrics::record_consumed(self.partition, &outcome);
         self.buffer_bytes += bytes.len();
+        self.share.add(budget::record_cost(bytes.len()));
         self.oldest.get_or_insert_with(Instant::now);
         self.buffer.push(ChainedRecord { offset, kafka_timestamp_ms, payload: bytes, link, outcome });
         Ok(Admit::Appended)
@@ -269,6 +279,7 @@ impl PartitionWriter {
         let seg = &self.config.segment;
         self.buffer.len() >= seg.max_records
             || self.buffer_bytes >= seg.max_bytes
+            || self.share.over_fair_share()
             || self.oldest.is_some_and(|t| now.duration_since(t) >= self.config.max_age())
     }
 
@@ -305,7 +316,9 @@ impl PartitionWriter {
         }
 
         let config = self.config.clone();
+        let memory = self.sinks.memory.clone();
         let segments = {
+            let _encoding = memory.encode_permit().await;
             let (topic, partition, records) = (self.topic.clone(), self.partition, std::mem::take(&mut self.buffer));
             let encoded = tokio::task::spawn_blocking(move || {
                 let result = encode_flush(&config.s3.prefix, &topic, partition, &records, &config.segment);
@@ -316,6 +329,7 @@ impl PartitionWriter {
             self.buffer = encoded.0;
             encoded.1?
         };
+        let encode_time = started.elapsed();
 
         // 1. Intent (skipped when we are completing an interrupted flush's recorded intent).
         if self.recovering.is_none() {
@@ -335,12 +349,17 @@ impl PartitionWriter {
             }
         }
         // 3. Index.
-        let items = self.index_items(&segments);
-        let concurrency = self.config.dynamodb.write_concurrency;
-        let index = retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
-            index::write_items(self.sinks.index.as_ref(), items.clone(), concurrency)
-        })
-        .await?;
+        let index = match &self.sinks.index {
+            Some(store) => {
+                let items = self.index_items(&segments);
+                let concurrency = self.config.dynamodb.write_concurrency;
+                retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+                    index::write_items(store.as_ref(), items.clone(), concurrency)
+                })
+                .await?
+            }
+            None => index::IndexReport::default(),
+        };
         if index.conflicts > 0 {
             tracing::warn!(
                 topic = %self.topic,
@@ -363,10 +382,12 @@ impl PartitionWriter {
         self.recovering = None;
         self.buffer.clear();
         self.buffer_bytes = 0;
+        self.share.release();
         self.oldest = None;
         tracing::info!(
             topic = %self.topic, partition = self.partition, first = pending.first_offset, last = pending.last_offset,
-            records, objects = segments.len(), head = %hex::encode(pending.last_hash), "flushed"
+            records, objects = segments.len(), head = %hex::encode(pending.last_hash),
+            encode_ms = encode_time.as_millis() as u64, elapsed_ms = started.elapsed().as_millis() as u64, "flushed"
         );
         Ok(Some(Flushed {
             commit_offset: pending.last_offset + 1,
@@ -617,10 +638,11 @@ mod tests {
         fn sinks(&self) -> Sinks {
             Sinks {
                 objects: self.objects.clone(),
-                index: self.index.clone(),
+                index: Some(self.index.clone()),
                 heads: self.heads.clone(),
                 dead_letters: Some(self.dead.clone()),
                 signer: None,
+                memory: MemoryBudget::new(1 << 30),
             }
         }
     }
@@ -644,7 +666,7 @@ mod tests {
         let mut out = Vec::new();
         for i in range {
             let payload = event(i);
-            assert_eq!(w.admit(i, None, Some(payload.as_bytes())).unwrap(), Admit::Appended);
+            assert_eq!(w.admit(i, None, Some(Bytes::from(payload))).unwrap(), Admit::Appended);
             if w.should_flush(Instant::now()) {
                 out.extend(w.flush(&CancellationToken::new()).await.unwrap());
             }
@@ -664,6 +686,46 @@ mod tests {
         assert_eq!(head.committed.unwrap().last_offset, 5);
         assert_eq!(head.committed.unwrap().last_hash, w.chain.head());
         assert!(head.pending.is_none());
+    }
+
+    #[tokio::test]
+    async fn without_the_index_a_flush_still_writes_segments_and_head() {
+        let s = Stack::new();
+        let sinks = Sinks { index: None, ..s.sinks() };
+        let mut w = PartitionWriter::open("t", 0, config(), sinks, &CancellationToken::new()).await.unwrap();
+        let flushed = feed(&mut w, 0..3).await;
+        assert_eq!(flushed.iter().map(|f| f.commit_offset).collect::<Vec<_>>(), vec![3]);
+        assert_eq!(s.objects.keys().len(), 1);
+        assert!(s.index.items().is_empty());
+        assert_eq!(s.heads.get("t", 0).committed.unwrap().last_offset, 2);
+    }
+
+    #[tokio::test]
+    async fn over_the_memory_budget_the_fuller_partition_flushes_early() {
+        let (a_stack, b_stack) = (Stack::new(), Stack::new());
+        let mut config = (*config()).clone();
+        config.segment.max_records = 1000;
+        let config = Arc::new(config);
+        // Room for five buffered records across both partitions.
+        let memory = MemoryBudget::new(5 * budget::record_cost(event(0).len()) + 10);
+        let cancel = CancellationToken::new();
+        let open = |s: &Stack, p| {
+            let sinks = Sinks { memory: memory.clone(), ..s.sinks() };
+            PartitionWriter::open("t", p, config.clone(), sinks, &cancel)
+        };
+        let (mut a, mut b) = (open(&a_stack, 0).await.unwrap(), open(&b_stack, 1).await.unwrap());
+        for i in 0..4 {
+            a.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
+        }
+        b.admit(0, None, Some(Bytes::from(event(0)))).unwrap();
+        assert!(!a.should_flush(Instant::now()) && !b.should_flush(Instant::now()), "at the budget, not over");
+        b.admit(1, None, Some(Bytes::from(event(1)))).unwrap();
+        assert!(a.should_flush(Instant::now()), "the fuller buffer flushes");
+        assert!(!b.should_flush(Instant::now()), "the smaller one keeps filling");
+        a.flush(&CancellationToken::new()).await.unwrap();
+        assert_eq!(memory.used(), 2 * budget::record_cost(event(0).len()));
+        drop(b);
+        assert_eq!(memory.used(), 0, "a dropped writer gives its buffer's budget back");
     }
 
     fn signed(s: &Stack) -> Sinks {
@@ -749,7 +811,7 @@ mod tests {
         }
         let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         for i in 0..3 {
-            assert_eq!(w2.admit(i, None, Some(event(i).as_bytes())).unwrap(), Admit::AlreadyChained);
+            assert_eq!(w2.admit(i, None, Some(Bytes::from(event(i)))).unwrap(), Admit::AlreadyChained);
         }
         feed(&mut w2, 3..6).await;
         assert_eq!(s.heads.get("t", 0).committed.unwrap().last_hash, uninterrupted.head());
@@ -763,13 +825,13 @@ mod tests {
         let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         // A seek that did not take (or landed past the head) is retried, never silently skipped.
         for _ in 0..MAX_SEEKS {
-            assert_eq!(w2.admit(7, None, Some(b"{}")).unwrap(), Admit::SeekTo(3));
+            assert_eq!(w2.admit(7, None, Some(Bytes::from_static(b"{}"))).unwrap(), Admit::SeekTo(3));
         }
         assert_eq!(w2.buffered(), 0);
         // Still past the head after repeated seeks: Kafka has no offsets 3..=6; continue at 7.
-        assert_eq!(w2.admit(7, None, Some(event(7).as_bytes())).unwrap(), Admit::Appended);
+        assert_eq!(w2.admit(7, None, Some(Bytes::from(event(7)))).unwrap(), Admit::Appended);
         // Once records flow, a later offset gap (transaction markers) needs no seek.
-        assert_eq!(w2.admit(9, None, Some(event(9).as_bytes())).unwrap(), Admit::Appended);
+        assert_eq!(w2.admit(9, None, Some(Bytes::from(event(9)))).unwrap(), Admit::Appended);
     }
 
     /// Crash after the intent and some objects: the next owner re-cuts the same range and the
@@ -784,7 +846,7 @@ mod tests {
         let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         feed(&mut w, 0..3).await;
         for i in 3..6 {
-            w.admit(i, None, Some(event(i).as_bytes())).unwrap();
+            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
         }
         // Crash during step 3: the index is down, the intent and the segment are already written.
         s.index.down.store(true, Ordering::SeqCst);
@@ -797,7 +859,7 @@ mod tests {
 
         let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         for i in 0..3 {
-            assert_eq!(w2.admit(i, None, Some(event(i).as_bytes())).unwrap(), Admit::AlreadyChained);
+            assert_eq!(w2.admit(i, None, Some(Bytes::from(event(i)))).unwrap(), Admit::AlreadyChained);
         }
         let flushed = feed(&mut w2, 3..6).await;
         assert_eq!(flushed.len(), 1);
@@ -816,7 +878,7 @@ mod tests {
         let mut owner = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         feed(&mut owner, 0..3).await;
         for i in 0..3 {
-            zombie.admit(i, None, Some(format!("{{\"x\":{i}}}").as_bytes())).unwrap();
+            zombie.admit(i, None, Some(Bytes::from(format!("{{\"x\":{i}}}")))).unwrap();
         }
         let puts_before = s.objects.put_count();
         let err = zombie.flush(&CancellationToken::new()).await.unwrap_err();
@@ -829,7 +891,7 @@ mod tests {
         let s = Stack::new();
         let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         for i in 0..3 {
-            w.admit(i, None, Some(event(i).as_bytes())).unwrap();
+            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
         }
         s.index.down.store(true, Ordering::SeqCst);
         let cancel = CancellationToken::new();
@@ -837,9 +899,9 @@ mod tests {
         let _ = w.flush(&cancel).await;
         s.index.down.store(false, Ordering::SeqCst);
         let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
-        w2.admit(0, None, Some(event(0).as_bytes())).unwrap();
-        w2.admit(1, None, Some(b"tampered")).unwrap();
-        w2.admit(2, None, Some(event(2).as_bytes())).unwrap();
+        w2.admit(0, None, Some(Bytes::from(event(0)))).unwrap();
+        w2.admit(1, None, Some(Bytes::from_static(b"tampered"))).unwrap();
+        w2.admit(2, None, Some(Bytes::from(event(2)))).unwrap();
         assert!(w2.should_flush(Instant::now()));
         let err = w2.flush(&CancellationToken::new()).await.unwrap_err();
         assert!(matches!(err, PartitionError::Irreproducible { .. }), "{err}");
@@ -849,8 +911,8 @@ mod tests {
     async fn rejected_records_are_chained_quarantined_and_dead_lettered_before_commit() {
         let s = Stack::new();
         let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
-        w.admit(0, Some(1_795_000_000_000), Some(event(0).as_bytes())).unwrap();
-        w.admit(1, Some(1_795_000_000_000), Some(b"{not json")).unwrap();
+        w.admit(0, Some(1_795_000_000_000), Some(Bytes::from(event(0)))).unwrap();
+        w.admit(1, Some(1_795_000_000_000), Some(Bytes::from_static(b"{not json"))).unwrap();
         w.admit(2, Some(1_795_000_000_000), None).unwrap();
         // The dead-letter topic is down: nothing may be committed, the head must not move.
         s.dead.down.store(true, Ordering::SeqCst);

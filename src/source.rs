@@ -1,13 +1,15 @@
 //! The Kafka source: one consumer in the group, one ordered worker task per assigned partition.
 //!
-//! The dispatcher owns the consumer. It forwards each record to its partition's worker over a
-//! bounded channel; when a worker falls behind (a slow or unavailable backend) the channel fills
-//! and the dispatcher pauses that partition, so memory stays bounded and the other partitions
-//! keep flowing. Rebalance callbacks become events the dispatcher applies between records:
+//! The dispatcher owns the consumer. It forwards each record to its partition's worker and counts
+//! what each worker has queued; when a worker falls [`PAUSE_AT`] records behind (a flush, a slow or
+//! unavailable backend) the dispatcher pauses that partition, so memory stays bounded and the
+//! other partitions keep flowing. The worker wakes the dispatcher once it is down to
+//! [`RESUME_AT`], so the partition resumes while the worker still has records to chew on. Rebalance callbacks become events the dispatcher applies between records:
 //! assigned partitions get a worker, revoked ones have theirs stopped (a flush in flight either
 //! completes or leaves an intent the next owner finishes; fencing makes both safe).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -24,8 +26,11 @@ use crate::config::Config;
 use crate::metrics;
 use crate::partition::{Admit, PartitionError, PartitionWriter, Sinks};
 
-/// Records a worker may have queued before the dispatcher pauses its partition.
-const WORKER_QUEUE: usize = 2048;
+/// Records a worker may have queued before the dispatcher pauses its partition: a couple of
+/// fetches' worth (librdkafka fetches up to 1 MiB per partition), ~2-3 MiB of payloads.
+const PAUSE_AT: usize = 4096;
+/// A paused partition resumes when its worker is down to this many queued records.
+const RESUME_AT: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -89,7 +94,7 @@ impl ConsumerContext for AuditContext {
 struct Inbound {
     offset: i64,
     timestamp_ms: Option<i64>,
-    payload: Option<Vec<u8>>,
+    payload: Option<bytes::Bytes>,
     generation: u64,
 }
 
@@ -98,10 +103,11 @@ enum Command {
 }
 
 struct WorkerHandle {
-    tx: mpsc::Sender<Inbound>,
+    tx: mpsc::UnboundedSender<Inbound>,
+    /// Records sent to the worker and not yet taken by it.
+    queued: Arc<AtomicUsize>,
     revoke: CancellationToken,
     task: tokio::task::JoinHandle<()>,
-    stash: VecDeque<Inbound>,
     paused: bool,
     generation: u64,
 }
@@ -134,6 +140,10 @@ pub fn consumer_config(config: &Config) -> ClientConfig {
             ("session.timeout.ms", config.kafka.session_timeout_ms.to_string()),
             ("enable.partition.eof", "false".into()),
             ("statistics.interval.ms", "5000".into()),
+            // Prefetched records are memory too: 16 MiB keeps every partition fed (librdkafka's
+            // 64 MiB default would be a fifth of the instance's footprint; README, Performance).
+            ("queued.max.messages.kbytes", "16384".into()),
+            ("fetch.max.bytes", (16 * 1024 * 1024).to_string()),
         ],
     )
 }
@@ -178,9 +188,19 @@ pub async fn run(
     consumer.subscribe(&[&config.kafka.topic]).map_err(|source| SourceError::Kafka { what: "subscribe", source })?;
     tracing::info!(topic = %config.kafka.topic, group = %config.kafka.group_id, "subscribed");
 
-    let committer = Committer::new(consumer.clone(), &config.kafka.topic);
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
     let mut workers: BTreeMap<i32, WorkerHandle> = BTreeMap::new();
+    // Workers ring `drained` when they are down to RESUME_AT.
+    let drained = Arc::new(Notify::new());
+    let env = WorkerEnv {
+        config: config.clone(),
+        sinks,
+        committer: Committer::new(consumer.clone(), &config.kafka.topic),
+        commands: cmd_tx,
+        drained: drained.clone(),
+        shutdown: shutdown.clone(),
+        hard_stop,
+    };
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_record = Instant::now();
     let mut ever_assigned = false;
@@ -206,7 +226,7 @@ pub async fn run(
                             let _ = consumer.resume(&tpl);
                         }
                         for p in parts {
-                            let handle = spawn_worker(p, &config, &sinks, &committer, &cmd_tx, &shutdown, &hard_stop);
+                            let handle = env.spawn(p);
                             if let Some(old) = workers.insert(p, handle) {
                                 old.revoke.cancel();
                                 if old.paused {
@@ -230,7 +250,7 @@ pub async fn run(
             Some(Command::Seek { partition, offset }) = cmd_rx.recv() => {
                 if let Some(w) = workers.get_mut(&partition) {
                     tracing::info!(topic = %topic, partition, offset, "seeking to the chain head");
-                    w.stash.clear();
+                    // Records already queued carry the old generation; the worker skips them.
                     w.generation += 1;
                     // Timeout zero: librdkafka seeks asynchronously and drops records fetched before it.
                     if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
@@ -256,45 +276,27 @@ pub async fn run(
                 let inbound = Inbound {
                     offset: message.offset(),
                     timestamp_ms: message.timestamp().to_millis(),
-                    payload: message.payload().map(<[u8]>::to_vec),
+                    // The one copy out of librdkafka's buffer; the segment buffer keeps this allocation.
+                    payload: message.payload().map(bytes::Bytes::copy_from_slice),
                     generation: worker.generation,
                 };
-                if !worker.stash.is_empty() {
-                    worker.stash.push_back(inbound);
-                    continue;
-                }
-                match worker.tx.try_send(inbound) {
-                    Ok(()) => {}
-                    Err(mpsc::error::TrySendError::Full(inbound)) => {
-                        worker.stash.push_back(inbound);
-                        pause(&consumer, &topic, partition, worker);
-                    }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        // The worker stopped (fence lost or fatal error): hold the partition still.
-                        pause(&consumer, &topic, partition, worker);
-                    }
+                // Count before sending: the worker decrements as it takes records.
+                let queued = worker.queued.fetch_add(1, Ordering::Relaxed) + 1;
+                if worker.tx.send(inbound).is_err() {
+                    // The worker stopped (fence lost or fatal error): hold the partition still.
+                    worker.queued.fetch_sub(1, Ordering::Relaxed);
+                    pause(&consumer, &topic, partition, worker);
+                } else if queued >= PAUSE_AT {
+                    pause(&consumer, &topic, partition, worker);
                 }
             }
+            _ = drained.notified() => resume_drained(&consumer, &topic, &mut workers),
             _ = tick.tick() => {
-                for (&partition, worker) in workers.iter_mut() {
-                    while let Some(inbound) = worker.stash.pop_front() {
-                        match worker.tx.try_send(inbound) {
-                            Ok(()) => {}
-                            Err(mpsc::error::TrySendError::Full(inbound)) => { worker.stash.push_front(inbound); break; }
-                            Err(mpsc::error::TrySendError::Closed(_)) => { worker.stash.clear(); break; }
-                        }
-                    }
-                    if worker.paused && worker.stash.is_empty() && !worker.tx.is_closed() && worker.tx.capacity() > WORKER_QUEUE / 2 {
-                        let mut tpl = TopicPartitionList::new();
-                        tpl.add_partition(&topic, partition);
-                        if consumer.resume(&tpl).is_ok() {
-                            worker.paused = false;
-                            metrics::paused(-1.0);
-                        }
-                    }
-                }
+                // Also on the tick: a notification can race the pause it should undo.
+                resume_drained(&consumer, &topic, &mut workers);
                 if let Some(idle) = options.exit_when_idle {
-                    let drained = workers.values().all(|w| w.stash.is_empty() && w.tx.capacity() == WORKER_QUEUE);
+                    // A stopped worker's leftovers are not waiting for anyone.
+                    let drained = workers.values().all(|w| w.tx.is_closed() || w.queued.load(Ordering::Relaxed) == 0);
                     if ever_assigned && drained && last_record.elapsed() >= idle {
                         tracing::info!(idle_secs = idle.as_secs_f64(), "no records for the idle period; stopping");
                         shutdown.cancel();
@@ -310,7 +312,7 @@ pub async fn run(
         let _ = w.task.await;
     }
     // Dropping the consumer closes it and leaves the group; it blocks, so not on a runtime thread.
-    drop(committer);
+    drop(env); // its committer holds the consumer
     let _ = tokio::task::spawn_blocking(move || {
         consumer.unsubscribe();
         drop(consumer);
@@ -319,6 +321,20 @@ pub async fn run(
     metrics::set_in_group(false);
     tracing::info!("left the consumer group");
     Ok(())
+}
+
+/// Resumes every paused partition whose (still running) worker is down to [`RESUME_AT`].
+fn resume_drained(consumer: &StreamConsumer<AuditContext>, topic: &str, workers: &mut BTreeMap<i32, WorkerHandle>) {
+    for (&partition, worker) in workers.iter_mut() {
+        if worker.paused && !worker.tx.is_closed() && worker.queued.load(Ordering::Relaxed) <= RESUME_AT {
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, partition);
+            if consumer.resume(&tpl).is_ok() {
+                worker.paused = false;
+                metrics::paused(-1.0);
+            }
+        }
+    }
 }
 
 fn pause(consumer: &StreamConsumer<AuditContext>, topic: &str, partition: i32, worker: &mut WorkerHandle) {
@@ -337,30 +353,40 @@ fn pause(consumer: &StreamConsumer<AuditContext>, topic: &str, partition: i32, w
     }
 }
 
-fn spawn_worker(
-    partition: i32,
-    config: &Arc<Config>,
-    sinks: &Sinks,
-    committer: &Committer,
-    commands: &mpsc::UnboundedSender<Command>,
-    shutdown: &CancellationToken,
-    hard_stop: &CancellationToken,
-) -> WorkerHandle {
-    let (tx, rx) = mpsc::channel(WORKER_QUEUE);
-    let revoke = hard_stop.child_token();
-    let worker = Worker {
-        partition,
-        topic: config.kafka.topic.clone(),
-        config: config.clone(),
-        sinks: sinks.clone(),
-        committer: committer.clone(),
-        commands: commands.clone(),
-        revoke: revoke.clone(),
-        shutdown: shutdown.clone(),
-    };
-    let span = tracing::info_span!("partition", topic = %config.kafka.topic, partition);
-    let task = tokio::spawn(worker.run(rx).instrument(span));
-    WorkerHandle { tx, revoke, task, stash: VecDeque::new(), paused: false, generation: 0 }
+/// What every partition worker of this consumer shares.
+struct WorkerEnv {
+    config: Arc<Config>,
+    sinks: Sinks,
+    committer: Committer,
+    commands: mpsc::UnboundedSender<Command>,
+    drained: Arc<Notify>,
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+}
+
+impl WorkerEnv {
+    fn spawn(&self, partition: i32) -> WorkerHandle {
+        // Unbounded, but never more than PAUSE_AT plus what librdkafka had already fetched when
+        // the partition was paused (its queue is capped by queued.max.messages.kbytes).
+        let (tx, rx) = mpsc::unbounded_channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let revoke = self.hard_stop.child_token();
+        let worker = Worker {
+            partition,
+            topic: self.config.kafka.topic.clone(),
+            config: self.config.clone(),
+            sinks: self.sinks.clone(),
+            committer: self.committer.clone(),
+            commands: self.commands.clone(),
+            queued: queued.clone(),
+            drained: self.drained.clone(),
+            revoke: revoke.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
+        let task = tokio::spawn(worker.run(rx).instrument(span));
+        WorkerHandle { tx, queued, revoke, task, paused: false, generation: 0 }
+    }
 }
 
 struct Worker {
@@ -370,6 +396,8 @@ struct Worker {
     sinks: Sinks,
     committer: Committer,
     commands: mpsc::UnboundedSender<Command>,
+    queued: Arc<AtomicUsize>,
+    drained: Arc<Notify>,
     /// Fires on revocation or hard stop: abandon the buffer (the chain head stays consistent).
     revoke: CancellationToken,
     /// Fires on graceful shutdown: flush what is buffered, commit, end.
@@ -377,7 +405,14 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self, mut rx: mpsc::Receiver<Inbound>) {
+    /// Takes one record off the queue's count; wakes the dispatcher when it may resume.
+    fn took_one(&self) {
+        if self.queued.fetch_sub(1, Ordering::Relaxed) == RESUME_AT + 1 {
+            self.drained.notify_one();
+        }
+    }
+
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Inbound>) {
         let mut writer = match PartitionWriter::open(
             &self.topic,
             self.partition,
@@ -415,8 +450,9 @@ impl Worker {
                 _ = self.shutdown.cancelled() => {
                     // Take what is already queued, then flush it all.
                     while let Ok(inbound) = rx.try_recv() {
+                        self.took_one();
                         if inbound.generation >= min_generation {
-                            if let Err(e) = writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload.as_deref()) { return self.stop(&e); }
+                            if let Err(e) = writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) { return self.stop(&e); }
                         }
                     }
                     if self.flush_and_commit(&mut writer).await {
@@ -427,10 +463,11 @@ impl Worker {
                 }
                 inbound = rx.recv() => {
                     let Some(inbound) = inbound else { return };
+                    self.took_one();
                     if inbound.generation < min_generation {
                         continue;
                     }
-                    match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload.as_deref()) {
+                    match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) {
                         Ok(Admit::Appended) => {
                             if writer.should_flush(Instant::now())
                                 && !(self.flush_and_commit(&mut writer).await && self.digest(&mut writer, false).await)

@@ -696,10 +696,11 @@ mod tests {
         let objects = Arc::new(MemoryObjectStore::default());
         let sinks = Sinks {
             objects: objects.clone(),
-            index: Arc::new(MemoryIndex::default()),
+            index: Some(Arc::new(MemoryIndex::default())),
             heads: Arc::new(MemoryHeads::default()),
             dead_letters: None,
             signer: Some(signer()),
+            memory: crate::budget::MemoryBudget::new(1 << 30),
         };
         let cancel = CancellationToken::new();
         let mut w = PartitionWriter::open(TOPIC, 0, Arc::new(config), sinks, &cancel).await.unwrap();
@@ -708,7 +709,7 @@ mod tests {
             let payload = format!(
                 r#"{{"decision_id":"d-{i}","event_type":"decision","occurred_at":"2026-11-20T08:00:00Z","environment":"{env}","user_id":"u","session_id":"s","action":"a","confidence_score":0.5,"policy_version":"p","model_version":"m","request_id":"r"}}"#
             );
-            w.admit(i, None, Some(payload.as_bytes())).unwrap();
+            w.admit(i, None, Some(bytes::Bytes::from(payload.clone()))).unwrap();
             if w.should_flush(Instant::now()) {
                 w.flush(&cancel).await.unwrap();
                 if i == 5 || i == 11 {

@@ -1,0 +1,145 @@
+//! One memory budget for the segment buffers of every partition this instance owns.
+//!
+//! Each partition buffers up to `segment.max_records` / `max_bytes` before a flush, which is
+//! right for one busy partition but multiplies with the assignment: eight partitions draining a
+//! backlog would each fill a full segment. The budget caps the sum instead. While the total is
+//! over `segment.memory_budget_bytes`, any partition holding at least its fair share (total /
+//! partitions buffering) flushes early, so the largest buffers go first and memory stays bounded
+//! whatever the backlog; with the budget to spare, segments keep their full size.
+//!
+//! Encoding a flush briefly needs its Arrow batch and Parquet body beside the buffer, so only as
+//! many flushes encode at once as there are cores: more would not be faster, only bigger.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Fixed per-record cost on top of the payload: the decoded event's strings and the record's
+/// own fields (hashes, offsets), measured on generator events (~500-byte payloads).
+const RECORD_OVERHEAD: usize = 384;
+
+/// What one buffered record is counted as.
+pub fn record_cost(payload_len: usize) -> usize {
+    // The payload, its decoded fields (about as many bytes again), and the fixed part.
+    2 * payload_len + RECORD_OVERHEAD
+}
+
+#[derive(Debug)]
+pub struct MemoryBudget {
+    limit: usize,
+    used: AtomicUsize,
+    /// Partitions with a non-empty buffer.
+    holders: AtomicUsize,
+    encoders: tokio::sync::Semaphore,
+}
+
+impl MemoryBudget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        Arc::new(Self {
+            limit,
+            used: AtomicUsize::new(0),
+            holders: AtomicUsize::new(0),
+            encoders: tokio::sync::Semaphore::new(cores),
+        })
+    }
+
+    /// Waits for an encoding slot; hold the permit while the flush encodes.
+    pub async fn encode_permit(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.encoders.acquire().await.expect("the semaphore is never closed")
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+}
+
+/// One partition's part of the budget; releases it when dropped (a revoked worker's buffer).
+#[derive(Debug)]
+pub struct BudgetShare {
+    budget: Arc<MemoryBudget>,
+    held: usize,
+}
+
+impl BudgetShare {
+    pub fn new(budget: Arc<MemoryBudget>) -> Self {
+        Self { budget, held: 0 }
+    }
+
+    pub fn add(&mut self, bytes: usize) {
+        if self.held == 0 && bytes > 0 {
+            self.budget.holders.fetch_add(1, Ordering::Relaxed);
+        }
+        self.held += bytes;
+        self.budget.used.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// After a flush (or when the buffer is dropped).
+    pub fn release(&mut self) {
+        if self.held > 0 {
+            self.budget.used.fetch_sub(self.held, Ordering::Relaxed);
+            self.budget.holders.fetch_sub(1, Ordering::Relaxed);
+            self.held = 0;
+        }
+    }
+
+    /// Whether this partition should flush now to bring the total back under the budget.
+    pub fn over_fair_share(&self) -> bool {
+        let used = self.budget.used.load(Ordering::Relaxed);
+        if self.held == 0 || used <= self.budget.limit {
+            return false;
+        }
+        let holders = self.budget.holders.load(Ordering::Relaxed).max(1);
+        self.held.saturating_mul(holders) >= used
+    }
+}
+
+impl Drop for BudgetShare {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn under_the_budget_nobody_flushes_early() {
+        let budget = MemoryBudget::new(1000);
+        let (mut a, mut b) = (BudgetShare::new(budget.clone()), BudgetShare::new(budget.clone()));
+        a.add(600);
+        b.add(400);
+        assert!(!a.over_fair_share() && !b.over_fair_share());
+    }
+
+    #[test]
+    fn over_the_budget_the_largest_holders_flush_first() {
+        let budget = MemoryBudget::new(1000);
+        let mut shares: Vec<BudgetShare> = (0..4).map(|_| BudgetShare::new(budget.clone())).collect();
+        for (share, bytes) in shares.iter_mut().zip([700, 300, 100, 0]) {
+            share.add(bytes);
+        }
+        // 1100 used by 3 holders: the fair share is ~367, so only the 700-byte buffer flushes.
+        let flushing: Vec<bool> = shares.iter().map(BudgetShare::over_fair_share).collect();
+        assert_eq!(flushing, vec![true, false, false, false]);
+        shares[0].release();
+        assert_eq!(budget.used(), 400);
+        assert!(shares.iter().all(|s| !s.over_fair_share()));
+    }
+
+    #[test]
+    fn a_dropped_share_gives_its_bytes_back() {
+        let budget = MemoryBudget::new(10);
+        let mut a = BudgetShare::new(budget.clone());
+        a.add(50);
+        let mut b = BudgetShare::new(budget.clone());
+        b.add(5);
+        drop(a);
+        assert_eq!(budget.used(), 5);
+        assert!(!b.over_fair_share());
+    }
+}
