@@ -222,10 +222,13 @@ pub fn parse_public_key(what: &str, text: &str) -> Result<VerifyingKey, DigestEr
     }
 }
 
-/// A new random signing key as PKCS#8 PEM.
+/// A new random signing key as PKCS#8 v1 PEM, the form `openssl genpkey` writes. (dalek's own
+/// encoding is v2, with the public key embedded, which some libraries refuse, e.g. Python's
+/// `cryptography`.)
 pub fn generate_pem() -> (String, String) {
     let key = SigningKey::generate(&mut rand::rngs::OsRng);
-    let pem = key.to_pkcs8_pem(LineEnding::LF).expect("Ed25519 keys encode").to_string();
+    let v1 = ed25519_dalek::pkcs8::KeypairBytes { secret_key: key.to_bytes(), public_key: None };
+    let pem = v1.to_pkcs8_pem(LineEnding::LF).expect("Ed25519 keys encode").to_string();
     (pem, public_key_pem(&key.verifying_key()))
 }
 
@@ -308,6 +311,8 @@ mod tests {
     #[test]
     fn keys_round_trip_through_pem() {
         let (private, public) = generate_pem();
+        // PKCS#8 v1: version 0, the Ed25519 OID, the 32-byte seed; 48 bytes of DER, like openssl's.
+        assert!(private.contains("\nMC4CAQAwBQYDK2VwBCIEI"), "{private}");
         let s = DigestSigner::from_text("k", &private).unwrap();
         assert_eq!(parse_public_key("p", &public).unwrap(), s.verifying_key());
         assert!(DigestSigner::from_text("digest.signing_key", "nope")

@@ -259,6 +259,21 @@ pub async fn run(
                     }
                 }
             }
+            // Before the records: with a busy topic `recv` is always ready, and a paused
+            // partition must not wait for a lull to resume.
+            _ = drained.notified() => resume_drained(&consumer, &topic, &mut workers),
+            _ = tick.tick() => {
+                // Also on the tick: a notification can race the pause it should undo.
+                resume_drained(&consumer, &topic, &mut workers);
+                if let Some(idle) = options.exit_when_idle {
+                    // A stopped worker's leftovers are not waiting for anyone.
+                    let drained = workers.values().all(|w| w.tx.is_closed() || w.queued.load(Ordering::Relaxed) == 0);
+                    if ever_assigned && drained && last_record.elapsed() >= idle {
+                        tracing::info!(idle_secs = idle.as_secs_f64(), "no records for the idle period; stopping");
+                        shutdown.cancel();
+                    }
+                }
+            }
             message = consumer.recv() => {
                 let message = match message {
                     Ok(m) => m,
@@ -288,19 +303,6 @@ pub async fn run(
                     pause(&consumer, &topic, partition, worker);
                 } else if queued >= PAUSE_AT {
                     pause(&consumer, &topic, partition, worker);
-                }
-            }
-            _ = drained.notified() => resume_drained(&consumer, &topic, &mut workers),
-            _ = tick.tick() => {
-                // Also on the tick: a notification can race the pause it should undo.
-                resume_drained(&consumer, &topic, &mut workers);
-                if let Some(idle) = options.exit_when_idle {
-                    // A stopped worker's leftovers are not waiting for anyone.
-                    let drained = workers.values().all(|w| w.tx.is_closed() || w.queued.load(Ordering::Relaxed) == 0);
-                    if ever_assigned && drained && last_record.elapsed() >= idle {
-                        tracing::info!(idle_secs = idle.as_secs_f64(), "no records for the idle period; stopping");
-                        shutdown.cancel();
-                    }
                 }
             }
         }

@@ -9,6 +9,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
@@ -50,32 +51,69 @@ impl KafkaDeadLetters {
     }
 }
 
+impl KafkaDeadLetters {
+    /// Produces one letter; `with_payload = false` sends the headers alone, marked as such.
+    async fn produce(&self, letter: &DeadLetter, with_payload: bool) -> Result<(), rdkafka::error::KafkaError> {
+        let partition = letter.source_partition.to_string();
+        let offset = letter.source_offset.to_string();
+        let mut headers = OwnedHeaders::new()
+            .insert(Header { key: "aegis.reason_code", value: Some(letter.reason_code) })
+            .insert(Header { key: "aegis.reason", value: Some(letter.reason.as_str()) })
+            .insert(Header { key: "aegis.source_topic", value: Some(letter.source_topic.as_str()) })
+            .insert(Header { key: "aegis.source_partition", value: Some(partition.as_str()) })
+            .insert(Header { key: "aegis.source_offset", value: Some(offset.as_str()) });
+        if !with_payload {
+            headers = headers.insert(Header { key: "aegis.payload_omitted", value: Some(PAYLOAD_OMITTED) });
+        }
+        let key = letter_key(letter);
+        let mut record: FutureRecord<'_, String, [u8]> = FutureRecord::to(&self.topic).key(&key).headers(headers);
+        if let (true, Some(payload)) = (with_payload, &letter.payload) {
+            record = record.payload(payload.as_ref());
+        }
+        if let Some(ts) = letter.kafka_timestamp_ms {
+            record = record.timestamp(ts);
+        }
+        self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
+    }
+}
+
+/// Why a dead letter may come without its payload.
+const PAYLOAD_OMITTED: &str = "too large for the dead-letter topic; the bytes are in the trail's quarantine segment";
+
+fn letter_key(letter: &DeadLetter) -> String {
+    format!("{}/{}/{}", letter.source_topic, letter.source_partition, letter.source_offset)
+}
+
+/// Errors no retry fixes: a rejected record stays rejected, a missing permission stays missing.
+fn is_permanent(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::MessageSizeTooLarge
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::InvalidMessageSize
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::InvalidTopic
+    )
+}
+
 #[async_trait]
 impl DeadLetterSink for KafkaDeadLetters {
     async fn send(&self, letters: &[DeadLetter]) -> Result<(), SinkError> {
         let sends = letters.iter().map(|letter| async move {
-            let partition = letter.source_partition.to_string();
-            let offset = letter.source_offset.to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header { key: "aegis.reason_code", value: Some(letter.reason_code) })
-                .insert(Header { key: "aegis.reason", value: Some(letter.reason.as_str()) })
-                .insert(Header { key: "aegis.source_topic", value: Some(letter.source_topic.as_str()) })
-                .insert(Header { key: "aegis.source_partition", value: Some(partition.as_str()) })
-                .insert(Header { key: "aegis.source_offset", value: Some(offset.as_str()) });
-            let key = format!("{}/{}/{}", letter.source_topic, letter.source_partition, letter.source_offset);
-            let mut record: FutureRecord<'_, String, [u8]> = FutureRecord::to(&self.topic).key(&key).headers(headers);
-            if let Some(payload) = &letter.payload {
-                record = record.payload(payload.as_ref());
+            let mut result = self.produce(letter, true).await;
+            if let Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge)) = &result {
+                // A record near Kafka's size limit plus our headers may not fit: send the letter
+                // without its bytes (they are durable in the quarantine segment already).
+                tracing::warn!(key = %letter_key(letter), "dead letter too large for the topic; sending it without the payload");
+                result = self.produce(letter, false).await;
             }
-            if let Some(ts) = letter.kafka_timestamp_ms {
-                record = record.timestamp(ts);
-            }
-            self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| {
-                SinkError::Transient {
-                    backend: "kafka",
-                    operation: "Produce",
-                    target: format!("{} (from {key})", self.topic),
-                    message: e.to_string(),
+            result.map_err(|e| {
+                let (backend, operation, target) = ("kafka", "Produce", format!("{} (from {})", self.topic, letter_key(letter)));
+                match e.rdkafka_error_code() {
+                    Some(code) if is_permanent(code) => SinkError::Fatal { backend, operation, target, message: e.to_string() },
+                    _ => SinkError::Transient { backend, operation, target, message: e.to_string() },
                 }
             })
         });

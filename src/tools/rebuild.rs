@@ -16,6 +16,7 @@ use serde::Serialize;
 use crate::chain::{parse_hash, Link};
 use crate::config::Config;
 use crate::index;
+use crate::retry::{retry, RetryError};
 use crate::segment::ChainedRecord;
 use crate::sinks::{IndexStore, ObjectStore, SinkError};
 use crate::verify::read_segment;
@@ -24,6 +25,9 @@ use crate::verify::read_segment;
 pub enum RebuildError {
     #[error(transparent)]
     Store(#[from] SinkError),
+    /// A non-retryable backend error (transient ones are retried with backoff).
+    #[error(transparent)]
+    Backend(#[from] RetryError),
     #[error("{key}: not a readable segment: {message}")]
     Segment { key: String, message: String },
     #[error("checkpoint {path}: {source}")]
@@ -112,7 +116,10 @@ pub async fn rebuild(
         .map(|key| {
             let (objects, index) = (objects.clone(), index.clone());
             async move {
-                let segment = read_segment(objects.get(&key).await?)
+                // Transient S3/DynamoDB errors are retried with backoff, as in the consumer.
+                let never = tokio_util::sync::CancellationToken::new();
+                let body = retry(&key, &config.retry, &never, |_| {}, || objects.get(&key)).await?;
+                let segment = read_segment(body)
                     .map_err(|message| RebuildError::Segment { key: key.clone(), message })?;
                 let mut items = Vec::new();
                 let mut invalid = 0;
@@ -136,7 +143,10 @@ pub async fn rebuild(
                     };
                     items.extend(index::item_for(&row.topic, row.partition, &record, &key));
                 }
-                let written = index::write_items(index.as_ref(), items, write_concurrency).await?;
+                let written = retry(&key, &config.retry, &never, |_| {}, || {
+                    index::write_items(index.as_ref(), items.clone(), write_concurrency)
+                })
+                .await?;
                 Ok::<_, RebuildError>((key, records, written, invalid))
             }
         })
