@@ -31,16 +31,12 @@ fn chain_records(payloads: &[Vec<u8>], validation: &ValidationConfig) -> Vec<Cha
         .iter()
         .enumerate()
         .map(|(offset, payload)| {
-            let outcome = aegis_audit::decode::decode(Some(payload), Some(now_ms), validation);
+            // As in the consumer: one copy out of librdkafka's buffer, then no more.
+            let payload = Bytes::copy_from_slice(payload);
+            let outcome = aegis_audit::decode::decode(Some(&payload), Some(now_ms), validation);
             let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
-            let link = chain.append(offset as i64, status, payload).expect("ascending offsets");
-            ChainedRecord {
-                offset: offset as i64,
-                kafka_timestamp_ms: Some(now_ms),
-                payload: Bytes::copy_from_slice(payload),
-                link,
-                outcome,
-            }
+            let link = chain.append(offset as i64, status, &payload).expect("ascending offsets");
+            ChainedRecord { offset: offset as i64, kafka_timestamp_ms: Some(now_ms), payload, link, outcome }
         })
         .collect()
 }

@@ -13,14 +13,12 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-/// Fixed per-record cost on top of the payload: the decoded event's strings and the record's
-/// own fields (hashes, offsets), measured on generator events (~500-byte payloads).
-const RECORD_OVERHEAD: usize = 384;
-
-/// What one buffered record is counted as.
+/// What one buffered record is counted as: its payload, its entry in the buffer (the decoded
+/// event's strings are views into the payload, so they add nothing), half as much again for the
+/// buffer's spare capacity, and the payload buffer's shared header.
 pub fn record_cost(payload_len: usize) -> usize {
-    // The payload, its decoded fields (about as many bytes again), and the fixed part.
-    2 * payload_len + RECORD_OVERHEAD
+    let entry = std::mem::size_of::<crate::segment::ChainedRecord>();
+    payload_len + entry + entry / 2 + 64
 }
 
 #[derive(Debug)]
@@ -106,6 +104,14 @@ impl Drop for BudgetShare {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_typical_record_costs_about_a_kilobyte() {
+        // ~500-byte generator events; a regression here (a field copied out of the payload
+        // again, say) would quietly shrink what fits in the budget.
+        let cost = record_cost(500);
+        assert!((1000..1600).contains(&cost), "{cost}");
+    }
 
     #[test]
     fn under_the_budget_nobody_flushes_early() {

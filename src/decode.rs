@@ -7,6 +7,9 @@
 
 use std::borrow::Cow;
 
+use bytes::Bytes;
+use bytestring::ByteString;
+
 use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -30,27 +33,29 @@ impl EventType {
     }
 }
 
-/// A validated event. Strings are owned: events wait in a segment buffer until the flush.
+/// A validated event. Its strings are views into the record's payload (`ByteString` shares the
+/// payload's buffer), so a buffered event costs no allocation per field; only a string whose
+/// JSON had escapes to decode gets bytes of its own.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecisionEvent {
-    pub decision_id: String,
+    pub decision_id: ByteString,
     pub event_type: EventType,
     pub occurred_at: DateTime<Utc>,
-    pub environment: String,
-    pub user_id: String,
-    pub session_id: String,
-    pub action: String,
+    pub environment: ByteString,
+    pub user_id: ByteString,
+    pub session_id: ByteString,
+    pub action: ByteString,
     pub confidence_score: Option<f64>,
-    pub policy_version: String,
-    pub model_version: String,
-    pub request_id: String,
-    pub reviewer_id: Option<String>,
-    pub override_reason: Option<String>,
-    pub original_action: Option<String>,
-    pub safety_category: Option<String>,
-    pub severity: Option<String>,
+    pub policy_version: ByteString,
+    pub model_version: ByteString,
+    pub request_id: ByteString,
+    pub reviewer_id: Option<ByteString>,
+    pub override_reason: Option<ByteString>,
+    pub original_action: Option<ByteString>,
+    pub safety_category: Option<ByteString>,
+    pub severity: Option<ByteString>,
     /// The `metadata` object's JSON text as sent, minus insignificant whitespace.
-    pub metadata: Option<String>,
+    pub metadata: Option<ByteString>,
 }
 
 impl DecisionEvent {
@@ -154,7 +159,7 @@ const MAX_YEAR: i32 = 2200;
 /// Decodes and validates `payload`. `kafka_timestamp_ms` is the record's Kafka timestamp, the
 /// reference for the clock-skew check (absent on very old message formats).
 pub fn decode(
-    payload: Option<&[u8]>,
+    payload: Option<&Bytes>,
     kafka_timestamp_ms: Option<i64>,
     rules: &ValidationConfig,
 ) -> Result<DecisionEvent, RejectReason> {
@@ -162,8 +167,10 @@ pub fn decode(
     if bytes.len() > rules.max_record_bytes {
         return Err(RejectReason::Oversize { size: bytes.len(), limit: rules.max_record_bytes });
     }
-    let text = std::str::from_utf8(bytes).map_err(|e| RejectReason::NotUtf8 { position: e.valid_up_to() })?;
-    let wire: Wire<'_> = serde_json::from_str(text).map_err(|e| match e.classify() {
+    let text = ByteString::try_from(bytes.clone()).map_err(|_| RejectReason::NotUtf8 {
+        position: std::str::from_utf8(bytes).err().map_or(0, |e| e.valid_up_to()),
+    })?;
+    let wire: Wire<'_> = serde_json::from_str(&text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => RejectReason::Schema(e.to_string()),
         _ => RejectReason::NotJson(e.to_string()),
     })?;
@@ -227,24 +234,29 @@ pub fn decode(
         }
     };
 
-    let owned = |c: Option<Cow<'_, str>>| c.map(Cow::into_owned);
+    // Borrowed strings are slices of `text`: share its buffer instead of copying.
+    let view = |c: Cow<'_, str>| match c {
+        Cow::Borrowed(s) => text.slice_ref(s),
+        Cow::Owned(s) => ByteString::from(s),
+    };
+    let metadata = metadata.map(view);
     Ok(DecisionEvent {
-        decision_id: wire.decision_id.into_owned(),
+        decision_id: view(wire.decision_id),
         event_type,
         occurred_at,
-        environment: wire.environment.into_owned(),
-        user_id: wire.user_id.into_owned(),
-        session_id: wire.session_id.into_owned(),
-        action: wire.action.into_owned(),
+        environment: view(wire.environment),
+        user_id: view(wire.user_id),
+        session_id: view(wire.session_id),
+        action: view(wire.action),
         confidence_score: wire.confidence_score,
-        policy_version: wire.policy_version.into_owned(),
-        model_version: wire.model_version.into_owned(),
-        request_id: wire.request_id.into_owned(),
-        reviewer_id: owned(wire.reviewer_id),
-        override_reason: owned(wire.override_reason),
-        original_action: owned(wire.original_action),
-        safety_category: owned(wire.safety_category),
-        severity: owned(wire.severity),
+        policy_version: view(wire.policy_version),
+        model_version: view(wire.model_version),
+        request_id: view(wire.request_id),
+        reviewer_id: wire.reviewer_id.map(view),
+        override_reason: wire.override_reason.map(view),
+        original_action: wire.original_action.map(view),
+        safety_category: wire.safety_category.map(view),
+        severity: wire.severity.map(view),
         metadata,
     })
 }
@@ -315,10 +327,14 @@ fn require<'a>(field: &'static str, value: &'a Option<Cow<'_, str>>, what: &str)
 /// Drops the whitespace between JSON tokens of already-validated JSON text, keeping everything
 /// else (key order, escapes, number spelling) byte for byte. A scan, not a re-parse: re-building a
 /// `serde_json::Value` for every record cost a tenth of the hot path.
-fn compact_json(raw: &str) -> String {
+fn compact_json(raw: &str) -> Cow<'_, str> {
+    let Some(first) = first_gap(raw.as_bytes()) else {
+        return Cow::Borrowed(raw); // already compact: the usual case for machine-written JSON
+    };
     let mut out = Vec::with_capacity(raw.len());
+    out.extend_from_slice(&raw.as_bytes()[..first]);
     let (mut in_string, mut escaped) = (false, false);
-    for &b in raw.as_bytes() {
+    for &b in &raw.as_bytes()[first..] {
         if in_string {
             out.push(b);
             if escaped {
@@ -334,7 +350,28 @@ fn compact_json(raw: &str) -> String {
         }
     }
     // Only ASCII whitespace outside strings was removed, so the text is still valid UTF-8.
-    String::from_utf8(out).unwrap_or_else(|_| raw.to_string())
+    Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| raw.to_string()))
+}
+
+/// Index of the first whitespace byte between tokens, if any.
+fn first_gap(json: &[u8]) -> Option<usize> {
+    let (mut in_string, mut escaped) = (false, false);
+    for (i, &b) in json.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            return Some(i);
+        } else {
+            in_string = b == b'"';
+        }
+    }
+    None
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
@@ -368,7 +405,7 @@ mod tests {
     }
 
     fn decode_value(v: &serde_json::Value) -> Result<DecisionEvent, RejectReason> {
-        decode(Some(v.to_string().as_bytes()), Some(TS), &rules())
+        decode(Some(&Bytes::from(v.to_string())), Some(TS), &rules())
     }
 
     #[test]
@@ -418,10 +455,10 @@ mod tests {
             assert_eq!(got.code(), code, "{value} -> {got}");
         }
         assert_eq!(decode(None, None, &rules()).unwrap_err().code(), "null_payload");
-        assert_eq!(decode(Some(b"{\"a\":"), None, &rules()).unwrap_err().code(), "not_json");
-        assert_eq!(decode(Some(b"\xff\xfe"), None, &rules()).unwrap_err().code(), "not_utf8");
+        assert_eq!(decode(Some(&Bytes::from_static(b"{\"a\":")), None, &rules()).unwrap_err().code(), "not_json");
+        assert_eq!(decode(Some(&Bytes::from_static(b"\xff\xfe")), None, &rules()).unwrap_err().code(), "not_utf8");
         let big = vec![b' '; rules().max_record_bytes + 1];
-        assert_eq!(decode(Some(&big), None, &rules()).unwrap_err().code(), "oversize");
+        assert_eq!(decode(Some(&Bytes::from(big)), None, &rules()).unwrap_err().code(), "oversize");
     }
 
     #[test]
@@ -453,13 +490,13 @@ mod tests {
         let mut old = good();
         old["occurred_at"] = "2001-05-05T00:00:00Z".into();
         let ts_2001 = 989_020_800_000;
-        assert!(decode(Some(old.to_string().as_bytes()), Some(ts_2001), &rules()).is_ok());
+        assert!(decode(Some(&Bytes::from(old.to_string())), Some(ts_2001), &rules()).is_ok());
     }
 
     proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), ts in proptest::option::of(any::<i64>())) {
-            match decode(Some(&bytes), ts, &rules()) {
+            match decode(Some(&Bytes::from(bytes)), ts, &rules()) {
                 Ok(e) => prop_assert!(is_partition_token(&e.environment)),
                 Err(reason) => prop_assert!(!reason.code().is_empty() && !reason.to_string().is_empty()),
             }
@@ -477,6 +514,8 @@ mod tests {
             // Pretty-printed input compacts to exactly the compact serialisation (same key order).
             let pretty = serde_json::to_string_pretty(&value).unwrap();
             prop_assert_eq!(compact_json(&pretty), serde_json::to_string(&value).unwrap());
+            let compact = serde_json::to_string(&value).unwrap();
+            prop_assert!(matches!(compact_json(&compact), Cow::Borrowed(_)), "compact input is not copied");
         }
 
         #[test]

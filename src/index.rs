@@ -108,7 +108,7 @@ fn insert_event_fields(attrs: &mut Attrs, e: &DecisionEvent, ts: &str) {
         ("metadata", &e.metadata),
     ] {
         if let Some(v) = value {
-            attrs.s(name, v.as_str());
+            attrs.s(name, &**v);
         }
     }
 }
@@ -274,7 +274,11 @@ mod tests {
 
     fn record(offset: i64, json: &str) -> ChainedRecord {
         let mut chain = Chain::new("t", 0);
-        let outcome = crate::decode::decode(Some(json.as_bytes()), None, &ValidationConfig::default());
+        let outcome = crate::decode::decode(
+            Some(&bytes::Bytes::copy_from_slice(json.as_bytes())),
+            None,
+            &ValidationConfig::default(),
+        );
         let status =
             if outcome.is_ok() { crate::chain::EntryStatus::Accepted } else { crate::chain::EntryStatus::Rejected };
         let link = chain.append(offset, status, json.as_bytes()).unwrap();

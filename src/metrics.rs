@@ -98,8 +98,8 @@ pub fn record_consumed(partition: i32, outcome: &Result<DecisionEvent, RejectRea
     counter!(RECORDS_CONSUMED, "partition" => p.clone()).increment(1);
     match outcome {
         Ok(event) if event.event_type == EventType::SafetyFlag => {
-            let severity = event.severity.clone().unwrap_or_default();
-            counter!(SAFETY_FLAGS, "environment" => event.environment.clone(), "severity" => severity).increment(1);
+            let severity = event.severity.as_deref().unwrap_or_default().to_string();
+            counter!(SAFETY_FLAGS, "environment" => event.environment.to_string(), "severity" => severity).increment(1);
         }
         Ok(_) => {}
         Err(reason) => counter!(RECORDS_REJECTED, "partition" => p, "reason" => reason.code()).increment(1),

@@ -252,7 +252,7 @@ impl PartitionWriter {
                 );
             }
         }
-        let outcome = decode::decode(payload.as_deref(), kafka_timestamp_ms, &self.config.validation);
+        let outcome = decode::decode(payload.as_ref(), kafka_timestamp_ms, &self.config.validation);
         let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
         let bytes = payload.unwrap_or_default();
         let link = self.chain.append(offset, status, &bytes)?;

@@ -209,8 +209,12 @@ mod tests {
         let mut sizes = Vec::new();
         for _ in 0..2000 {
             let (_, bytes) = g.next_event(now);
-            let event = crate::decode::decode(Some(&bytes), Some(now.timestamp_millis()), &ValidationConfig::default())
-                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&bytes)));
+            let event = crate::decode::decode(
+                Some(&bytes::Bytes::from(bytes.clone())),
+                Some(now.timestamp_millis()),
+                &ValidationConfig::default(),
+            )
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&bytes)));
             *kinds.entry(event.event_type.as_str()).or_insert(0) += 1;
             sizes.push(bytes.len());
         }

@@ -63,7 +63,7 @@ impl ChainedRecord {
 /// in quarantine by their Kafka timestamp (the payload may have no usable date).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Placement {
-    Trail { year: i32, month: u32, day: u32, environment: String },
+    Trail { year: i32, month: u32, day: u32, environment: bytestring::ByteString },
     Quarantine { year: i32, month: u32, day: u32 },
 }
 
@@ -263,7 +263,10 @@ fn writer_properties(
     for column in no_dict {
         builder = builder.set_column_dictionary_enabled(ColumnPath::from(column), false);
     }
-    builder = builder.set_column_statistics_enabled(ColumnPath::from("payload"), EnabledStatistics::None);
+    // Min/max of hashes, free text and raw bytes prune nothing and cost a comparison per value.
+    for column in ["payload", "prev_hash", "entry_hash", "metadata", "reject_reason"] {
+        builder = builder.set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
+    }
     builder.build()
 }
 
@@ -412,8 +415,11 @@ mod tests {
         payloads
             .iter()
             .map(|(offset, p)| {
-                let outcome =
-                    crate::decode::decode(Some(p.as_bytes()), Some(1_795_000_000_000), &ValidationConfig::default());
+                let outcome = crate::decode::decode(
+                    Some(&Bytes::from(p.clone())),
+                    Some(1_795_000_000_000),
+                    &ValidationConfig::default(),
+                );
                 let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
                 let link = chain.append(*offset, status, p.as_bytes()).unwrap();
                 ChainedRecord {
