@@ -66,7 +66,12 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     #[serde(default = "defaults::session_timeout_ms")]
     pub session_timeout_ms: u32,
-    /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through verbatim.
+    /// Record bytes queued for the partition workers, all together, before the deepest queues'
+    /// partitions are paused (`source.rs`).
+    #[serde(default = "defaults::max_queued_bytes")]
+    pub max_queued_bytes: usize,
+    /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through verbatim,
+    /// except that `_` reads as `.` (so the environment can set them).
     #[serde(default)]
     pub properties: std::collections::BTreeMap<String, String>,
 }
@@ -248,6 +253,9 @@ mod defaults {
     pub fn replication_factor() -> i32 {
         1
     }
+    pub fn max_queued_bytes() -> usize {
+        32 * 1024 * 1024
+    }
     pub fn session_timeout_ms() -> u32 {
         30_000
     }
@@ -351,7 +359,13 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
+        // Environment variable names cannot hold dots, so AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD
+        // arrives as `sasl_password`; librdkafka's property names use dots, never underscores.
+        config.kafka.properties = std::mem::take(&mut config.kafka.properties)
+            .into_iter()
+            .map(|(key, value)| (key.replace('_', "."), value))
+            .collect();
         config.validate()?;
         Ok(config)
     }
@@ -419,6 +433,9 @@ impl Config {
         }
         if self.segment.max_records == 0 {
             return Err(invalid("segment.max_records", "must be at least 1"));
+        }
+        if self.kafka.max_queued_bytes < 64 * 1024 {
+            return Err(invalid("kafka.max_queued_bytes", "must be at least 65536"));
         }
         if self.segment.memory_budget_bytes < 1024 * 1024 {
             return Err(invalid("segment.memory_budget_bytes", "must be at least 1 MiB"));
@@ -648,13 +665,16 @@ mod tests {
         std::env::set_var("AEGIS_SEGMENT__MAX_RECORDS", "42");
         std::env::set_var("AEGIS_KAFKA__BROKERS", "broker-a:9092");
         std::env::set_var("AEGIS_BIN", "/not/a/config/key");
+        std::env::set_var("AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD", "from-env");
         let c = Config::from_toml_str_with_env(MINIMAL);
+        std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD");
         std::env::remove_var("AEGIS_BIN");
         std::env::remove_var("AEGIS_SEGMENT__MAX_RECORDS");
         std::env::remove_var("AEGIS_KAFKA__BROKERS");
         let c = c.unwrap();
         assert_eq!(c.segment.max_records, 42);
         assert_eq!(c.kafka.brokers, "broker-a:9092");
+        assert_eq!(c.kafka.properties.get("sasl.password").map(String::as_str), Some("from-env"));
     }
 
     #[test]

@@ -1,10 +1,15 @@
 //! The Kafka source: one consumer in the group, one ordered worker task per assigned partition.
 //!
 //! The dispatcher owns the consumer. It forwards each record to its partition's worker and counts
-//! what each worker has queued; when a worker falls [`PAUSE_AT`] records behind (a flush, a slow or
-//! unavailable backend) the dispatcher pauses that partition, so memory stays bounded and the
-//! other partitions keep flowing. The worker wakes the dispatcher once it is down to
-//! [`RESUME_AT`], so the partition resumes while the worker still has records to chew on. Rebalance callbacks become events the dispatcher applies between records:
+//! the bytes each worker has queued. All workers share one queue budget
+//! (`kafka.max_queued_bytes`): past it, the partitions queued deepest (a flush, a slow or
+//! unavailable backend) are paused, so memory stays bounded and the other partitions keep
+//! flowing. Pausing is not free: librdkafka drops what it had prefetched for the partition and
+//! fetches it again on resume, so the budget is large enough to absorb a burst from one
+//! partition without it. A paused partition's worker wakes the dispatcher when it is down to an
+//! eighth of the budget, so the partition resumes before the worker runs dry.
+//!
+//! Rebalance callbacks become events the dispatcher applies between records:
 //! assigned partitions get a worker, revoked ones have theirs stopped (a flush in flight either
 //! completes or leaves an intent the next owner finishes; fencing makes both safe).
 
@@ -26,11 +31,23 @@ use crate::config::Config;
 use crate::metrics;
 use crate::partition::{Admit, PartitionError, PartitionWriter, Sinks};
 
-/// Records a worker may have queued before the dispatcher pauses its partition: a couple of
-/// fetches' worth (librdkafka fetches up to 1 MiB per partition), ~2-3 MiB of payloads.
-const PAUSE_AT: usize = 4096;
-/// A paused partition resumes when its worker is down to this many queued records.
-const RESUME_AT: usize = 1024;
+/// What a queued record counts as: its payload and the queue entry around it.
+fn queued_cost(inbound: &Inbound) -> usize {
+    inbound.payload.as_ref().map_or(0, |p| p.len()) + 96
+}
+
+/// Bytes queued for the workers: the total against `kafka.max_queued_bytes`, and per worker.
+struct QueueBudget {
+    limit: usize,
+    total: AtomicUsize,
+}
+
+impl QueueBudget {
+    /// A paused partition resumes once its worker is down to this.
+    fn resume_at(&self) -> usize {
+        self.limit / 8
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -104,7 +121,7 @@ enum Command {
 
 struct WorkerHandle {
     tx: mpsc::UnboundedSender<Inbound>,
-    /// Records sent to the worker and not yet taken by it.
+    /// Bytes sent to the worker and not yet taken by it.
     queued: Arc<AtomicUsize>,
     revoke: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -190,14 +207,16 @@ pub async fn run(
 
     let (cmd_tx, mut cmd_rx) = mpsc::unbounded_channel::<Command>();
     let mut workers: BTreeMap<i32, WorkerHandle> = BTreeMap::new();
-    // Workers ring `drained` when they are down to RESUME_AT.
+    // Workers ring `drained` when they are down to `resume_at`.
     let drained = Arc::new(Notify::new());
+    let queue = Arc::new(QueueBudget { limit: config.kafka.max_queued_bytes, total: AtomicUsize::new(0) });
     let env = WorkerEnv {
         config: config.clone(),
         sinks,
         committer: Committer::new(consumer.clone(), &config.kafka.topic),
         commands: cmd_tx,
         drained: drained.clone(),
+        queue: queue.clone(),
         shutdown: shutdown.clone(),
         hard_stop,
     };
@@ -261,10 +280,10 @@ pub async fn run(
             }
             // Before the records: with a busy topic `recv` is always ready, and a paused
             // partition must not wait for a lull to resume.
-            _ = drained.notified() => resume_drained(&consumer, &topic, &mut workers),
+            _ = drained.notified() => resume_drained(&consumer, &topic, &queue, &mut workers),
             _ = tick.tick() => {
                 // Also on the tick: a notification can race the pause it should undo.
-                resume_drained(&consumer, &topic, &mut workers);
+                resume_drained(&consumer, &topic, &queue, &mut workers);
                 if let Some(idle) = options.exit_when_idle {
                     // A stopped worker's leftovers are not waiting for anyone.
                     let drained = workers.values().all(|w| w.tx.is_closed() || w.queued.load(Ordering::Relaxed) == 0);
@@ -287,6 +306,7 @@ pub async fn run(
                 last_record = Instant::now();
                 metrics::set_in_group(true);
                 let partition = message.partition();
+                let workers_len = workers.len();
                 let Some(worker) = workers.get_mut(&partition) else { continue };
                 let inbound = Inbound {
                     offset: message.offset(),
@@ -295,13 +315,17 @@ pub async fn run(
                     payload: message.payload().map(bytes::Bytes::copy_from_slice),
                     generation: worker.generation,
                 };
-                // Count before sending: the worker decrements as it takes records.
-                let queued = worker.queued.fetch_add(1, Ordering::Relaxed) + 1;
+                // Count before sending: the worker subtracts as it takes records.
+                let cost = queued_cost(&inbound);
+                let own = worker.queued.fetch_add(cost, Ordering::Relaxed) + cost;
+                let total = queue.total.fetch_add(cost, Ordering::Relaxed) + cost;
                 if worker.tx.send(inbound).is_err() {
                     // The worker stopped (fence lost or fatal error): hold the partition still.
-                    worker.queued.fetch_sub(1, Ordering::Relaxed);
+                    worker.queued.fetch_sub(cost, Ordering::Relaxed);
+                    queue.total.fetch_sub(cost, Ordering::Relaxed);
                     pause(&consumer, &topic, partition, worker);
-                } else if queued >= PAUSE_AT {
+                } else if total > queue.limit && own.saturating_mul(workers_len) >= total {
+                    // Over the budget, and this partition holds at least its share of it.
                     pause(&consumer, &topic, partition, worker);
                 }
             }
@@ -325,10 +349,15 @@ pub async fn run(
     Ok(())
 }
 
-/// Resumes every paused partition whose (still running) worker is down to [`RESUME_AT`].
-fn resume_drained(consumer: &StreamConsumer<AuditContext>, topic: &str, workers: &mut BTreeMap<i32, WorkerHandle>) {
+/// Resumes every paused partition whose (still running) worker is down to its resume mark.
+fn resume_drained(
+    consumer: &StreamConsumer<AuditContext>,
+    topic: &str,
+    queue: &QueueBudget,
+    workers: &mut BTreeMap<i32, WorkerHandle>,
+) {
     for (&partition, worker) in workers.iter_mut() {
-        if worker.paused && !worker.tx.is_closed() && worker.queued.load(Ordering::Relaxed) <= RESUME_AT {
+        if worker.paused && !worker.tx.is_closed() && worker.queued.load(Ordering::Relaxed) <= queue.resume_at() {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(topic, partition);
             if consumer.resume(&tpl).is_ok() {
@@ -362,14 +391,15 @@ struct WorkerEnv {
     committer: Committer,
     commands: mpsc::UnboundedSender<Command>,
     drained: Arc<Notify>,
+    queue: Arc<QueueBudget>,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 }
 
 impl WorkerEnv {
     fn spawn(&self, partition: i32) -> WorkerHandle {
-        // Unbounded, but never more than PAUSE_AT plus what librdkafka had already fetched when
-        // the partition was paused (its queue is capped by queued.max.messages.kbytes).
+        // Unbounded, but the queue budget pauses the partition (what librdkafka had already
+        // fetched by then is capped by queued.max.messages.kbytes).
         let (tx, rx) = mpsc::unbounded_channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let revoke = self.hard_stop.child_token();
@@ -382,6 +412,7 @@ impl WorkerEnv {
             commands: self.commands.clone(),
             queued: queued.clone(),
             drained: self.drained.clone(),
+            queue: self.queue.clone(),
             revoke: revoke.clone(),
             shutdown: self.shutdown.clone(),
         };
@@ -400,6 +431,7 @@ struct Worker {
     commands: mpsc::UnboundedSender<Command>,
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
+    queue: Arc<QueueBudget>,
     /// Fires on revocation or hard stop: abandon the buffer (the chain head stays consistent).
     revoke: CancellationToken,
     /// Fires on graceful shutdown: flush what is buffered, commit, end.
@@ -407,9 +439,13 @@ struct Worker {
 }
 
 impl Worker {
-    /// Takes one record off the queue's count; wakes the dispatcher when it may resume.
-    fn took_one(&self) {
-        if self.queued.fetch_sub(1, Ordering::Relaxed) == RESUME_AT + 1 {
+    /// Takes a record off the queue's counts; wakes the dispatcher when the partition may resume.
+    fn took(&self, inbound: &Inbound) {
+        let cost = queued_cost(inbound);
+        self.queue.total.fetch_sub(cost, Ordering::Relaxed);
+        let before = self.queued.fetch_sub(cost, Ordering::Relaxed);
+        let mark = self.queue.resume_at();
+        if before > mark && before - cost <= mark {
             self.drained.notify_one();
         }
     }
@@ -452,7 +488,7 @@ impl Worker {
                 _ = self.shutdown.cancelled() => {
                     // Take what is already queued, then flush it all.
                     while let Ok(inbound) = rx.try_recv() {
-                        self.took_one();
+                        self.took(&inbound);
                         if inbound.generation >= min_generation {
                             if let Err(e) = writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) { return self.stop(&e); }
                         }
@@ -465,7 +501,7 @@ impl Worker {
                 }
                 inbound = rx.recv() => {
                     let Some(inbound) = inbound else { return };
-                    self.took_one();
+                    self.took(&inbound);
                     if inbound.generation < min_generation {
                         continue;
                     }

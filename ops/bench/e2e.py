@@ -3,7 +3,7 @@
 Per mode ("s3-only", "s3+dynamodb"), on fresh names (topic with P partitions, group, bucket,
 tables):
   1. `aegis-audit init`; `aegis-audit produce --count N` (its per-partition offsets are the truth);
-  2. throughput: `aegis-audit run --exit-when-idle 5` over the backlog of N events;
+  2. throughput: `aegis-audit run --exit-when-idle 15` over the backlog of N events;
   3. baseline: ops/bench/baseline.py on the same topic with its own group and bucket;
   4. latency: `aegis-audit run` again (same group, continues the chain) while marker events are
      produced at a steady trickle; each marker's produce-to-commit latency is observed by polling
@@ -40,7 +40,8 @@ sys.path.insert(0, str(REPO / "tests" / "py"))
 from conftest import free_port  # noqa: E402  (one port picker: below the ephemeral range, checked free)
 BROKERS = os.environ.get("AEGIS_KAFKA__BROKERS", "127.0.0.1:9092")
 AWS_URL = os.environ.get("AEGIS_S3__ENDPOINT_URL", "http://127.0.0.1:5000")
-IDLE_S = 5
+# Generous: tansu takes several seconds to serve the first fetch of a topic holding 1M records.
+IDLE_S = 15
 MAX_RECORDS = 100_000
 MAX_AGE_MS = 5_000
 SHORT_WINDOW_S = 3 * MAX_AGE_MS / 1000  # a measuring window this short is mostly the max_age wait
@@ -460,7 +461,7 @@ class Bench:
         say(f"produced {n} events in {produce_s:.1f} s: " + ", ".join(
             f"p{p}={v['count']}" for p, v in sorted(produced.items(), key=lambda kv: int(kv[0]))))
 
-        say("aegis-audit run --exit-when-idle 5 (throughput) ...")
+        say(f"aegis-audit run --exit-when-idle {IDLE_S} (throughput) ...")
         aegis = self.throughput(names, n)
         say(f"aegis: {aegis['events_per_s']} events/s over {aegis['seconds']} s, peak RSS {aegis['peak_rss_mib']} MiB")
         checks = {}
@@ -570,11 +571,11 @@ def summary(report: dict) -> str:
 
 NOTES = [
     "binary: {build} build ({bin}); N = {events} events, {partitions} partitions; segment.max_records=100000, "
-    "segment.max_age_ms=5000, --exit-when-idle 5; machine: {cpus} CPUs shared by broker, moto, consumer and others.",
+    "segment.max_age_ms=5000, --exit-when-idle 15; machine: {cpus} CPUs shared by broker, moto, consumer and others.",
     "ev/s: N / (last offset commit - first record consumed). aegis-audit: start = first poll (every 0.1 s) of "
     "/metrics showing aegis_records_consumed_total > 0; end = timestamp of the last 'flushed' log line (the "
     "offset commit follows it; the broker-polled 'all committed' time is in the JSON). Baseline: first record "
-    "returned by consume() -> return of its last commit. Startup, group join and the 5 s idle tail are excluded; "
+    "returned by consume() -> return of its last commit. Startup, group join and the idle tail are excluded; "
     "the final wait of up to max_age_ms (5 s) for the last partial segments is included for both.",
     "* s3-only: aegis-audit runs with dynamodb.write_index = false: segments to S3, plus one conditional write "
     "per flush to the chain table (its fence and progress marker, which it cannot run without); the baseline "

@@ -74,7 +74,8 @@ def producing(aegis, batch, seed, pause):
 
 def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
     aegis.init()
-    consumer = aegis.start("run", AEGIS_SEGMENT__MAX_RECORDS="2000")
+    # A small queue budget (256 KiB), so a few thousand records behind a stuck flush pause.
+    consumer = aegis.start("run", AEGIS_SEGMENT__MAX_RECORDS="2000", AEGIS_KAFKA__MAX_QUEUED_BYTES="262144")
     try:
         first = produce(aegis.topic, events(400, 1), partitions=4)
         wait_for(lambda: trail_rows(aegis) == 400, timeout=90, what="first 400 rows")
@@ -85,9 +86,9 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
 
         stack("stop-aws")
         try:
-            # Enough records on one partition to fill its buffer (2000) and queue its worker past
-            # the pause threshold (4096, src/source.rs): the partition is paused.
-            second = produce(aegis.topic, events(8000, 2, start=400), partitions=1)
+            # Enough records on one partition to fill its buffer (2000) and queue far more than
+            # the budget behind the stuck flush: the partition is paused.
+            second = produce(aegis.topic, events(6000, 2, start=400), partitions=1)
             wait_for(lambda: http(aegis, "/readyz")[0] == 503, timeout=60, what="/readyz to report the outage")
             wait_for(lambda: metric(aegis, "aegis_backend_errors_total") > 0, timeout=30, what="backend errors counted")
             assert metric(aegis, "aegis_backend_up") == 0
@@ -97,7 +98,7 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
         finally:
             stack("start-aws")
 
-        wait_for(lambda: trail_rows(aegis) == 8400, timeout=180, interval=2, what="all rows after recovery")
+        wait_for(lambda: trail_rows(aegis) == 6400, timeout=180, interval=2, what="all rows after recovery")
         wait_for(lambda: http(aegis, "/readyz")[0] == 200, timeout=60, what="ready again")
         assert metric(aegis, "aegis_backend_up") == 1
         assert metric(aegis, "aegis_partitions_paused") == 0
