@@ -289,7 +289,7 @@ mod defaults {
     // With librdkafka's queue (16 MiB), the worker queues and encoding, an instance stays
     // under ~300 MiB resident (README, Performance).
     pub fn memory_budget_bytes() -> usize {
-        128 * 1024 * 1024
+        96 * 1024 * 1024
     }
     pub fn max_record_bytes() -> usize {
         256 * 1024

@@ -380,7 +380,9 @@ impl PartitionWriter {
         metrics::flushed(self.partition, records, &segments, index, started.elapsed());
         self.durable = Some(HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash });
         self.recovering = None;
-        self.buffer.clear();
+        // A new buffer, not `clear()`: a drained backlog would otherwise leave every partition
+        // holding its largest buffer's capacity (tens of MiB each) resident while it idles.
+        self.buffer = Vec::new();
         self.buffer_bytes = 0;
         self.share.release();
         self.oldest = None;
