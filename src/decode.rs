@@ -328,50 +328,44 @@ fn require<'a>(field: &'static str, value: &'a Option<Cow<'_, str>>, what: &str)
 /// else (key order, escapes, number spelling) byte for byte. A scan, not a re-parse: re-building a
 /// `serde_json::Value` for every record cost a tenth of the hot path.
 fn compact_json(raw: &str) -> Cow<'_, str> {
-    let Some(first) = first_gap(raw.as_bytes()) else {
+    let bytes = raw.as_bytes();
+    let mut gaps = TokenGaps::default();
+    let Some(first) = bytes.iter().position(|&b| gaps.is_gap(b)) else {
         return Cow::Borrowed(raw); // already compact: the usual case for machine-written JSON
     };
     let mut out = Vec::with_capacity(raw.len());
-    out.extend_from_slice(&raw.as_bytes()[..first]);
-    let (mut in_string, mut escaped) = (false, false);
-    for &b in &raw.as_bytes()[first..] {
-        if in_string {
-            out.push(b);
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            in_string = b == b'"';
-            out.push(b);
-        }
-    }
+    out.extend_from_slice(&bytes[..first]);
+    out.extend(bytes[first + 1..].iter().copied().filter(|&b| !gaps.is_gap(b)));
     // Only ASCII whitespace outside strings was removed, so the text is still valid UTF-8.
     Cow::Owned(String::from_utf8(out).unwrap_or_else(|_| raw.to_string()))
 }
 
-/// Index of the first whitespace byte between tokens, if any.
-fn first_gap(json: &[u8]) -> Option<usize> {
-    let (mut in_string, mut escaped) = (false, false);
-    for (i, &b) in json.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
+/// Follows JSON text byte by byte, knowing whether it is inside a string.
+#[derive(Default)]
+struct TokenGaps {
+    in_string: bool,
+    escaped: bool,
+}
+
+impl TokenGaps {
+    /// Whether `b`, the next byte, is whitespace between tokens.
+    fn is_gap(&mut self, b: u8) -> bool {
+        if self.in_string {
+            if self.escaped {
+                self.escaped = false;
             } else if b == b'\\' {
-                escaped = true;
+                self.escaped = true;
             } else if b == b'"' {
-                in_string = false;
+                self.in_string = false;
             }
+            false
         } else if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
-            return Some(i);
+            true
         } else {
-            in_string = b == b'"';
+            self.in_string = b == b'"';
+            false
         }
     }
-    None
 }
 
 fn truncate(text: &str, max_chars: usize) -> String {
