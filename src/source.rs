@@ -32,21 +32,8 @@ use crate::metrics;
 use crate::partition::{Admit, PartitionError, PartitionWriter, Sinks};
 
 /// What a queued record counts as: its payload and the queue entry around it.
-fn queued_cost(inbound: &Inbound) -> usize {
-    inbound.payload.as_ref().map_or(0, |p| p.len()) + 96
-}
-
-/// Bytes queued for the workers: the total against `kafka.max_queued_bytes`, and per worker.
-struct QueueBudget {
-    limit: usize,
-    total: AtomicUsize,
-}
-
-impl QueueBudget {
-    /// A paused partition resumes once its worker is down to this.
-    fn resume_at(&self) -> usize {
-        self.limit / 8
-    }
+fn queued_cost(payload_len: usize) -> usize {
+    payload_len + 96
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -209,14 +196,16 @@ pub async fn run(
     let mut workers: BTreeMap<i32, WorkerHandle> = BTreeMap::new();
     // Workers ring `drained` when they are down to `resume_at`.
     let drained = Arc::new(Notify::new());
-    let queue = Arc::new(QueueBudget { limit: config.kafka.max_queued_bytes, total: AtomicUsize::new(0) });
+    let queue_limit = config.kafka.max_queued_bytes;
+    // A paused partition resumes once its worker is down to this.
+    let resume_at = queue_limit / 8;
     let env = WorkerEnv {
         config: config.clone(),
         sinks,
         committer: Committer::new(consumer.clone(), &config.kafka.topic),
         commands: cmd_tx,
         drained: drained.clone(),
-        queue: queue.clone(),
+        resume_at,
         shutdown: shutdown.clone(),
         hard_stop,
     };
@@ -280,10 +269,10 @@ pub async fn run(
             }
             // Before the records: with a busy topic `recv` is always ready, and a paused
             // partition must not wait for a lull to resume.
-            _ = drained.notified() => resume_drained(&consumer, &topic, &queue, &mut workers),
+            _ = drained.notified() => resume_drained(&consumer, &topic, resume_at, &mut workers),
             _ = tick.tick() => {
                 // Also on the tick: a notification can race the pause it should undo.
-                resume_drained(&consumer, &topic, &queue, &mut workers);
+                resume_drained(&consumer, &topic, resume_at, &mut workers);
                 if let Some(idle) = options.exit_when_idle {
                     // A stopped worker's leftovers are not waiting for anyone.
                     let drained = workers.values().all(|w| w.tx.is_closed() || w.queued.load(Ordering::Relaxed) == 0);
@@ -306,6 +295,10 @@ pub async fn run(
                 last_record = Instant::now();
                 metrics::set_in_group(true);
                 let partition = message.partition();
+                // Count before sending; the worker subtracts as it takes records. The total is
+                // summed over the current workers, so a revoked worker's leftovers drop out of it.
+                let cost = queued_cost(message.payload().map_or(0, <[u8]>::len));
+                let total = cost + workers.values().map(|w| w.queued.load(Ordering::Relaxed)).sum::<usize>();
                 let workers_len = workers.len();
                 let Some(worker) = workers.get_mut(&partition) else { continue };
                 let inbound = Inbound {
@@ -315,16 +308,12 @@ pub async fn run(
                     payload: message.payload().map(bytes::Bytes::copy_from_slice),
                     generation: worker.generation,
                 };
-                // Count before sending: the worker subtracts as it takes records.
-                let cost = queued_cost(&inbound);
                 let own = worker.queued.fetch_add(cost, Ordering::Relaxed) + cost;
-                let total = queue.total.fetch_add(cost, Ordering::Relaxed) + cost;
                 if worker.tx.send(inbound).is_err() {
                     // The worker stopped (fence lost or fatal error): hold the partition still.
                     worker.queued.fetch_sub(cost, Ordering::Relaxed);
-                    queue.total.fetch_sub(cost, Ordering::Relaxed);
                     pause(&consumer, &topic, partition, worker);
-                } else if total > queue.limit && own.saturating_mul(workers_len) >= total {
+                } else if total > queue_limit && own.saturating_mul(workers_len) >= total {
                     // Over the budget, and this partition holds at least its share of it.
                     pause(&consumer, &topic, partition, worker);
                 }
@@ -353,11 +342,11 @@ pub async fn run(
 fn resume_drained(
     consumer: &StreamConsumer<AuditContext>,
     topic: &str,
-    queue: &QueueBudget,
+    resume_at: usize,
     workers: &mut BTreeMap<i32, WorkerHandle>,
 ) {
     for (&partition, worker) in workers.iter_mut() {
-        if worker.paused && !worker.tx.is_closed() && worker.queued.load(Ordering::Relaxed) <= queue.resume_at() {
+        if worker.paused && !worker.tx.is_closed() && worker.queued.load(Ordering::Relaxed) <= resume_at {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(topic, partition);
             if consumer.resume(&tpl).is_ok() {
@@ -391,7 +380,7 @@ struct WorkerEnv {
     committer: Committer,
     commands: mpsc::UnboundedSender<Command>,
     drained: Arc<Notify>,
-    queue: Arc<QueueBudget>,
+    resume_at: usize,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
 }
@@ -412,7 +401,7 @@ impl WorkerEnv {
             commands: self.commands.clone(),
             queued: queued.clone(),
             drained: self.drained.clone(),
-            queue: self.queue.clone(),
+            resume_at: self.resume_at,
             revoke: revoke.clone(),
             shutdown: self.shutdown.clone(),
         };
@@ -431,7 +420,7 @@ struct Worker {
     commands: mpsc::UnboundedSender<Command>,
     queued: Arc<AtomicUsize>,
     drained: Arc<Notify>,
-    queue: Arc<QueueBudget>,
+    resume_at: usize,
     /// Fires on revocation or hard stop: abandon the buffer (the chain head stays consistent).
     revoke: CancellationToken,
     /// Fires on graceful shutdown: flush what is buffered, commit, end.
@@ -441,10 +430,9 @@ struct Worker {
 impl Worker {
     /// Takes a record off the queue's counts; wakes the dispatcher when the partition may resume.
     fn took(&self, inbound: &Inbound) {
-        let cost = queued_cost(inbound);
-        self.queue.total.fetch_sub(cost, Ordering::Relaxed);
+        let cost = queued_cost(inbound.payload.as_ref().map_or(0, |p| p.len()));
         let before = self.queued.fetch_sub(cost, Ordering::Relaxed);
-        let mark = self.queue.resume_at();
+        let mark = self.resume_at;
         if before > mark && before - cost <= mark {
             self.drained.notify_one();
         }
