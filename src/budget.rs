@@ -49,10 +49,13 @@ impl MemoryBudget {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
+}
 
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
+/// The rule both budgets share (segment buffers here, queued records in `source.rs`): over the
+/// limit, whoever holds at least an even share of the total (`total / holders`) gives some back,
+/// so the largest holders go first and at least one always does.
+pub fn over_fair_share(own: usize, total: usize, holders: usize, limit: usize) -> bool {
+    own > 0 && total > limit && own.saturating_mul(holders.max(1)) >= total
 }
 
 /// One partition's part of the budget; releases it when dropped (a revoked worker's buffer).
@@ -87,11 +90,8 @@ impl BudgetShare {
     /// Whether this partition should flush now to bring the total back under the budget.
     pub fn over_fair_share(&self) -> bool {
         let used = self.budget.used.load(Ordering::Relaxed);
-        if self.held == 0 || used <= self.budget.limit {
-            return false;
-        }
-        let holders = self.budget.holders.load(Ordering::Relaxed).max(1);
-        self.held.saturating_mul(holders) >= used
+        let holders = self.budget.holders.load(Ordering::Relaxed);
+        over_fair_share(self.held, used, holders, self.budget.limit)
     }
 }
 

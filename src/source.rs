@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::budget;
 use crate::commit::Committer;
 use crate::config::Config;
 use crate::metrics;
@@ -313,8 +314,7 @@ pub async fn run(
                     // The worker stopped (fence lost or fatal error): hold the partition still.
                     worker.queued.fetch_sub(cost, Ordering::Relaxed);
                     pause(&consumer, &topic, partition, worker);
-                } else if total > queue_limit && own.saturating_mul(workers_len) >= total {
-                    // Over the budget, and this partition holds at least its share of it.
+                } else if budget::over_fair_share(own, total, workers_len, queue_limit) {
                     pause(&consumer, &topic, partition, worker);
                 }
             }
