@@ -51,6 +51,17 @@ impl MemoryBudget {
     }
 }
 
+/// Hands the allocator's free pages back to the kernel. A flush frees a buffer of many small
+/// payload allocations at once; glibc keeps most of that resident otherwise (its automatic trim
+/// only releases the top of a heap), so a drained backlog left RSS far above what is in use.
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The rule both budgets share (segment buffers here, queued records in `source.rs`): over the
 /// limit, whoever holds at least an even share of the total (`total / holders`) gives some back,
 /// so the largest holders go first and at least one always does.

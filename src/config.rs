@@ -66,8 +66,8 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     #[serde(default = "defaults::session_timeout_ms")]
     pub session_timeout_ms: u32,
-    /// Record bytes queued for the partition workers, all together, before the deepest queues'
-    /// partitions are paused (`source.rs`).
+    /// Record bytes queued for the partition workers, all together, before the consumer stops
+    /// reading until they catch up (`source.rs`).
     #[serde(default = "defaults::max_queued_bytes")]
     pub max_queued_bytes: usize,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through verbatim,
@@ -254,7 +254,7 @@ mod defaults {
         1
     }
     pub fn max_queued_bytes() -> usize {
-        32 * 1024 * 1024
+        16 * 1024 * 1024
     }
     pub fn session_timeout_ms() -> u32 {
         30_000

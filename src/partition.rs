@@ -385,6 +385,7 @@ impl PartitionWriter {
         self.buffer = Vec::new();
         self.buffer_bytes = 0;
         self.share.release();
+        budget::return_free_memory();
         self.oldest = None;
         tracing::info!(
             topic = %self.topic, partition = self.partition, first = pending.first_offset, last = pending.last_offset,

@@ -571,7 +571,8 @@ def summary(report: dict) -> str:
 
 NOTES = [
     "binary: {build} build ({bin}); N = {events} events, {partitions} partitions; segment.max_records=100000, "
-    "segment.max_age_ms=5000, --exit-when-idle 15; machine: {cpus} CPUs shared by broker, moto, consumer and others.",
+    "segment.max_age_ms=5000, --exit-when-idle 15; broker: tansu, {broker_storage} storage; machine: {cpus} CPUs "
+    "shared by broker, moto, consumer and others.",
     "ev/s: N / (last offset commit - first record consumed). aegis-audit: start = first poll (every 0.1 s) of "
     "/metrics showing aegis_records_consumed_total > 0; end = timestamp of the last 'flushed' log line (the "
     "offset commit follows it; the broker-polled 'all committed' time is in the JSON). Baseline: first record "
@@ -600,6 +601,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", required=True)
     ap.add_argument("--build", required=True)
+    ap.add_argument("--broker-storage", default="unknown", help="the tansu storage engine (memory, sqlite)")
     ap.add_argument("--events", type=int, default=1_000_000)
     ap.add_argument("--partitions", type=int, default=8)
     ap.add_argument("--skip-baseline", action="store_true")
@@ -616,6 +618,7 @@ def main():
     report = {
         "started_at": started.isoformat(timespec="seconds"),
         "binary": args.bin, "build": args.build, "events": args.events, "partitions": args.partitions,
+        "broker": {"name": "tansu", "storage": args.broker_storage},
         "config": {"segment.max_records": MAX_RECORDS, "segment.max_age_ms": MAX_AGE_MS, "exit_when_idle_s": IDLE_S,
                    "base": "config/local.toml (Object Lock retention 1 day, digests every 10 s)"},
         "host": {"cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]},
@@ -625,7 +628,8 @@ def main():
         report["modes"].append(bench.mode(mode.strip()))
     report["host"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["notes"] = [n.format(build=args.build, bin=args.bin, events=args.events, partitions=args.partitions,
-                                cpus=os.cpu_count(), short=SHORT_WINDOW_S) for n in NOTES]
+                                cpus=os.cpu_count(), short=SHORT_WINDOW_S, broker_storage=args.broker_storage)
+                       for n in NOTES]
     table = summary(report)
     report["summary_table"] = table.splitlines()
 
