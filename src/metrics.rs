@@ -93,16 +93,33 @@ pub fn is_ready() -> Result<(), String> {
     Ok(())
 }
 
-pub fn record_consumed(partition: i32, outcome: &Result<DecisionEvent, RejectReason>) {
-    let p = partition.to_string();
-    counter!(RECORDS_CONSUMED, "partition" => p.clone()).increment(1);
-    match outcome {
-        Ok(event) if event.event_type == EventType::SafetyFlag => {
-            let severity = event.severity.as_deref().unwrap_or_default().to_string();
-            counter!(SAFETY_FLAGS, "environment" => event.environment.to_string(), "severity" => severity).increment(1);
+/// One partition's per-record counter, looked up once: a registry lookup per record (label
+/// strings built, hashed, found under a lock) is a measurable share of the hot path.
+#[derive(Clone)]
+pub struct RecordCounter {
+    partition: i32,
+    consumed: metrics::Counter,
+}
+
+impl RecordCounter {
+    pub fn new(partition: i32) -> Self {
+        Self { partition, consumed: counter!(RECORDS_CONSUMED, "partition" => partition.to_string()) }
+    }
+
+    pub fn record_consumed(&self, outcome: &Result<DecisionEvent, RejectReason>) {
+        self.consumed.increment(1);
+        match outcome {
+            Ok(event) if event.event_type == EventType::SafetyFlag => {
+                let severity = event.severity.as_deref().unwrap_or_default().to_string();
+                counter!(SAFETY_FLAGS, "environment" => event.environment.to_string(), "severity" => severity)
+                    .increment(1);
+            }
+            Ok(_) => {}
+            Err(reason) => {
+                counter!(RECORDS_REJECTED, "partition" => self.partition.to_string(), "reason" => reason.code())
+                    .increment(1)
+            }
         }
-        Ok(_) => {}
-        Err(reason) => counter!(RECORDS_REJECTED, "partition" => p, "reason" => reason.code()).increment(1),
     }
 }
 

@@ -131,6 +131,7 @@ pub struct PartitionWriter {
     digest: Option<DigestPos>,
     undigested: Vec<SegmentEntry>,
     last_digest: Instant,
+    counter: metrics::RecordCounter,
 }
 
 impl PartitionWriter {
@@ -193,6 +194,7 @@ impl PartitionWriter {
             digest: head.digest,
             undigested: head.undigested,
             last_digest: Instant::now(),
+            counter: metrics::RecordCounter::new(partition),
         })
     }
 
@@ -259,7 +261,7 @@ impl PartitionWriter {
         if let Err(reason) = &outcome {
             tracing::warn!(topic = %self.topic, partition = self.partition, offset, code = reason.code(), %reason, "record rejected");
         }
-        metrics::record_consumed(self.partition, &outcome);
+        self.counter.record_consumed(&outcome);
         self.buffer_bytes += bytes.len();
         self.share.add(budget::record_cost(bytes.len()));
         self.oldest.get_or_insert_with(Instant::now);
