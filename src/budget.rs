@@ -54,11 +54,26 @@ impl MemoryBudget {
 /// Hands the allocator's free pages back to the kernel. A flush frees a buffer of many small
 /// payload allocations at once; glibc keeps most of that resident otherwise (its automatic trim
 /// only releases the top of a heap), so a drained backlog left RSS far above what is in use.
+/// At most once a second for the whole process: a trim walks every arena and the pages it
+/// returns are faulted in again by the next buffers, so trimming after every flush of a backlog
+/// cost more CPU than it saved memory.
 pub fn return_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
+    {
+        use std::sync::atomic::AtomicU64;
+        use std::time::{SystemTime, UNIX_EPOCH};
+        static LAST_TRIM_MS: AtomicU64 = AtomicU64::new(0);
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let last = LAST_TRIM_MS.load(Ordering::Relaxed);
+        if now_ms.saturating_sub(last) < 1000
+            || LAST_TRIM_MS.compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return;
+        }
+        // SAFETY: malloc_trim only walks the allocator's own free lists.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
