@@ -129,7 +129,10 @@ class Aegis:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            raise AssertionError(f"consumer did not finish within {timeout}s; log: {self.logs[-1]}")
+            proc.wait()
+            with open(self.logs[-1]) as f:
+                tail = f.read()[-3000:]
+            raise AssertionError(f"consumer did not finish within {timeout}s; log {self.logs[-1]} ends:\n{tail}")
         with open(self.logs[-1]) as f:
             log = f.read()
         assert code == 0, f"consumer exited {code}:\n{log[-4000:]}"
