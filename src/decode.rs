@@ -33,32 +33,79 @@ impl EventType {
     }
 }
 
-/// A validated event. Its strings are views into the record's payload (`ByteString` shares the
-/// payload's buffer), so a buffered event costs no allocation per field; only a string whose
-/// JSON had escapes to decode gets bytes of its own.
+/// A validated event. Its strings are byte ranges of the record's payload (`text`, which shares
+/// the payload's buffer): a buffered event holds one reference to the payload, not one per field,
+/// and costs no allocation. Only a string whose JSON had escapes to decode, or `metadata` that
+/// had whitespace to drop, is copied, into `unescaped`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DecisionEvent {
-    pub decision_id: ByteString,
+    text: ByteString,
+    unescaped: String,
     pub event_type: EventType,
     pub occurred_at: DateTime<Utc>,
-    pub environment: ByteString,
-    pub user_id: ByteString,
-    pub session_id: ByteString,
-    pub action: ByteString,
     pub confidence_score: Option<f64>,
-    pub policy_version: ByteString,
-    pub model_version: ByteString,
-    pub request_id: ByteString,
-    pub reviewer_id: Option<ByteString>,
-    pub override_reason: Option<ByteString>,
-    pub original_action: Option<ByteString>,
-    pub safety_category: Option<ByteString>,
-    pub severity: Option<ByteString>,
-    /// The `metadata` object's JSON text as sent, minus insignificant whitespace.
-    pub metadata: Option<ByteString>,
+    decision_id: Span,
+    environment: Span,
+    user_id: Span,
+    session_id: Span,
+    action: Span,
+    policy_version: Span,
+    model_version: Span,
+    request_id: Span,
+    reviewer_id: Option<Span>,
+    override_reason: Option<Span>,
+    original_action: Option<Span>,
+    safety_category: Option<Span>,
+    severity: Option<Span>,
+    metadata: Option<Span>,
+}
+
+/// Where one field's text is: a byte range of the payload, or of the event's `unescaped` copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Span {
+    start: u32,
+    len: u32,
+    copied: bool,
+}
+
+macro_rules! text_fields {
+    ($($name:ident),*) => {$(
+        pub fn $name(&self) -> &str {
+            self.get(self.$name)
+        }
+    )*};
+}
+
+macro_rules! optional_text_fields {
+    ($($name:ident),*) => {$(
+        pub fn $name(&self) -> Option<&str> {
+            self.$name.map(|span| self.get(span))
+        }
+    )*};
 }
 
 impl DecisionEvent {
+    text_fields!(decision_id, environment, user_id, session_id, action, policy_version, model_version, request_id);
+    optional_text_fields!(reviewer_id, override_reason, original_action, safety_category, severity);
+
+    /// The `metadata` object's JSON text as sent, minus insignificant whitespace.
+    pub fn metadata(&self) -> Option<&str> {
+        self.metadata.map(|span| self.get(span))
+    }
+
+    /// `environment` as a string sharing the payload's buffer (a segment's placement key).
+    pub fn environment_shared(&self) -> ByteString {
+        match self.environment.copied {
+            false => self.text.slice_ref(self.environment()),
+            true => ByteString::from(self.environment()),
+        }
+    }
+
+    fn get(&self, span: Span) -> &str {
+        let source = if span.copied { self.unescaped.as_str() } else { &self.text };
+        &source[span.start as usize..(span.start + span.len) as usize]
+    }
+
     /// `occurred_at` as fixed-width RFC 3339 UTC (microseconds, `Z`), so it sorts as text.
     pub fn occurred_at_key(&self) -> String {
         self.occurred_at.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -234,30 +281,40 @@ pub fn decode(
         }
     };
 
-    // Borrowed strings are slices of `text`: share its buffer instead of copying.
-    let view = |c: Cow<'_, str>| match c {
-        Cow::Borrowed(s) => text.slice_ref(s),
-        Cow::Owned(s) => ByteString::from(s),
+    // Borrowed strings are ranges of `text`; decoded ones are copied into `unescaped`.
+    let mut unescaped = String::new();
+    let base = text.as_ptr() as usize;
+    let mut span = |c: Cow<'_, str>| match c {
+        Cow::Borrowed(s) if (s.as_ptr() as usize) >= base && s.as_ptr() as usize + s.len() <= base + text.len() => {
+            Span { start: (s.as_ptr() as usize - base) as u32, len: s.len() as u32, copied: false }
+        }
+        other => {
+            let start = unescaped.len() as u32;
+            unescaped.push_str(&other);
+            Span { start, len: other.len() as u32, copied: true }
+        }
     };
-    let metadata = metadata.map(view);
+    let metadata = metadata.map(&mut span);
     Ok(DecisionEvent {
-        decision_id: view(wire.decision_id),
+        decision_id: span(wire.decision_id),
         event_type,
         occurred_at,
-        environment: view(wire.environment),
-        user_id: view(wire.user_id),
-        session_id: view(wire.session_id),
-        action: view(wire.action),
+        environment: span(wire.environment),
+        user_id: span(wire.user_id),
+        session_id: span(wire.session_id),
+        action: span(wire.action),
         confidence_score: wire.confidence_score,
-        policy_version: view(wire.policy_version),
-        model_version: view(wire.model_version),
-        request_id: view(wire.request_id),
-        reviewer_id: wire.reviewer_id.map(view),
-        override_reason: wire.override_reason.map(view),
-        original_action: wire.original_action.map(view),
-        safety_category: wire.safety_category.map(view),
-        severity: wire.severity.map(view),
+        policy_version: span(wire.policy_version),
+        model_version: span(wire.model_version),
+        request_id: span(wire.request_id),
+        reviewer_id: wire.reviewer_id.map(&mut span),
+        override_reason: wire.override_reason.map(&mut span),
+        original_action: wire.original_action.map(&mut span),
+        safety_category: wire.safety_category.map(&mut span),
+        severity: wire.severity.map(&mut span),
         metadata,
+        text,
+        unescaped,
     })
 }
 
@@ -408,7 +465,24 @@ mod tests {
         assert_eq!(e.event_type, EventType::Decision);
         assert_eq!(e.occurred_at_key(), "2026-11-18T09:00:00.500000Z");
         assert_eq!(e.date(), (2026, 11, 18));
-        assert_eq!(e.metadata.as_deref(), Some(r#"{"region":"eu","tags":["a"]}"#));
+        assert_eq!(e.metadata(), Some(r#"{"region":"eu","tags":["a"]}"#));
+    }
+
+    #[test]
+    fn escaped_strings_and_spaced_metadata_are_copied_the_rest_read_in_place() {
+        let payload = r#"{"decision_id": "d-\u0031", "event_type": "override", "occurred_at": "2026-11-18T10:00:00Z",
+            "environment": "prod", "user_id": "u-\"q\"", "session_id": "s-1", "action": "deny",
+            "policy_version": "p-3", "model_version": "m-7", "request_id": "r-1", "reviewer_id": "rev-\u00e9",
+            "override_reason": "plain", "metadata": { "a" : [1, "x y"] }}"#;
+        let e = decode(Some(&Bytes::from(payload)), Some(TS), &rules()).unwrap();
+        assert_eq!(e.decision_id(), "d-1");
+        assert_eq!(e.user_id(), "u-\"q\"");
+        assert_eq!(e.reviewer_id(), Some("rev-é"));
+        assert_eq!(e.metadata(), Some(r#"{"a":[1,"x y"]}"#));
+        // Interleaved with the copies, in-place fields still read their own bytes.
+        assert_eq!((e.environment(), e.session_id(), e.override_reason()), ("prod", "s-1", Some("plain")));
+        assert_eq!(e.environment_shared(), "prod");
+        assert_eq!(e.severity(), None);
     }
 
     #[test]
@@ -463,12 +537,12 @@ mod tests {
         ov["override_reason"] = "manual check".into();
         ov["original_action"] = "approve_loan".into();
         let e = decode_value(&ov).unwrap();
-        assert_eq!(e.reviewer_id.as_deref(), Some("rev-9"));
+        assert_eq!(e.reviewer_id(), Some("rev-9"));
         let mut sf = good();
         sf["event_type"] = "safety_flag".into();
         sf["safety_category"] = "pii_leak".into();
         sf["severity"] = "high".into();
-        assert_eq!(decode_value(&sf).unwrap().severity.as_deref(), Some("high"));
+        assert_eq!(decode_value(&sf).unwrap().severity(), Some("high"));
     }
 
     #[test]
@@ -491,7 +565,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), ts in proptest::option::of(any::<i64>())) {
             match decode(Some(&Bytes::from(bytes)), ts, &rules()) {
-                Ok(e) => prop_assert!(is_partition_token(&e.environment)),
+                Ok(e) => prop_assert!(is_partition_token(e.environment())),
                 Err(reason) => prop_assert!(!reason.code().is_empty() && !reason.to_string().is_empty()),
             }
         }
@@ -517,8 +591,8 @@ mod tests {
             let mut v = good();
             v["environment"] = env.clone().into();
             if let Ok(e) = decode_value(&v) {
-                prop_assert!(!e.environment.contains('/') && !e.environment.contains(".."));
-                prop_assert!(is_partition_token(&e.environment));
+                prop_assert!(!e.environment().contains('/') && !e.environment().contains(".."));
+                prop_assert!(is_partition_token(e.environment()));
             }
         }
     }

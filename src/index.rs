@@ -54,11 +54,11 @@ pub fn item_for(topic: &str, partition: i32, record: &ChainedRecord, segment_key
         EventType::Override => format!("OVERRIDE#{ts}#{coordinates}"),
         EventType::SafetyFlag => format!("SAFETY_FLAG#{ts}#{coordinates}"),
     };
-    let gsi_sort = format!("{ts}#{}#{}", event.event_type.as_str(), event.decision_id);
+    let gsi_sort = format!("{ts}#{}#{}", event.event_type.as_str(), event.decision_id());
     let mut attrs = Attrs::new();
-    attrs.s("GSI1PK", format!("USER#{}", event.user_id));
+    attrs.s("GSI1PK", format!("USER#{}", event.user_id()));
     attrs.s("GSI1SK", gsi_sort.clone());
-    attrs.s("GSI2PK", format!("SESSION#{}", event.session_id));
+    attrs.s("GSI2PK", format!("SESSION#{}", event.session_id()));
     attrs.s("GSI2SK", gsi_sort);
     insert_event_fields(&mut attrs, event, &ts);
     attrs.s("kafka_topic", topic);
@@ -70,7 +70,7 @@ pub fn item_for(topic: &str, partition: i32, record: &ChainedRecord, segment_key
     if event.event_type == EventType::Decision {
         attrs.s("rank", rank(&ts, topic, partition, record.offset));
     }
-    Some(IndexItem { pk: format!("DECISION#{}", event.decision_id), sk, attrs: attrs.0 })
+    Some(IndexItem { pk: format!("DECISION#{}", event.decision_id()), sk, attrs: attrs.0 })
 }
 
 struct Attrs(BTreeMap<String, Attr>);
@@ -87,28 +87,28 @@ impl Attrs {
 fn insert_event_fields(attrs: &mut Attrs, e: &DecisionEvent, ts: &str) {
     let mut s = |name: &str, v: &str| attrs.s(name, v);
     s("event_type", e.event_type.as_str());
-    s("decision_id", &e.decision_id);
+    s("decision_id", e.decision_id());
     s("occurred_at", ts);
-    s("environment", &e.environment);
-    s("user_id", &e.user_id);
-    s("session_id", &e.session_id);
-    s("action", &e.action);
-    s("policy_version", &e.policy_version);
-    s("model_version", &e.model_version);
-    s("request_id", &e.request_id);
+    s("environment", e.environment());
+    s("user_id", e.user_id());
+    s("session_id", e.session_id());
+    s("action", e.action());
+    s("policy_version", e.policy_version());
+    s("model_version", e.model_version());
+    s("request_id", e.request_id());
     if let Some(score) = e.confidence_score {
         attrs.0.insert("confidence_score".into(), Attr::N(score.to_string()));
     }
     for (name, value) in [
-        ("reviewer_id", &e.reviewer_id),
-        ("override_reason", &e.override_reason),
-        ("original_action", &e.original_action),
-        ("safety_category", &e.safety_category),
-        ("severity", &e.severity),
-        ("metadata", &e.metadata),
+        ("reviewer_id", e.reviewer_id()),
+        ("override_reason", e.override_reason()),
+        ("original_action", e.original_action()),
+        ("safety_category", e.safety_category()),
+        ("severity", e.severity()),
+        ("metadata", e.metadata()),
     ] {
         if let Some(v) = value {
-            attrs.s(name, &**v);
+            attrs.s(name, v);
         }
     }
 }

@@ -110,8 +110,8 @@ impl RecordCounter {
         self.consumed.increment(1);
         match outcome {
             Ok(event) if event.event_type == EventType::SafetyFlag => {
-                let severity = event.severity.as_deref().unwrap_or_default().to_string();
-                counter!(SAFETY_FLAGS, "environment" => event.environment.to_string(), "severity" => severity)
+                let severity = event.severity().unwrap_or_default().to_string();
+                counter!(SAFETY_FLAGS, "environment" => event.environment().to_string(), "severity" => severity)
                     .increment(1);
             }
             Ok(_) => {}

@@ -72,7 +72,7 @@ impl Placement {
         match &record.outcome {
             Ok(event) => {
                 let (year, month, day) = event.date();
-                Placement::Trail { year, month, day, environment: event.environment.clone() }
+                Placement::Trail { year, month, day, environment: event.environment_shared() }
             }
             Err(_) => {
                 let ts = record.kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis).unwrap_or_default();
@@ -304,22 +304,22 @@ pub fn record_batch(
     let mut status = text(n * 8);
     let mut reject_code = text(0);
     let mut reject_reason = text(0);
-    let mut decision_id = exact(|e| &e.decision_id);
+    let mut decision_id = exact(DecisionEvent::decision_id);
     let mut event_type = text(n * 11);
     let mut occurred_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut user_id = exact(|e| &e.user_id);
-    let mut session_id = exact(|e| &e.session_id);
-    let mut action = exact(|e| &e.action);
+    let mut user_id = exact(DecisionEvent::user_id);
+    let mut session_id = exact(DecisionEvent::session_id);
+    let mut action = exact(DecisionEvent::action);
     let mut confidence = Float64Builder::with_capacity(n);
-    let mut policy_version = exact(|e| &e.policy_version);
-    let mut model_version = exact(|e| &e.model_version);
-    let mut request_id = exact(|e| &e.request_id);
-    let mut reviewer_id = optional(|e| e.reviewer_id.as_deref());
-    let mut override_reason = optional(|e| e.override_reason.as_deref());
-    let mut original_action = optional(|e| e.original_action.as_deref());
-    let mut safety_category = optional(|e| e.safety_category.as_deref());
-    let mut severity = optional(|e| e.severity.as_deref());
-    let mut metadata = optional(|e| e.metadata.as_deref());
+    let mut policy_version = exact(DecisionEvent::policy_version);
+    let mut model_version = exact(DecisionEvent::model_version);
+    let mut request_id = exact(DecisionEvent::request_id);
+    let mut reviewer_id = optional(DecisionEvent::reviewer_id);
+    let mut override_reason = optional(DecisionEvent::override_reason);
+    let mut original_action = optional(DecisionEvent::original_action);
+    let mut safety_category = optional(DecisionEvent::safety_category);
+    let mut severity = optional(DecisionEvent::severity);
+    let mut metadata = optional(DecisionEvent::metadata);
     let mut payload = BinaryBuilder::with_capacity(n, rows.iter().map(|r| r.payload.len()).sum());
     let mut prev_hash = StringBuilder::with_capacity(n, n * 64);
     let mut entry_hash = StringBuilder::with_capacity(n, n * 64);
@@ -340,22 +340,22 @@ pub fn record_batch(
             Ok(e) => {
                 reject_code.append_null();
                 reject_reason.append_null();
-                decision_id.append_value(&e.decision_id);
+                decision_id.append_value(e.decision_id());
                 event_type.append_value(e.event_type.as_str());
                 occurred_at.append_value(e.occurred_at.timestamp_micros());
-                user_id.append_value(&e.user_id);
-                session_id.append_value(&e.session_id);
-                action.append_value(&e.action);
+                user_id.append_value(e.user_id());
+                session_id.append_value(e.session_id());
+                action.append_value(e.action());
                 confidence.append_option(e.confidence_score);
-                policy_version.append_value(&e.policy_version);
-                model_version.append_value(&e.model_version);
-                request_id.append_value(&e.request_id);
-                reviewer_id.append_option(e.reviewer_id.as_deref());
-                override_reason.append_option(e.override_reason.as_deref());
-                original_action.append_option(e.original_action.as_deref());
-                safety_category.append_option(e.safety_category.as_deref());
-                severity.append_option(e.severity.as_deref());
-                metadata.append_option(e.metadata.as_deref());
+                policy_version.append_value(e.policy_version());
+                model_version.append_value(e.model_version());
+                request_id.append_value(e.request_id());
+                reviewer_id.append_option(e.reviewer_id());
+                override_reason.append_option(e.override_reason());
+                original_action.append_option(e.original_action());
+                safety_category.append_option(e.safety_category());
+                severity.append_option(e.severity());
+                metadata.append_option(e.metadata());
             }
             Err(reason) => {
                 reject_code.append_value(reason.code());
