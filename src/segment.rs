@@ -6,7 +6,6 @@
 //! the flushed range, and the bytes only on the records, so re-running an interrupted flush
 //! rewrites the same objects: never a second copy of a row.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use arrow_array::builder::{
@@ -78,6 +77,17 @@ impl Placement {
                 let ts = record.kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis).unwrap_or_default();
                 Placement::Quarantine { year: ts.year(), month: ts.month(), day: ts.day() }
             }
+        }
+    }
+
+    /// Whether `record` belongs here: `Placement::of(record) == *self`, without building one.
+    pub fn holds(&self, record: &ChainedRecord) -> bool {
+        match (self, &record.outcome) {
+            (Placement::Trail { year, month, day, environment }, Ok(event)) => {
+                event.date() == (*year, *month, *day) && event.environment() == &**environment
+            }
+            (Placement::Quarantine { .. }, Err(_)) => Placement::of(record) == *self,
+            _ => false,
         }
     }
 
@@ -191,10 +201,23 @@ pub fn encode_flush(
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Ok(Vec::new());
     };
-    let mut groups: BTreeMap<Placement, Vec<&ChainedRecord>> = BTreeMap::new();
+    // A flush spans a handful of placements, and neighbours usually share one: compare in place
+    // instead of building and looking up a key per record.
+    let mut groups: Vec<(Placement, Vec<&ChainedRecord>)> = Vec::new();
+    let mut current = 0;
     for record in records {
-        groups.entry(Placement::of(record)).or_default().push(record);
+        if !groups.get(current).is_some_and(|(placement, _)| placement.holds(record)) {
+            current = match groups.iter().position(|(placement, _)| placement.holds(record)) {
+                Some(index) => index,
+                None => {
+                    groups.push((Placement::of(record), Vec::new()));
+                    groups.len() - 1
+                }
+            };
+        }
+        groups[current].1.push(record);
     }
+    groups.sort_by(|a, b| a.0.cmp(&b.0));
     groups
         .into_iter()
         .map(|(placement, rows)| {
@@ -489,6 +512,40 @@ mod tests {
         let batch = reader.build().unwrap().next().unwrap().unwrap();
         assert_eq!(batch.num_rows(), 1);
         assert_eq!(batch.schema(), arrow_schema());
+    }
+
+    #[test]
+    fn interleaved_placements_group_in_offset_order_and_sort_by_placement() {
+        let payloads = [
+            (20, event("a", "prod", 17)),
+            (21, event("b", "dev", 17)),
+            (22, "garbage".into()),
+            (23, event("c", "prod", 17)),
+            (24, event("d", "prod", 18)),
+            (25, event("e", "dev", 17)),
+            (26, "{}".into()),
+        ];
+        let records = sample_records("t", 0, &payloads);
+        let segments = encode_flush("trail", "t", 0, &records, &SegmentConfig::default()).unwrap();
+        let placements: Vec<_> = segments.iter().map(|s| s.placement.clone()).collect();
+        let mut sorted = placements.clone();
+        sorted.sort();
+        assert_eq!(placements, sorted, "objects come in placement order");
+        let offsets = |placement: &Placement| {
+            records.iter().filter(|r| Placement::of(r) == *placement).map(|r| r.offset).collect::<Vec<_>>()
+        };
+        for segment in &segments {
+            let want = offsets(&segment.placement);
+            assert!(!want.is_empty());
+            assert_eq!(
+                (segment.rows, segment.first_offset, segment.last_offset),
+                (want.len(), want[0], *want.last().unwrap())
+            );
+            assert!(records.iter().all(|r| segment.placement.holds(r) == (Placement::of(r) == segment.placement)));
+        }
+        // prod/17 (20, 23), dev/17 (21, 25), prod/18 (24), quarantine (22, 26).
+        assert_eq!(segments.iter().map(|s| s.rows).sum::<usize>(), 7);
+        assert_eq!(segments.len(), 4);
     }
 
     proptest::proptest! {
