@@ -84,6 +84,23 @@ macro_rules! optional_text_fields {
     )*};
 }
 
+/// The event's text fields that become Parquet columns of their own, in `text_lengths` order.
+pub const TEXT_COLUMNS: [&str; 13] = [
+    "decision_id",
+    "user_id",
+    "session_id",
+    "action",
+    "policy_version",
+    "model_version",
+    "request_id",
+    "reviewer_id",
+    "override_reason",
+    "original_action",
+    "safety_category",
+    "severity",
+    "metadata",
+];
+
 impl DecisionEvent {
     text_fields!(decision_id, environment, user_id, session_id, action, policy_version, model_version, request_id);
     optional_text_fields!(reviewer_id, override_reason, original_action, safety_category, severity);
@@ -91,6 +108,27 @@ impl DecisionEvent {
     /// The `metadata` object's JSON text as sent, minus insignificant whitespace.
     pub fn metadata(&self) -> Option<&str> {
         self.metadata.map(|span| self.get(span))
+    }
+
+    /// The byte lengths of the text columns, in `TEXT_COLUMNS` order (0 for an absent field):
+    /// what a flush sizes its Arrow builders with, read without touching the text.
+    pub fn text_lengths(&self) -> [usize; TEXT_COLUMNS.len()] {
+        let optional = |span: Option<Span>| span.map_or(0, |s| s.len as usize);
+        [
+            self.decision_id.len as usize,
+            self.user_id.len as usize,
+            self.session_id.len as usize,
+            self.action.len as usize,
+            self.policy_version.len as usize,
+            self.model_version.len as usize,
+            self.request_id.len as usize,
+            optional(self.reviewer_id),
+            optional(self.override_reason),
+            optional(self.original_action),
+            optional(self.safety_category),
+            optional(self.severity),
+            optional(self.metadata),
+        ]
     }
 
     /// `environment` as a string sharing the payload's buffer (a segment's placement key).
@@ -495,6 +533,22 @@ mod tests {
         assert_eq!((e.environment(), e.session_id(), e.override_reason()), ("prod", "s-1", Some("plain")));
         assert_eq!(e.environment_shared(), "prod");
         assert_eq!(e.severity(), None);
+        let texts = [
+            Some(e.decision_id()),
+            Some(e.user_id()),
+            Some(e.session_id()),
+            Some(e.action()),
+            Some(e.policy_version()),
+            Some(e.model_version()),
+            Some(e.request_id()),
+            e.reviewer_id(),
+            e.override_reason(),
+            e.original_action(),
+            e.safety_category(),
+            e.severity(),
+            e.metadata(),
+        ];
+        assert_eq!(e.text_lengths(), texts.map(|t| t.map_or(0, str::len)));
     }
 
     #[test]

@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::chain::{EntryStatus, Link};
 use crate::config::SegmentConfig;
-use crate::decode::{DecisionEvent, RejectReason};
+use crate::decode::{DecisionEvent, RejectReason, TEXT_COLUMNS};
 
 /// Format version written into every object's key-value metadata.
 pub const SEGMENT_FORMAT: &str = "aegis-audit/segment/v1";
@@ -83,8 +83,9 @@ impl Placement {
     /// Whether `record` belongs here: `Placement::of(record) == *self`, without building one.
     pub fn holds(&self, record: &ChainedRecord) -> bool {
         match (self, &record.outcome) {
+            // Environments differ more often than dates, and compare for less.
             (Placement::Trail { year, month, day, environment }, Ok(event)) => {
-                event.date() == (*year, *month, *day) && event.environment() == &**environment
+                event.environment() == &**environment && event.date() == (*year, *month, *day)
             }
             (Placement::Quarantine { .. }, Err(_)) => Placement::of(record) == *self,
             _ => false,
@@ -317,9 +318,11 @@ pub fn record_batch(
     let n = rows.len();
     // Every text builder sized to what it will hold, so none grows (and copies) on the way.
     let text = |bytes: usize| StringBuilder::with_capacity(n, bytes);
-    let events = || rows.iter().filter_map(|r| r.outcome.as_ref().ok());
-    let exact = |field: fn(&DecisionEvent) -> &str| text(events().map(|e| field(e).len()).sum());
-    let optional = |field: fn(&DecisionEvent) -> Option<&str>| text(events().filter_map(field).map(str::len).sum());
+    let mut lengths = [0usize; TEXT_COLUMNS.len()];
+    for event in rows.iter().filter_map(|r| r.outcome.as_ref().ok()) {
+        lengths.iter_mut().zip(event.text_lengths()).for_each(|(sum, len)| *sum += len);
+    }
+    let column = |name: &str| text(lengths[TEXT_COLUMNS.iter().position(|c| *c == name).expect("a text column")]);
     let mut kafka_topic = text(n * topic.len());
     let mut kafka_partition = Int32Builder::with_capacity(n);
     let mut kafka_offset = Int64Builder::with_capacity(n);
@@ -327,22 +330,22 @@ pub fn record_batch(
     let mut status = text(n * 8);
     let mut reject_code = text(0);
     let mut reject_reason = text(0);
-    let mut decision_id = exact(DecisionEvent::decision_id);
+    let mut decision_id = column("decision_id");
     let mut event_type = text(n * 11);
     let mut occurred_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut user_id = exact(DecisionEvent::user_id);
-    let mut session_id = exact(DecisionEvent::session_id);
-    let mut action = exact(DecisionEvent::action);
+    let mut user_id = column("user_id");
+    let mut session_id = column("session_id");
+    let mut action = column("action");
     let mut confidence = Float64Builder::with_capacity(n);
-    let mut policy_version = exact(DecisionEvent::policy_version);
-    let mut model_version = exact(DecisionEvent::model_version);
-    let mut request_id = exact(DecisionEvent::request_id);
-    let mut reviewer_id = optional(DecisionEvent::reviewer_id);
-    let mut override_reason = optional(DecisionEvent::override_reason);
-    let mut original_action = optional(DecisionEvent::original_action);
-    let mut safety_category = optional(DecisionEvent::safety_category);
-    let mut severity = optional(DecisionEvent::severity);
-    let mut metadata = optional(DecisionEvent::metadata);
+    let mut policy_version = column("policy_version");
+    let mut model_version = column("model_version");
+    let mut request_id = column("request_id");
+    let mut reviewer_id = column("reviewer_id");
+    let mut override_reason = column("override_reason");
+    let mut original_action = column("original_action");
+    let mut safety_category = column("safety_category");
+    let mut severity = column("severity");
+    let mut metadata = column("metadata");
     let mut payload = BinaryBuilder::with_capacity(n, rows.iter().map(|r| r.payload.len()).sum());
     let mut prev_hash = StringBuilder::with_capacity(n, n * 64);
     let mut entry_hash = StringBuilder::with_capacity(n, n * 64);
