@@ -41,6 +41,20 @@ fn chain_records(payloads: &[Vec<u8>], validation: &ValidationConfig) -> Vec<Cha
         .collect()
 }
 
+/// The reference bound: what any consumer doing the job must at least spend.
+fn reference(payloads: &[Vec<u8>]) {
+    for p in payloads {
+        let value: serde_json::Value = serde_json::from_slice(p).expect("valid JSON");
+        black_box(value);
+        black_box(Sha256::digest(p));
+    }
+}
+
+fn full_path(payloads: &[Vec<u8>], validation: &ValidationConfig, segment: &SegmentConfig) {
+    let records = chain_records(payloads, validation);
+    black_box(encode_flush("trail", "ai-decisions", 0, &records, segment).expect("encodes"));
+}
+
 fn hot_path(c: &mut Criterion) {
     let payloads = payloads();
     let bytes: usize = payloads.iter().map(Vec::len).sum();
@@ -51,15 +65,7 @@ fn hot_path(c: &mut Criterion) {
     group.sample_size(10);
     group.throughput(Throughput::Elements(RECORDS as u64));
 
-    group.bench_function("reference: serde_json parse + sha256", |b| {
-        b.iter(|| {
-            for p in &payloads {
-                let value: serde_json::Value = serde_json::from_slice(p).expect("valid JSON");
-                black_box(value);
-                black_box(Sha256::digest(p));
-            }
-        })
-    });
+    group.bench_function("reference: serde_json parse + sha256", |b| b.iter(|| reference(&payloads)));
     group.bench_function("decode + validate + chain", |b| b.iter(|| black_box(chain_records(&payloads, &validation))));
     group.bench_function("arrow + parquet encode", |b| {
         b.iter_batched(
@@ -69,10 +75,7 @@ fn hot_path(c: &mut Criterion) {
         )
     });
     group.bench_function("full hot path: decode + validate + chain + arrow + parquet", |b| {
-        b.iter(|| {
-            let records = chain_records(&payloads, &validation);
-            black_box(encode_flush("trail", "ai-decisions", 0, &records, &segment).expect("encodes"))
-        })
+        b.iter(|| full_path(&payloads, &validation, &segment))
     });
     // The compression trade-off. zstd's fast (negative) levels were measured too: no faster
     // here, and ~480 bytes/record instead of ~310.
@@ -107,12 +110,7 @@ fn hot_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("per_byte");
     group.sample_size(10);
     group.throughput(Throughput::Bytes(bytes as u64));
-    group.bench_function("full hot path", |b| {
-        b.iter(|| {
-            let records = chain_records(&payloads, &validation);
-            black_box(encode_flush("trail", "ai-decisions", 0, &records, &segment).expect("encodes"))
-        })
-    });
+    group.bench_function("full hot path", |b| b.iter(|| full_path(&payloads, &validation, &segment)));
     group.finish();
 }
 
@@ -126,21 +124,10 @@ fn interleaved_ratio(payloads: &[Vec<u8>], validation: &ValidationConfig, segmen
         f();
         start.elapsed().as_secs_f64()
     };
-    let reference = || {
-        for p in payloads {
-            let value: serde_json::Value = serde_json::from_slice(p).expect("valid JSON");
-            black_box(value);
-            black_box(Sha256::digest(p));
-        }
-    };
-    let full = || {
-        let records = chain_records(payloads, validation);
-        black_box(encode_flush("trail", "ai-decisions", 0, &records, segment).expect("encodes"));
-    };
     let (mut best_reference, mut best_full) = (f64::MAX, f64::MAX);
     for _ in 0..ROUNDS {
-        best_reference = best_reference.min(time(&reference));
-        best_full = best_full.min(time(&full));
+        best_reference = best_reference.min(time(&|| reference(payloads)));
+        best_full = best_full.min(time(&|| full_path(payloads, validation, segment)));
     }
     let rate = |seconds: f64| payloads.len() as f64 / seconds / 1000.0;
     println!(

@@ -57,6 +57,7 @@ pub struct DecisionEvent {
     original_action: Option<Span>,
     safety_category: Option<Span>,
     severity: Option<Span>,
+    /// The `metadata` object's JSON text as sent, minus insignificant whitespace.
     metadata: Option<Span>,
 }
 
@@ -84,35 +85,15 @@ macro_rules! optional_text_fields {
     )*};
 }
 
-/// The event's text fields that become Parquet columns of their own, in `text_lengths` order.
-pub const TEXT_COLUMNS: [&str; 13] = [
-    "decision_id",
-    "user_id",
-    "session_id",
-    "action",
-    "policy_version",
-    "model_version",
-    "request_id",
-    "reviewer_id",
-    "override_reason",
-    "original_action",
-    "safety_category",
-    "severity",
-    "metadata",
-];
-
 impl DecisionEvent {
     text_fields!(decision_id, environment, user_id, session_id, action, policy_version, model_version, request_id);
-    optional_text_fields!(reviewer_id, override_reason, original_action, safety_category, severity);
+    optional_text_fields!(reviewer_id, override_reason, original_action, safety_category, severity, metadata);
 
-    /// The `metadata` object's JSON text as sent, minus insignificant whitespace.
-    pub fn metadata(&self) -> Option<&str> {
-        self.metadata.map(|span| self.get(span))
-    }
-
-    /// The byte lengths of the text columns, in `TEXT_COLUMNS` order (0 for an absent field):
-    /// what a flush sizes its Arrow builders with, read without touching the text.
-    pub fn text_lengths(&self) -> [usize; TEXT_COLUMNS.len()] {
+    /// The byte lengths of the text fields with a Parquet column of their own (0 for an absent
+    /// field), in this order: decision_id, user_id, session_id, action, policy_version,
+    /// model_version, request_id, reviewer_id, override_reason, original_action,
+    /// safety_category, severity, metadata. What a flush sizes its Arrow builders with.
+    pub fn text_lengths(&self) -> [usize; 13] {
         let optional = |span: Option<Span>| span.map_or(0, |s| s.len as usize);
         [
             self.decision_id.len as usize,

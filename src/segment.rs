@@ -26,7 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::chain::{EntryStatus, Link};
 use crate::config::SegmentConfig;
-use crate::decode::{DecisionEvent, RejectReason, TEXT_COLUMNS};
+use crate::decode::{DecisionEvent, RejectReason};
 
 /// Format version written into every object's key-value metadata.
 pub const SEGMENT_FORMAT: &str = "aegis-audit/segment/v1";
@@ -318,11 +318,13 @@ pub fn record_batch(
     let n = rows.len();
     // Every text builder sized to what it will hold, so none grows (and copies) on the way.
     let text = |bytes: usize| StringBuilder::with_capacity(n, bytes);
-    let mut lengths = [0usize; TEXT_COLUMNS.len()];
+    let mut lengths = [0usize; 13];
     for event in rows.iter().filter_map(|r| r.outcome.as_ref().ok()) {
         lengths.iter_mut().zip(event.text_lengths()).for_each(|(sum, len)| *sum += len);
     }
-    let column = |name: &str| text(lengths[TEXT_COLUMNS.iter().position(|c| *c == name).expect("a text column")]);
+    // In `DecisionEvent::text_lengths` order.
+    let [mut decision_id, mut user_id, mut session_id, mut action, mut policy_version, mut model_version, mut request_id, mut reviewer_id, mut override_reason, mut original_action, mut safety_category, mut severity, mut metadata] =
+        lengths.map(text);
     let mut kafka_topic = text(n * topic.len());
     let mut kafka_partition = Int32Builder::with_capacity(n);
     let mut kafka_offset = Int64Builder::with_capacity(n);
@@ -330,22 +332,9 @@ pub fn record_batch(
     let mut status = text(n * 8);
     let mut reject_code = text(0);
     let mut reject_reason = text(0);
-    let mut decision_id = column("decision_id");
     let mut event_type = text(n * 11);
     let mut occurred_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
-    let mut user_id = column("user_id");
-    let mut session_id = column("session_id");
-    let mut action = column("action");
     let mut confidence = Float64Builder::with_capacity(n);
-    let mut policy_version = column("policy_version");
-    let mut model_version = column("model_version");
-    let mut request_id = column("request_id");
-    let mut reviewer_id = column("reviewer_id");
-    let mut override_reason = column("override_reason");
-    let mut original_action = column("original_action");
-    let mut safety_category = column("safety_category");
-    let mut severity = column("severity");
-    let mut metadata = column("metadata");
     let mut payload = BinaryBuilder::with_capacity(n, rows.iter().map(|r| r.payload.len()).sum());
     let mut prev_hash = StringBuilder::with_capacity(n, n * 64);
     let mut entry_hash = StringBuilder::with_capacity(n, n * 64);
