@@ -131,7 +131,9 @@ impl DecisionEvent {
     }
 
     pub fn date(&self) -> (i32, u32, u32) {
-        (self.occurred_at.year(), self.occurred_at.month(), self.occurred_at.day())
+        // One calendar conversion, not one per component: this runs per record per flush.
+        let date = self.occurred_at.date_naive();
+        (date.year(), date.month(), date.day())
     }
 }
 
@@ -390,12 +392,11 @@ fn check_id(field: &'static str, value: &str) -> Result<(), RejectReason> {
     Ok(())
 }
 
-/// `value.chars().any(char::is_control)`, with a byte scan for the usual all-ASCII id.
+/// `value.chars().any(char::is_control)`. One branch-free pass settles the usual id, all
+/// printable ASCII; only text with a control or non-ASCII byte is decoded to chars.
 fn has_control(value: &str) -> bool {
-    match value.is_ascii() {
-        true => value.bytes().any(|b| b < 0x20 || b == 0x7f),
-        false => value.chars().any(char::is_control),
-    }
+    let printable_ascii = value.bytes().fold(true, |all, b| all & (0x20..0x7f).contains(&b));
+    !printable_ascii && value.chars().any(char::is_control)
 }
 
 fn require<'a>(field: &'static str, value: &'a Option<Cow<'_, str>>, what: &str) -> Result<&'a str, RejectReason> {

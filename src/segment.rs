@@ -12,7 +12,8 @@ use arrow_array::builder::{
     BinaryBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
     TimestampMillisecondBuilder,
 };
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use chrono::{DateTime, Datelike, Utc};
@@ -74,21 +75,9 @@ impl Placement {
                 Placement::Trail { year, month, day, environment: event.environment_shared() }
             }
             Err(_) => {
-                let ts = record.kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis).unwrap_or_default();
+                let ts = quarantine_time(record);
                 Placement::Quarantine { year: ts.year(), month: ts.month(), day: ts.day() }
             }
-        }
-    }
-
-    /// Whether `record` belongs here: `Placement::of(record) == *self`, without building one.
-    pub fn holds(&self, record: &ChainedRecord) -> bool {
-        match (self, &record.outcome) {
-            // Environments differ more often than dates, and compare for less.
-            (Placement::Trail { year, month, day, environment }, Ok(event)) => {
-                event.environment() == &**environment && event.date() == (*year, *month, *day)
-            }
-            (Placement::Quarantine { .. }, Err(_)) => Placement::of(record) == *self,
-            _ => false,
         }
     }
 
@@ -102,6 +91,31 @@ impl Placement {
             Placement::Quarantine { year, month, day } => {
                 format!("quarantine/year={year:04}/month={month:02}/day={day:02}")
             }
+        }
+    }
+}
+
+/// A rejected record's date is its Kafka timestamp's: the payload may have no usable one.
+fn quarantine_time(record: &ChainedRecord) -> DateTime<Utc> {
+    record.kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis).unwrap_or_default()
+}
+
+/// What decides a record's placement, in a form that compares in a few instructions: equal keys
+/// exactly when `Placement::of` is equal, without a calendar conversion per record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PlacementKey<'a> {
+    /// `None` for quarantine.
+    environment: Option<&'a str>,
+    /// Days since the Unix epoch, UTC.
+    day: i64,
+}
+
+impl<'a> PlacementKey<'a> {
+    fn of(record: &'a ChainedRecord) -> Self {
+        let day = |time: DateTime<Utc>| time.timestamp().div_euclid(86_400);
+        match &record.outcome {
+            Ok(event) => PlacementKey { environment: Some(event.environment()), day: day(event.occurred_at) },
+            Err(_) => PlacementKey { environment: None, day: day(quarantine_time(record)) },
         }
     }
 }
@@ -204,24 +218,25 @@ pub fn encode_flush(
     };
     // A flush spans a handful of placements, and neighbours usually share one: compare in place
     // instead of building and looking up a key per record.
-    let mut groups: Vec<(Placement, Vec<&ChainedRecord>)> = Vec::new();
+    let mut groups: Vec<(PlacementKey, Placement, Vec<&ChainedRecord>)> = Vec::new();
     let mut current = 0;
     for record in records {
-        if !groups.get(current).is_some_and(|(placement, _)| placement.holds(record)) {
-            current = match groups.iter().position(|(placement, _)| placement.holds(record)) {
+        let key = PlacementKey::of(record);
+        if !groups.get(current).is_some_and(|group| group.0 == key) {
+            current = match groups.iter().position(|group| group.0 == key) {
                 Some(index) => index,
                 None => {
-                    groups.push((Placement::of(record), Vec::new()));
+                    groups.push((key, Placement::of(record), Vec::new()));
                     groups.len() - 1
                 }
             };
         }
-        groups[current].1.push(record);
+        groups[current].2.push(record);
     }
-    groups.sort_by(|a, b| a.0.cmp(&b.0));
+    groups.sort_by(|a, b| a.1.cmp(&b.1));
     groups
         .into_iter()
-        .map(|(placement, rows)| {
+        .map(|(_, placement, rows)| {
             let key = object_key(prefix, &placement, topic, partition, first.offset, last.offset);
             let entries: Vec<crate::chain::Hash> = rows.iter().map(|r| r.link.entry_hash).collect();
             let merkle_root = hex::encode(crate::merkle::root(&entries).expect("groups are non-empty"));
@@ -291,8 +306,15 @@ fn writer_properties(
     for column in ["payload", "prev_hash", "entry_hash", "metadata", "reject_reason"] {
         builder = builder.set_column_statistics_enabled(ColumnPath::from(column), EnabledStatistics::None);
     }
+    for column in UNCOMPRESSED {
+        builder = builder.set_column_compression(ColumnPath::from(column), Compression::UNCOMPRESSED);
+    }
     builder.build()
 }
+
+/// Columns whose pages are a few bytes of dictionary indices: ZSTD saves nothing on them, and a
+/// compressed column costs a ZSTD context per column chunk.
+const UNCOMPRESSED: [&str; 5] = ["kafka_topic", "kafka_partition", "status", "reject_code", "event_type"];
 
 /// Rows per Arrow batch handed to the Parquet writer. The writer keeps one row group's encoded
 /// pages however it is fed, so batching only bounds the uncompressed Arrow copy: ~8 MiB here,
@@ -336,9 +358,6 @@ pub fn record_batch(
     let mut occurred_at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
     let mut confidence = Float64Builder::with_capacity(n);
     let mut payload = BinaryBuilder::with_capacity(n, rows.iter().map(|r| r.payload.len()).sum());
-    let mut prev_hash = StringBuilder::with_capacity(n, n * 64);
-    let mut entry_hash = StringBuilder::with_capacity(n, n * 64);
-    let mut hex_buf = [0u8; 64];
 
     for r in rows {
         kafka_topic.append_value(topic);
@@ -347,10 +366,6 @@ pub fn record_batch(
         kafka_timestamp.append_option(r.kafka_timestamp_ms);
         status.append_value(r.status().as_str());
         payload.append_value(&r.payload);
-        hex::encode_to_slice(r.link.prev_hash, &mut hex_buf).expect("64 bytes");
-        prev_hash.append_value(std::str::from_utf8(&hex_buf).expect("hex is ascii"));
-        hex::encode_to_slice(r.link.entry_hash, &mut hex_buf).expect("64 bytes");
-        entry_hash.append_value(std::str::from_utf8(&hex_buf).expect("hex is ascii"));
         match &r.outcome {
             Ok(e) => {
                 reject_code.append_null();
@@ -423,10 +438,22 @@ pub fn record_batch(
         Arc::new(severity.finish()),
         Arc::new(metadata.finish()),
         Arc::new(payload.finish()),
-        Arc::new(prev_hash.finish()),
-        Arc::new(entry_hash.finish()),
+        Arc::new(hex_column(rows.iter().map(|r| &r.link.prev_hash))),
+        Arc::new(hex_column(rows.iter().map(|r| &r.link.entry_hash))),
     ];
     RecordBatch::try_new(arrow_schema(), columns)
+}
+
+/// A column of digests as lowercase hex, encoded straight into the array's one value buffer:
+/// no per-row builder copy, and every value is 64 bytes so the offsets are a plain step.
+fn hex_column<'a>(hashes: impl ExactSizeIterator<Item = &'a crate::chain::Hash>) -> StringArray {
+    let n = hashes.len();
+    let mut values = vec![0u8; n * 64];
+    for (hash, out) in hashes.zip(values.chunks_exact_mut(64)) {
+        hex::encode_to_slice(hash, out).expect("32 bytes are 64 hex digits");
+    }
+    let offsets = OffsetBuffer::from_lengths(std::iter::repeat_n(64, n));
+    StringArray::try_new(offsets, Buffer::from_vec(values), None).expect("hex digits are UTF-8")
 }
 
 #[cfg(test)]
@@ -533,7 +560,11 @@ mod tests {
                 (segment.rows, segment.first_offset, segment.last_offset),
                 (want.len(), want[0], *want.last().unwrap())
             );
-            assert!(records.iter().all(|r| segment.placement.holds(r) == (Placement::of(r) == segment.placement)));
+        }
+        for a in &records {
+            for b in &records {
+                assert_eq!(PlacementKey::of(a) == PlacementKey::of(b), Placement::of(a) == Placement::of(b));
+            }
         }
         // prod/17 (20, 23), dev/17 (21, 25), prod/18 (24), quarantine (22, 26).
         assert_eq!(segments.iter().map(|s| s.rows).sum::<usize>(), 7);
