@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 /// What one buffered record is counted as: its payload, its entry in the buffer (the decoded
 /// event's strings are byte ranges of the payload, so they add nothing), half as much again for the
-/// buffer's spare capacity, and a margin for the payload's share of its chunk (`PayloadArena`).
+/// buffer's spare capacity, and the payload buffer's shared header.
 pub fn record_cost(payload_len: usize) -> usize {
     let entry = std::mem::size_of::<crate::segment::ChainedRecord>();
     payload_len + entry + entry / 2 + 64

@@ -128,31 +128,6 @@ struct WorkerHandle {
     /// (or the queue empty): how a stalled worker is told from a busy one.
     taken: Arc<AtomicU64>,
     progress: (u64, Instant),
-    payloads: PayloadArena,
-}
-
-/// Where record payloads are copied out of librdkafka's buffers: consecutive records of one
-/// partition share a chunk instead of taking an allocation each (and a second one when the
-/// payload is first shared, by the decoded event). A partition's records are dropped together,
-/// after their flush, so its chunks are freed in order; what this holds beyond the buffered
-/// payloads themselves is at most the partly filled chunk of each partition.
-#[derive(Default)]
-pub struct PayloadArena {
-    chunk: bytes::BytesMut,
-}
-
-impl PayloadArena {
-    /// 64 KiB is the most `BytesMut` carries over as the size of the next chunk.
-    const CHUNK: usize = 64 * 1024;
-
-    pub fn copy(&mut self, payload: &[u8]) -> bytes::Bytes {
-        if self.chunk.capacity() < payload.len() {
-            // Reuses the chunk when no record holds it any more, else allocates the next one.
-            self.chunk.reserve(payload.len().max(Self::CHUNK));
-        }
-        self.chunk.extend_from_slice(payload);
-        self.chunk.split().freeze()
-    }
 }
 
 impl WorkerHandle {
@@ -364,8 +339,8 @@ pub async fn run(
                 let inbound = Inbound {
                     offset: message.offset(),
                     timestamp_ms: message.timestamp().to_millis(),
-                    // The one copy out of librdkafka's buffer; the segment buffer keeps it.
-                    payload: message.payload().map(|payload| worker.payloads.copy(payload)),
+                    // The one copy out of librdkafka's buffer; the segment buffer keeps this allocation.
+                    payload: message.payload().map(bytes::Bytes::copy_from_slice),
                     generation: worker.generation,
                 };
                 worker.queued.fetch_add(cost, Ordering::Relaxed);
@@ -497,17 +472,7 @@ impl WorkerEnv {
         };
         let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
         let task = tokio::spawn(worker.run(rx).instrument(span));
-        WorkerHandle {
-            tx,
-            queued,
-            revoke,
-            task,
-            paused: false,
-            generation: 0,
-            taken,
-            progress: (0, Instant::now()),
-            payloads: PayloadArena::default(),
-        }
+        WorkerHandle { tx, queued, revoke, task, paused: false, generation: 0, taken, progress: (0, Instant::now()) }
     }
 }
 
@@ -680,30 +645,6 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn payload_arena_copies_exactly_and_packs_consecutive_payloads_into_one_chunk() {
-        let mut arena = PayloadArena::default();
-        let payloads: Vec<Vec<u8>> = (0..2_000u32).map(|i| format!("{{\"n\":{i}}}").into_bytes()).collect();
-        let copies: Vec<bytes::Bytes> = payloads.iter().map(|p| arena.copy(p)).collect();
-        for (payload, copy) in payloads.iter().zip(&copies) {
-            assert_eq!(&copy[..], &payload[..]);
-        }
-        // Neighbours are adjacent in memory (one allocation), except where a chunk filled up.
-        let adjacent = copies.windows(2).filter(|w| w[0].as_ptr().wrapping_add(w[0].len()) == w[1].as_ptr()).count();
-        let bytes: usize = payloads.iter().map(Vec::len).sum();
-        assert!(
-            adjacent >= copies.len() - 1 - bytes / PayloadArena::CHUNK - 1,
-            "{adjacent} of {} adjacent",
-            copies.len()
-        );
-        // A payload larger than a chunk, an empty one, and records dropped before the next copy.
-        let big = vec![7u8; 3 * PayloadArena::CHUNK];
-        assert_eq!(&arena.copy(&big)[..], &big[..]);
-        assert!(arena.copy(b"").is_empty());
-        drop(copies);
-        assert_eq!(&arena.copy(b"after")[..], b"after");
-    }
 
     #[test]
     fn operator_properties_override_defaults() {
