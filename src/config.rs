@@ -286,10 +286,11 @@ mod defaults {
     pub fn zstd_level() -> i32 {
         1
     }
-    // With librdkafka's queue (16 MiB), the worker queues and encoding, an instance stays
-    // under ~300 MiB resident (README, Performance).
+    // With librdkafka's queue (16 MiB), the worker queues, encoding and uploads in flight, an
+    // instance stays under ~240 MiB resident; at 96 MiB, peaks reached 255-335 MiB (README,
+    // Performance).
     pub fn memory_budget_bytes() -> usize {
-        96 * 1024 * 1024
+        64 * 1024 * 1024
     }
     pub fn max_record_bytes() -> usize {
         256 * 1024
