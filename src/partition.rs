@@ -72,6 +72,10 @@ const MAX_SEEKS: u32 = 3;
 /// Undigested segments that trigger a digest before the interval (keeps the chain-table item
 /// far below DynamoDB's 400 KB limit).
 const MAX_UNDIGESTED: usize = 256;
+/// Records whose index items are built and written at a time. As DynamoDB attribute maps a
+/// record's item takes several times its payload, and the memory budget counts payloads: a
+/// whole flush's items at once (and their copy for a retry) would be the largest thing in memory.
+const INDEX_CHUNK_RECORDS: usize = if cfg!(test) { 4 } else { 2048 };
 
 /// The stores a flush writes to.
 #[derive(Clone)]
@@ -351,17 +355,21 @@ impl PartitionWriter {
             }
         }
         // 3. Index.
-        let index = match &self.sinks.index {
-            Some(store) => {
-                let items = self.index_items(&segments);
-                let concurrency = self.config.dynamodb.write_concurrency;
-                retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+        let mut index = index::IndexReport::default();
+        if let Some(store) = &self.sinks.index {
+            let concurrency = self.config.dynamodb.write_concurrency;
+            // In order, one chunk done before the next: a decision id's items still apply in
+            // offset order, as the winner rule needs.
+            for records in self.buffer.chunks(INDEX_CHUNK_RECORDS) {
+                let items = index_items(&self.topic, self.partition, records, &segments);
+                let written = retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
                     index::write_items(store.as_ref(), items.clone(), concurrency)
                 })
-                .await?
+                .await?;
+                index.items += written.items;
+                index.conflicts += written.conflicts;
             }
-            None => index::IndexReport::default(),
-        };
+        }
         if index.conflicts > 0 {
             tracing::warn!(
                 topic = %self.topic,
@@ -588,14 +596,6 @@ impl PartitionWriter {
         Ok(())
     }
 
-    fn index_items(&self, segments: &[EncodedSegment]) -> Vec<crate::sinks::IndexItem> {
-        let key_of = |record: &ChainedRecord| {
-            let placement = crate::segment::Placement::of(record);
-            segments.iter().find(|s| s.placement == placement).map(|s| s.key.as_str()).unwrap_or_default()
-        };
-        self.buffer.iter().filter_map(|r| index::item_for(&self.topic, self.partition, r, key_of(r))).collect()
-    }
-
     fn dead_letters(&self) -> Vec<DeadLetter> {
         self.buffer
             .iter()
@@ -623,6 +623,20 @@ impl PartitionWriter {
             detail,
         }
     }
+}
+
+/// The index items of `records`, each naming the object its row went to.
+fn index_items(
+    topic: &str,
+    partition: i32,
+    records: &[ChainedRecord],
+    segments: &[EncodedSegment],
+) -> Vec<crate::sinks::IndexItem> {
+    let key_of = |record: &ChainedRecord| {
+        let placement = crate::segment::Placement::of(record);
+        segments.iter().find(|s| s.placement == placement).map(|s| s.key.as_str()).unwrap_or_default()
+    };
+    records.iter().filter_map(|r| index::item_for(topic, partition, r, key_of(r))).collect()
 }
 
 #[cfg(test)]
@@ -694,6 +708,35 @@ mod tests {
         assert_eq!(head.committed.unwrap().last_offset, 5);
         assert_eq!(head.committed.unwrap().last_hash, w.chain.head());
         assert!(head.pending.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_flush_larger_than_an_index_chunk_indexes_every_record_with_the_winner_rule() {
+        let s = Stack::new();
+        let mut config = (*config()).clone();
+        config.segment.max_records = 10;
+        let mut w =
+            PartitionWriter::open("t", 0, Arc::new(config), s.sinks(), &CancellationToken::new()).await.unwrap();
+        // d-1 comes again at offset 6, two chunks later, with other content.
+        for i in 0..10 {
+            let payload = if i == 6 { event(1).replace("r-1", "r-other") } else { event(i) };
+            assert_eq!(w.admit(i, None, Some(Bytes::from(payload))).unwrap(), Admit::Appended);
+        }
+        let flushed = w.flush(&CancellationToken::new()).await.unwrap().unwrap();
+        assert_eq!((flushed.records, flushed.commit_offset), (10, 10));
+        assert!(INDEX_CHUNK_RECORDS < flushed.records / 2, "the flush spans several chunks");
+        let items = s.index.items();
+        let attr = |item: &crate::sinks::IndexItem, name: &str| match &item.attrs[name] {
+            crate::sinks::Attr::S(v) | crate::sinks::Attr::N(v) => v.clone(),
+            other => panic!("{other:?}"),
+        };
+        // Nine decisions, plus the later d-1 kept as its duplicate: the earlier offset wins.
+        assert_eq!(items.len(), 10);
+        let d1: Vec<_> = items.iter().filter(|i| i.pk == "DECISION#d-1").collect();
+        let winner = d1.iter().find(|i| i.sk == index::DECISION_SK).unwrap();
+        let loser = d1.iter().find(|i| i.sk.starts_with("DUPLICATE#")).unwrap();
+        assert_eq!((attr(winner, "kafka_offset"), attr(winner, "request_id")), ("1".into(), "r-1".into()));
+        assert_eq!((attr(loser, "kafka_offset"), attr(loser, "request_id")), ("6".into(), "r-other".into()));
     }
 
     #[tokio::test]

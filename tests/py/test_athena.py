@@ -185,10 +185,13 @@ def load_query(name: str, params: dict[str, str]) -> str:
     assert body.count("{{database}}.{{table}}") == 1, name
     body = body.replace("{{database}}.{{table}}", VIEW)
     assert "{{" not in body, name
-    for literal, value in params.items():
+    for literal in params:
         assert body.count(literal) == 1, f"{name}: example literal {literal!r} found {body.count(literal)} times"
         assert any(literal in line for line in header), f"{name}: {literal!r} is not documented in the header"
-        body = body.replace(literal, value)
+    # All at once: one after another, a value can spell a later literal (a first day of
+    # 2026-12-01 is the example's end literal) and be replaced again.
+    if params:
+        body = re.sub("|".join(map(re.escape, params)), lambda m: params[m.group(0)], body)
     return body
 
 
