@@ -75,7 +75,7 @@ const MAX_UNDIGESTED: usize = 256;
 /// Records whose index items are built and written at a time. As DynamoDB attribute maps a
 /// record's item takes several times its payload, and the memory budget counts payloads: a
 /// whole flush's items at once (and their copy for a retry) would be the largest thing in memory.
-const INDEX_CHUNK_RECORDS: usize = if cfg!(test) { 4 } else { 2048 };
+const INDEX_CHUNK_RECORDS: usize = if cfg!(test) { 4 } else { 512 };
 
 /// The stores a flush writes to.
 #[derive(Clone)]
