@@ -216,8 +216,9 @@ pub fn encode_flush(
     let (Some(first), Some(last)) = (records.first(), records.last()) else {
         return Ok(Vec::new());
     };
-    // A flush spans a handful of placements, and neighbours usually share one: compare in place
-    // instead of building and looking up a key per record.
+    // A flush spans a handful of placements: a linear search on a key that compares in a few
+    // instructions, starting with the previous record's group. The `Placement` (a calendar date
+    // and a shared environment string) is built once per group.
     let mut groups: Vec<(PlacementKey, Placement, Vec<&ChainedRecord>)> = Vec::new();
     let mut current = 0;
     for record in records {
