@@ -403,6 +403,8 @@ DIGEST_FIELDS = {"format": str, "topic": str, "partition": int, "seq": int, "pre
 def check_fields(obj, spec: dict, what: str) -> None:
     if not isinstance(obj, dict):
         raise DigestError(f"{what} is not a JSON object")
+    if unknown := sorted(set(obj) - set(spec)):
+        raise DigestError(f"{what}: unknown field(s) {', '.join(map(repr, unknown))}")
     for name, kind in spec.items():
         value = obj.get(name)
         if kind == "hex":

@@ -34,6 +34,7 @@ pub enum DigestError {
 
 /// One segment object as a digest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SegmentEntry {
     pub key: String,
     /// SHA-256 of the whole object, hex.
@@ -113,22 +114,44 @@ impl DigestObject {
         Sha256::digest(&self.body_bytes).into()
     }
 
+    /// Parses a digest object exactly as `schemas/CHAIN.md` specifies it: two lines, each ending
+    /// in a newline; a body of exactly the documented fields with lowercase-hex hashes and this
+    /// format; `ed25519:<16 lowercase hex>:<128 lowercase hex>`. Anything else is malformed.
     pub fn parse(what: &str, bytes: &[u8]) -> Result<Self, DigestError> {
         let bad = |message: String| DigestError::Malformed { what: what.to_string(), message };
         let text = std::str::from_utf8(bytes).map_err(|e| bad(e.to_string()))?;
-        let mut lines = text.strip_suffix('\n').unwrap_or(text).split('\n');
-        let (Some(body_line), Some(sig_line), None) = (lines.next(), lines.next(), lines.next()) else {
-            return Err(bad("expected two lines: body and signature".into()));
+        let mut lines = text.split('\n');
+        let (Some(body_line), Some(sig_line), Some(""), None) =
+            (lines.next(), lines.next(), lines.next(), lines.next())
+        else {
+            return Err(bad("expected exactly two lines, each ending in a newline: body and signature".into()));
         };
         let body: DigestBody = serde_json::from_str(body_line).map_err(|e| bad(format!("body: {e}")))?;
-        let mut parts = sig_line.splitn(3, ':');
-        let (Some("ed25519"), Some(key_id), Some(sig_hex)) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(bad("signature line must be ed25519:<key_id>:<hex>".into()));
+        if body.format != DIGEST_FORMAT {
+            return Err(bad(format!("format is {:?}, expected {DIGEST_FORMAT:?}", body.format)));
+        }
+        let hashes = [("prev_digest_sha256", &body.prev_digest_sha256), ("first_prev_hash", &body.first_prev_hash)];
+        let hashes = hashes.into_iter().chain([("last_entry_hash", &body.last_entry_hash)]);
+        let listed = body.segments.iter().flat_map(|s| {
+            [
+                ("segments[].sha256", &s.sha256),
+                ("segments[].first_prev_hash", &s.first_prev_hash),
+                ("segments[].last_entry_hash", &s.last_entry_hash),
+                ("segments[].merkle_root", &s.merkle_root),
+            ]
+        });
+        if let Some((field, value)) = hashes.chain(listed).find(|(_, v)| !is_lower_hex(v, 64)) {
+            return Err(bad(format!("{field} {value:?} is not 64 lowercase hex chars")));
+        }
+        let signature_line = sig_line
+            .strip_prefix("ed25519:")
+            .and_then(|rest| rest.split_once(':'))
+            .filter(|(key_id, sig)| is_lower_hex(key_id, 16) && is_lower_hex(sig, 128));
+        let Some((key_id, sig_hex)) = signature_line else {
+            return Err(bad("signature line is not ed25519:<16 lowercase hex key_id>:<128 lowercase hex>".into()));
         };
-        let signature: [u8; 64] = hex::decode(sig_hex)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| bad("signature is not 64 bytes of hex".into()))?;
+        let mut signature = [0u8; 64];
+        hex::decode_to_slice(sig_hex, &mut signature).map_err(|e| bad(format!("signature: {e}")))?;
         Ok(Self { body_bytes: body_line.as_bytes().to_vec(), body, key_id: key_id.to_string(), signature })
     }
 
@@ -136,6 +159,10 @@ impl DigestObject {
     pub fn verify(&self, key: &VerifyingKey) -> bool {
         key.verify(&self.body_bytes, &ed25519_dalek::Signature::from_bytes(&self.signature)).is_ok()
     }
+}
+
+fn is_lower_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The digest signing key and its public half's id.
@@ -306,6 +333,27 @@ mod tests {
         let text = String::from_utf8(s.encode(&body)).unwrap().replace("\"rows\":5", "\"rows\":6");
         let parsed = DigestObject::parse("k", text.as_bytes()).unwrap();
         assert!(!parsed.verify(&s.verifying_key()));
+    }
+
+    #[test]
+    fn anything_off_the_documented_format_is_malformed() {
+        let s = signer();
+        let good =
+            String::from_utf8(s.encode(&DigestBody::next("t", 0, None, &s.key_id, vec![segment(0, 4)]))).unwrap();
+        let (signed_part, signature_hex) = good.rsplit_once(':').unwrap();
+        let upper_sig = format!("{signed_part}:{}", signature_hex.to_uppercase());
+        let cases = [
+            ("no final newline", good.trim_end().to_string(), "two lines"),
+            ("a third line", format!("{good}\n"), "two lines"),
+            ("uppercase signature hex", upper_sig, "lowercase hex"),
+            ("another format", good.replace(DIGEST_FORMAT, "aegis-digest/v2"), "format"),
+            ("uppercase hash", good.replacen(&"bb".repeat(32), &"BB".repeat(32), 1), "merkle_root"),
+            ("unknown segment field", good.replace("\"rows\":", "\"extra\":1,\"rows\":"), "extra"),
+        ];
+        for (case, text, says) in cases {
+            let err = DigestObject::parse("k", text.as_bytes()).expect_err(case).to_string();
+            assert!(err.contains(says), "{case}: {err}");
+        }
     }
 
     #[test]

@@ -229,15 +229,14 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             }
         }
     }
-    let mut digest_keys: BTreeMap<i32, Vec<String>> = BTreeMap::new();
+    let mut digest_keys: BTreeMap<i32, Vec<DigestName>> = BTreeMap::new();
     let topic_digests = join_key(&[prefix, DIGESTS_DIR, &options.topic]) + "/";
     for object in listing.iter().filter(|o| o.key.starts_with(&topic_digests)) {
-        let rest = &object.key[topic_digests.len()..];
-        let Some(p) = rest.split('/').next().and_then(|d| d.strip_prefix('p')).and_then(|d| d.parse().ok()) else {
+        let Some((p, seq)) = parse_digest_key(&object.key[topic_digests.len()..]) else {
             continue;
         };
         if options.partition.is_none_or(|want| want == p) {
-            digest_keys.entry(p).or_default().push(object.key.clone());
+            digest_keys.entry(p).or_default().push(DigestName { key: object.key.clone(), seq });
             segments.entry(p).or_default();
         }
     }
@@ -246,7 +245,7 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
     for (&partition, names) in &segments {
         report.partitions += 1;
         let digests = digest_keys.remove(&partition).unwrap_or_default();
-        let signed = check_digests(store.as_ref(), partition, &digests, &keys, &mut report).await?;
+        let signed = check_digests(store.as_ref(), &options.topic, partition, &digests, &keys, &mut report).await?;
         check_partition(store.clone(), &options.topic, partition, names, &signed, options, &bar, &mut report).await;
     }
     bar.finish_and_clear();
@@ -304,15 +303,40 @@ struct Signed {
     from: Option<i64>,
 }
 
+/// An object in a partition's digest folder: `seq` when it is named `<seq:012>.digest`.
+#[derive(Debug, Clone)]
+struct DigestName {
+    key: String,
+    seq: Option<u64>,
+}
+
+/// `p<PPPP>/<rest>` under `_digests/<topic>/`: the partition (4 or more digits) and, when `rest`
+/// is exactly `<seq:012>.digest`, the sequence number. `None` for anything outside a partition
+/// folder, which belongs to no chain.
+fn parse_digest_key(under_topic: &str) -> Option<(i32, Option<u64>)> {
+    let (dir, rest) = under_topic.split_once('/')?;
+    let digits = dir.strip_prefix('p').filter(|d| d.len() >= 4 && d.bytes().all(|b| b.is_ascii_digit()))?;
+    let partition = digits.parse().ok()?;
+    if rest.is_empty() {
+        return None;
+    }
+    let seq = rest
+        .strip_suffix(".digest")
+        .filter(|d| d.len() == 12 && d.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|d| d.parse().ok());
+    Some((partition, seq))
+}
+
 async fn check_digests(
     store: &dyn ObjectStore,
+    topic: &str,
     partition: i32,
-    keys: &[String],
+    names: &[DigestName],
     trusted: &HashMap<String, VerifyingKey>,
     report: &mut Report,
 ) -> Result<Signed, VerifyError> {
     let mut signed = Signed::default();
-    if keys.is_empty() {
+    if names.is_empty() {
         return Ok(signed);
     }
     if trusted.is_empty() {
@@ -323,20 +347,35 @@ async fn check_digests(
     };
     let mut previous: Option<DigestObject> = None;
     let mut expected_seq = 0u64;
-    for key in keys {
-        report.digests += 1;
-        let seq: Option<u64> =
-            key.rsplit('/').next().and_then(|f| f.strip_suffix(".digest")).and_then(|s| s.parse().ok());
-        let Some(seq) = seq else {
-            problem("digest_unexpected", key, "not a digest name (<seq:012>.digest)".into());
-            continue;
-        };
+    let mut digests = Vec::new();
+    for name in names {
+        match name.seq {
+            Some(seq) => digests.push((seq, &name.key)),
+            None => problem("digest_unexpected", &name.key, "in a digest folder but not named <seq:012>.digest".into()),
+        }
+    }
+    digests.sort();
+    for (seq, key) in digests {
         if seq != expected_seq {
-            problem("digest_missing", key, format!("expected digest {expected_seq} next, found {seq}"));
+            // One problem per gap, named after the digest that reveals it.
+            let absent = if seq == expected_seq + 1 {
+                format!("digest {expected_seq} is")
+            } else {
+                format!("digests {expected_seq}..={} are", seq - 1)
+            };
+            problem("digest_missing", key, format!("{absent} absent, found {seq}"));
             previous = None;
         }
         expected_seq = seq + 1;
-        let bytes = store.get(key).await?;
+        let bytes = match store.get(key).await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                problem("digest_missing", key, format!("listed but unreadable: {e}"));
+                previous = None;
+                continue;
+            }
+        };
+        report.digests += 1;
         let object = match DigestObject::parse(key, &bytes) {
             Ok(o) => o,
             Err(e) => {
@@ -345,16 +384,29 @@ async fn check_digests(
                 continue;
             }
         };
+        let body = &object.body;
         match trusted.get(&object.key_id) {
             None => problem("digest_signature", key, format!("signed by unknown key {}", object.key_id)),
+            Some(_) if body.key_id != object.key_id => problem(
+                "digest_signature",
+                key,
+                format!("body key_id {} differs from the signature's {}", body.key_id, object.key_id),
+            ),
             Some(k) if !object.verify(k) => {
                 problem("digest_signature", key, format!("signature does not verify with key {}", object.key_id))
             }
             Some(_) => {}
         }
-        let body = &object.body;
-        if body.seq != seq || body.partition != partition {
-            problem("digest_chain", key, format!("body says seq {} partition {}", body.seq, body.partition));
+        // A digest copied from another slot (replayed) is well formed but out of place.
+        if body.topic != topic || body.partition != partition || body.seq != seq {
+            problem(
+                "digest_chain",
+                key,
+                format!(
+                    "body says {}/p{} seq {}, its key says {topic}/p{partition} seq {seq}",
+                    body.topic, body.partition, body.seq
+                ),
+            );
         }
         let expected_prev = previous.as_ref().map_or([0u8; 32], |p| p.body_sha256());
         // After a gap or an unreadable digest the expected hash is unknown (already reported).
@@ -483,6 +535,7 @@ async fn check_partition(
     let mut expected_prev: Option<(String, i64, String)> = None; // (hash, offset, key) of the last entry seen
     let mut seen_anchors = std::collections::BTreeSet::new();
     let mut first_flush = true;
+    let mut highest: Option<i64> = None; // the highest offset seen so far in the partition
     while let Some(((first, last), objects)) = fetches.next().await {
         let mut rows: Vec<(Row, String)> = Vec::new();
         for fetched in objects {
@@ -554,17 +607,22 @@ async fn check_partition(
             )),
             _ => {}
         }
-        for pair in rows.windows(2) {
-            if pair[0].0.offset == pair[1].0.offset {
-                problems.push(problem(
-                    "duplicate_offset",
-                    &pair[1].1,
-                    Some(pair[1].0.offset),
-                    "offset appears twice".into(),
-                ));
-            }
-        }
         for (row, key) in &rows {
+            // Offsets are unique across the trail and rise along the chain: a row written twice,
+            // or a flush overlapping another (a zombie's), repeats them.
+            match highest {
+                Some(h) if row.offset <= h => problems.push(problem(
+                    "duplicate_offset",
+                    key,
+                    Some(row.offset),
+                    if row.offset == h {
+                        "offset appears again".into()
+                    } else {
+                        format!("offset is not above {h}, seen before")
+                    },
+                )),
+                _ => highest = Some(row.offset),
+            }
             if row.topic != topic || row.partition != partition {
                 problems.push(problem(
                     "misplaced_row",
@@ -778,6 +836,40 @@ mod tests {
         assert_eq!(codes(&check(&objects).await), vec!["digest_signature"]);
         objects.remove(&key);
         assert!(codes(&check(&objects).await).contains(&"digest_missing"));
+    }
+
+    #[tokio::test]
+    async fn a_flush_overlapping_another_repeats_offsets() {
+        let objects = trail().await;
+        // A zombie's flush named 3..=6, holding rows 3..=5, beside the real 3..=5: its rows repeat
+        // offsets of an earlier flush, which is more than a broken link.
+        for key in segment_keys(&objects).into_iter().filter(|k| k.contains("-00000000000000000003-")) {
+            let body = objects.body(&key).unwrap();
+            let overlapping = key.replace("-00000000000000000005.parquet", "-00000000000000000006.parquet");
+            objects.put(&overlapping, body, &BTreeMap::new()).await.unwrap();
+        }
+        let report = check(&objects).await;
+        let mut repeated: Vec<i64> =
+            report.problems.iter().filter(|p| p.code == "duplicate_offset").filter_map(|p| p.offset).collect();
+        repeated.sort();
+        assert_eq!(repeated, vec![3, 4, 5], "{:?}", report.problems);
+    }
+
+    #[tokio::test]
+    async fn digests_named_off_the_pattern_are_unexpected() {
+        let objects = trail().await;
+        let key = crate::digest::digest_key("trail", TOPIC, 0, 1);
+        let body = objects.body(&key).unwrap();
+        objects.remove(&key);
+        objects.put("trail/_digests/t/p0000/1.digest", body, &BTreeMap::new()).await.unwrap();
+        let report = check(&objects).await;
+        let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.key.as_str())).collect();
+        // The newest digest gone from its slot: only the stray object shows (CHAIN.md says why).
+        assert_eq!(found, vec![("digest_unexpected", "trail/_digests/t/p0000/1.digest")]);
+        assert_eq!(parse_digest_key("p0003/000000000012.digest"), Some((3, Some(12))));
+        assert_eq!(parse_digest_key("p0003/sub/000000000012.digest"), Some((3, None)));
+        assert_eq!(parse_digest_key("p3/000000000012.digest"), None, "partition folders have 4+ digits");
+        assert_eq!(parse_digest_key("p0003/"), None);
     }
 
     #[tokio::test]

@@ -43,6 +43,30 @@ impl S3Store {
     fn target(&self, key: &str) -> String {
         format!("s3://{}/{}", self.bucket, key)
     }
+
+    /// The body as stored, not validated against its stored checksum (the SDK validates by
+    /// default whenever S3 returns one).
+    async fn get_unchecked(&self, key: &str) -> Result<Bytes, SinkError> {
+        let unchecked = aws_sdk_s3::config::Builder::default()
+            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .customize()
+            .config_override(unchecked)
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
+        let body = out.body.collect().await.map_err(|e| SinkError::Transient {
+            backend: BACKEND,
+            operation: "GetObject",
+            target: self.target(key),
+            message: e.to_string(),
+        })?;
+        Ok(body.into_bytes())
+    }
 }
 
 pub fn client(sdk: &aws_config::SdkConfig, config: &S3Config) -> aws_sdk_s3::Client {
@@ -148,13 +172,12 @@ impl ObjectStore for S3Store {
             .checksum_sha256()
             .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
             .map(hex::encode);
-        let body = out.body.collect().await.map_err(|e| SinkError::Fatal {
-            backend: BACKEND,
-            operation: "GetObject",
-            target: self.target(key),
-            message: format!("body does not match its stored checksum or could not be read: {e}"),
-        })?;
-        Ok((body.into_bytes(), stored))
+        match out.body.collect().await {
+            Ok(body) => Ok((body.into_bytes(), stored)),
+            // The SDK found the body differs from the stored checksum (or the read broke): fetch
+            // it again unchecked, so the caller sees both and can say how they differ.
+            Err(_) => Ok((self.get_unchecked(key).await?, stored)),
+        }
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, SinkError> {

@@ -2,6 +2,8 @@
 cryptography, written from schemas/CHAIN.md alone) read the same trail from S3 and must reach
 the same verdict: OK on an intact trail, and the same problem codes for each kind of tampering.
 Inclusion proofs are checked offline by `aegis-audit verify-proof`."""
+import base64
+import hashlib
 import io
 import json
 import os
@@ -170,7 +172,6 @@ def tamper_resign_digest(bucket):
     new_body = json.dumps(body, separators=(",", ":")).encode()
     other = Ed25519PrivateKey.generate()
     raw = other.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    import hashlib
     key_id = hashlib.sha256(raw).hexdigest()[:16]
     s3.put_object(Bucket=bucket, Key=key, Body=new_body + f"\ned25519:{key_id}:{other.sign(new_body).hex()}\n".encode())
     return {"digest_signature", "digest_chain", "unsigned_segment"}
@@ -179,7 +180,6 @@ def tamper_resign_digest(bucket):
 def tamper_recomputed_chain(bucket):
     """The newest segment of partition 3 rewritten with a changed last row whose hash, chain and
     Merkle root are all recomputed: only the signed digest can tell."""
-    import hashlib
     victim = segments(bucket, 3)[-1]
 
     def change(table):
@@ -211,9 +211,62 @@ def tamper_recomputed_chain(bucket):
     return {"object_changed", "merkle_root"}
 
 
+def tamper_forged_stored_checksum(bucket):
+    """A segment's bytes stored again with a SHA-256 checksum that is not theirs: what S3
+    recorded at upload no longer matches the body."""
+    victim = segments(bucket, 1)[0]
+    body = trail.s3().get_object(Bucket=bucket, Key=victim)["Body"].read()
+    forged = base64.b64encode(hashlib.sha256(b"not the body").digest()).decode()
+
+    def forge(request, **_):
+        del request.headers["x-amz-checksum-sha256"]
+        request.headers["x-amz-checksum-sha256"] = forged
+    s3 = trail.s3()
+    s3.meta.events.register("before-sign.s3.PutObject", forge)
+    s3.put_object(Bucket=bucket, Key=victim, Body=body, ChecksumAlgorithm="SHA256")
+    stored = trail.s3().head_object(Bucket=bucket, Key=victim, ChecksumMode="ENABLED").get("ChecksumSHA256")
+    assert stored == forged, "the S3 server kept the forged checksum"
+    return {"object_checksum"}
+
+
+def tamper_overlapping_flush(bucket):
+    """A zombie's flush: partition 2's first flush written again under a name that overlaps
+    the next flush, so offsets repeat across flushes."""
+    first = segments(bucket, 2)[0]
+    flush = first.rsplit("/", 1)[1]
+    last = int(flush.rsplit("-", 1)[1].removesuffix(".parquet"))
+    s3 = trail.s3()
+    for key in segments(bucket, 2):
+        if key.endswith(flush):
+            body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            zombie = key.removesuffix(f"{last:020d}.parquet") + f"{last + 1:020d}.parquet"
+            s3.put_object(Bucket=bucket, Key=zombie, Body=body, ChecksumAlgorithm="SHA256")
+    return {"duplicate_offset", "segment_range"}
+
+
+def tamper_misnamed_digest(bucket):
+    """Digest 1 of partition 2 renamed off the <seq:012>.digest pattern."""
+    s3 = trail.s3()
+    key = sorted(k for k in trail.list_keys(bucket, "trail/_digests/") if "/p0002/" in k)[1]
+    s3.copy_object(Bucket=bucket, Key=key.rsplit("/", 1)[0] + "/1.digest", CopySource={"Bucket": bucket, "Key": key})
+    s3.delete_object(Bucket=bucket, Key=key)
+    return {"digest_unexpected", "digest_missing"}
+
+
+def tamper_uppercase_signature(bucket):
+    """Digest 0 of partition 1 with its signature in uppercase hex: the same bytes, but not the
+    documented format."""
+    s3 = trail.s3()
+    key = sorted(k for k in trail.list_keys(bucket, "trail/_digests/") if "/p0001/" in k)[0]
+    signed_part, signature = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode().rsplit(":", 1)
+    s3.put_object(Bucket=bucket, Key=key, Body=f"{signed_part}:{signature.upper()}".encode())
+    return {"digest_malformed"}
+
+
 @pytest.mark.parametrize("tamper", [
     tamper_delete_segment, tamper_change_row, tamper_swap_rows, tamper_swap_payloads, tamper_truncate_tail,
-    tamper_resign_digest, tamper_recomputed_chain,
+    tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
+    tamper_misnamed_digest, tamper_uppercase_signature,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
