@@ -59,14 +59,29 @@ impl S3Store {
             .send()
             .await
             .map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
-        let body = out.body.collect().await.map_err(|e| SinkError::Transient {
-            backend: BACKEND,
-            operation: "GetObject",
-            target: self.target(key),
-            message: e.to_string(),
-        })?;
+        let body = out.body.collect().await.map_err(|e| body_error(self.target(key), e))?;
         Ok(body.into_bytes())
     }
+}
+
+/// A body read that broke. A body that differs from the checksum S3 stored at upload will not
+/// read differently on a retry: fatal, and said plainly (the object was altered or corrupted).
+fn body_error(target: String, error: aws_smithy_types::byte_stream::error::Error) -> SinkError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+    while let Some(e) = source {
+        if e.downcast_ref::<aws_smithy_checksums::body::validate::Error>().is_some() {
+            return SinkError::Fatal {
+                backend: BACKEND,
+                operation: "GetObject",
+                target,
+                message: format!(
+                    "the body does not match the checksum S3 stored at upload ({e}); run `aegis-audit verify`"
+                ),
+            };
+        }
+        source = e.source();
+    }
+    SinkError::Transient { backend: BACKEND, operation: "GetObject", target, message: error.to_string() }
 }
 
 pub fn client(sdk: &aws_config::SdkConfig, config: &S3Config) -> aws_sdk_s3::Client {
@@ -147,12 +162,7 @@ impl ObjectStore for S3Store {
             .send()
             .await
             .map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
-        let body = out.body.collect().await.map_err(|e| SinkError::Transient {
-            backend: BACKEND,
-            operation: "GetObject",
-            target: self.target(key),
-            message: e.to_string(),
-        })?;
+        let body = out.body.collect().await.map_err(|e| body_error(self.target(key), e))?;
         Ok(body.into_bytes())
     }
 

@@ -279,6 +279,18 @@ def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     assert findings(rust) == findings(python), (sorted(findings(rust))[:6], sorted(findings(python))[:6])
 
 
+def test_reading_a_segment_that_fails_its_stored_checksum_is_a_clear_error(signed_trail):
+    """rebuild-index reads segments with the SDK's checksum validation: a body that does not
+    match what S3 stored is a fatal error naming the object, not a retry loop."""
+    aegis, _, _ = signed_trail
+    bucket = copy_bucket(aegis.bucket)
+    tamper_forged_stored_checksum(bucket)
+    victim = segments(bucket, 1)[0]
+    out = aegis.run("rebuild-index", check=False, timeout=90, AEGIS_S3__BUCKET=bucket)
+    assert out.returncode != 0, out.stdout + out.stderr[-2000:]
+    assert "does not match the checksum S3 stored" in out.stderr and victim in out.stderr, out.stderr[-2000:]
+
+
 def test_inclusion_proof_checks_offline(signed_trail, tmp_path):
     aegis, delivered, events = signed_trail
     decision = next(e for e in events if e["event_type"] == "decision")
