@@ -31,7 +31,7 @@ use crate::metrics;
 use crate::retry::{retry, RetryError};
 use crate::segment::{encode_flush, ChainedRecord, EncodedSegment, SegmentError};
 use crate::sinks::dead_letter::{DeadLetter, DeadLetterSink};
-use crate::sinks::{DigestPos, HeadPos, HeadStore, IndexStore, ObjectStore, PendingFlush, SinkError};
+use crate::sinks::{ChainHead, DigestPos, HeadPos, HeadStore, IndexStore, ObjectStore, PendingFlush, SinkError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PartitionError {
@@ -474,19 +474,13 @@ impl PartitionWriter {
         let recorded = DigestPos { seq, hash };
         let remaining = self.undigested[consumed..].to_vec();
         let heads = &self.sinks.heads;
-        let result = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || {
-            heads.record_digest(&self.topic, self.partition, head, self.digest, recorded, &remaining)
-        })
-        .await;
-        if let Err(RetryError::Sink(SinkError::FenceLost { .. })) = &result {
-            // A retried request whose first attempt landed looks like a lost fence: check.
-            let stored = heads.load(&self.topic, self.partition).await?;
-            if stored.digest != Some(recorded) || stored.committed != Some(head) {
-                result?;
-            }
-        } else {
-            result?;
-        }
+        self.fenced(
+            &ctx,
+            cancel,
+            || heads.record_digest(&self.topic, self.partition, head, self.digest, recorded, &remaining),
+            |stored| stored.digest == Some(recorded) && stored.committed == Some(head),
+        )
+        .await?;
         tracing::info!(topic = %self.topic, partition = self.partition, seq, segments = consumed, %key, "digest written");
         metrics::digest_written(self.partition, seq);
         self.digest = Some(recorded);
@@ -512,24 +506,44 @@ impl PartitionWriter {
         Ok((found.body_sha256(), listed.len()))
     }
 
+    /// A fenced write to the chain head, retried. A retried request whose first attempt landed
+    /// comes back as a lost fence: then the head is read back, and `landed` says whether it is
+    /// exactly what this write would have made it (ours after all) or another owner's.
+    async fn fenced<F, Fut>(
+        &self,
+        ctx: &str,
+        cancel: &CancellationToken,
+        write: F,
+        landed: impl Fn(&ChainHead) -> bool,
+    ) -> Result<(), PartitionError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), SinkError>>,
+    {
+        let result = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, write).await;
+        let Err(RetryError::Sink(SinkError::FenceLost { .. })) = &result else {
+            return Ok(result?);
+        };
+        let heads = &self.sinks.heads;
+        let head =
+            retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || heads.load(&self.topic, self.partition))
+                .await?;
+        if landed(&head) {
+            Ok(())
+        } else {
+            Ok(result?)
+        }
+    }
+
     async fn begin(&self, pending: PendingFlush, ctx: &str, cancel: &CancellationToken) -> Result<(), PartitionError> {
         let heads = &self.sinks.heads;
-        let result = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
-            heads.begin_flush(&self.topic, self.partition, self.durable, pending)
-        })
-        .await;
-        match result {
-            Err(RetryError::Sink(SinkError::FenceLost { .. })) => {
-                // A retried request whose first attempt did land looks like a lost fence: check.
-                let head = heads.load(&self.topic, self.partition).await?;
-                if head.committed == self.durable && head.pending == Some(pending) {
-                    Ok(())
-                } else {
-                    Err(result.unwrap_err().into())
-                }
-            }
-            other => Ok(other?),
-        }
+        self.fenced(
+            ctx,
+            cancel,
+            || heads.begin_flush(&self.topic, self.partition, self.durable, pending),
+            |head| head.committed == self.durable && head.pending == Some(pending),
+        )
+        .await
     }
 
     async fn complete(
@@ -540,23 +554,15 @@ impl PartitionWriter {
         cancel: &CancellationToken,
     ) -> Result<(), PartitionError> {
         let heads = &self.sinks.heads;
-        let result = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
-            heads.complete_flush(&self.topic, self.partition, pending, entries)
-        })
-        .await;
-        match result {
-            Err(RetryError::Sink(SinkError::FenceLost { .. })) => {
-                let head = heads.load(&self.topic, self.partition).await?;
-                let done = HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash };
-                // Already advanced to exactly this range (our lost response, or an identical re-run).
-                if head.committed == Some(done) && head.pending.is_none() {
-                    Ok(())
-                } else {
-                    Err(result.unwrap_err().into())
-                }
-            }
-            other => Ok(other?),
-        }
+        let done = HeadPos { last_offset: pending.last_offset, last_hash: pending.last_hash };
+        self.fenced(
+            ctx,
+            cancel,
+            || heads.complete_flush(&self.topic, self.partition, pending, entries),
+            // Already advanced to exactly this range (our lost response, or an identical re-run).
+            |head| head.committed == Some(done) && head.pending.is_none(),
+        )
+        .await
     }
 
     async fn put_segment(
