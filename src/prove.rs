@@ -9,8 +9,8 @@ use serde::{Deserialize, Serialize};
 use crate::chain::{entry_hash, parse_hash, EntryStatus};
 use crate::digest::{self, DigestObject};
 use crate::merkle;
+use crate::segment::read_segment;
 use crate::sinks::{ObjectStore, SinkError};
-use crate::verify::read_segment;
 
 pub const PROOF_FORMAT: &str = "aegis-proof/v1";
 

@@ -5,19 +5,26 @@
 //! it touches, all named `<topic>-p<partition>-<first>-<last>.parquet`. The name depends only on
 //! the flushed range, and the bytes only on the records, so re-running an interrupted flush
 //! rewrites the same objects: never a second copy of a row.
+//!
+//! Reading them back (`read_segment`, `parse_segment_key`) lives here too, beside the writer,
+//! for `verify`, `prove`, `rebuild-index` and `prune`.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
 
 use arrow_array::builder::{
     BinaryBuilder, Float64Builder, Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
     TimestampMillisecondBuilder,
 };
-use arrow_array::{ArrayRef, RecordBatch, StringArray};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use chrono::{DateTime, Datelike, Utc};
-use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
@@ -125,6 +132,36 @@ impl<'a> PlacementKey<'a> {
 pub fn object_key(prefix: &str, placement: &Placement, topic: &str, partition: i32, first: i64, last: i64) -> String {
     let file = format!("{topic}-p{partition:04}-{first:020}-{last:020}.parquet");
     join_key(&[prefix, &placement.directory(), &file])
+}
+
+/// A segment object's name, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentName {
+    pub key: String,
+    pub partition: i32,
+    pub flush_first: i64,
+    pub flush_last: i64,
+}
+
+/// The inverse of [`object_key`] for `topic`'s objects (any directory): `None` for any other name.
+pub fn parse_segment_key(key: &str, topic: &str) -> Option<SegmentName> {
+    let file = key.rsplit('/').next()?.strip_suffix(".parquet")?;
+    let rest = file.strip_prefix(topic)?.strip_prefix("-p")?;
+    let mut parts = rest.split('-');
+    let (p, first, last) = (parts.next()?, parts.next()?, parts.next()?);
+    let digits = |text: &str| text.bytes().all(|b| b.is_ascii_digit());
+    if parts.next().is_some() || p.len() < 4 || first.len() != 20 || last.len() != 20 {
+        return None;
+    }
+    if !(digits(p) && digits(first) && digits(last)) {
+        return None;
+    }
+    Some(SegmentName {
+        key: key.to_string(),
+        partition: p.parse().ok()?,
+        flush_first: first.parse().ok()?,
+        flush_last: last.parse().ok()?,
+    })
 }
 
 pub fn join_key(parts: &[&str]) -> String {
@@ -457,6 +494,82 @@ fn hex_column<'a>(hashes: impl ExactSizeIterator<Item = &'a crate::chain::Hash>)
     StringArray::try_new(offsets, Buffer::from_vec(values), None).expect("hex digits are UTF-8")
 }
 
+/// The rows of a segment that the chain covers.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub offset: i64,
+    pub kafka_timestamp_ms: Option<i64>,
+    pub topic: String,
+    pub partition: i32,
+    pub status: EntryStatus,
+    pub payload: Bytes,
+    pub prev_hash: String,
+    pub entry_hash: String,
+}
+
+/// A segment read back: rows in file order and its footer's key-value metadata.
+#[derive(Debug, Clone)]
+pub struct SegmentRead {
+    pub rows: Vec<Row>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
+    let metadata = builder
+        .metadata()
+        .file_metadata()
+        .key_value_metadata()
+        .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
+        .unwrap_or_default();
+    let wanted = [
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+        "kafka_timestamp",
+        "status",
+        "payload",
+        "prev_hash",
+        "entry_hash",
+    ];
+    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
+    let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
+        let topic = col("kafka_topic")?.as_string_opt::<i32>().ok_or("kafka_topic is not a string")?.clone();
+        let partition = col("kafka_partition")?.as_primitive_opt::<Int32Type>().ok_or("kafka_partition type")?.clone();
+        let offset = col("kafka_offset")?.as_primitive_opt::<Int64Type>().ok_or("kafka_offset type")?.clone();
+        let timestamp = col("kafka_timestamp")?
+            .as_primitive_opt::<TimestampMillisecondType>()
+            .ok_or("kafka_timestamp type")?
+            .clone();
+        let status = col("status")?.as_string_opt::<i32>().ok_or("status type")?.clone();
+        let payload = col("payload")?.as_binary_opt::<i32>().ok_or("payload type")?.clone();
+        let prev = col("prev_hash")?.as_string_opt::<i32>().ok_or("prev_hash type")?.clone();
+        let entry = col("entry_hash")?.as_string_opt::<i32>().ok_or("entry_hash type")?.clone();
+        for i in 0..batch.num_rows() {
+            let status = match status.value(i) {
+                "accepted" => EntryStatus::Accepted,
+                "rejected" => EntryStatus::Rejected,
+                other => return Err(format!("row {i}: unknown status {other:?}")),
+            };
+            rows.push(Row {
+                offset: offset.value(i),
+                kafka_timestamp_ms: timestamp.is_valid(i).then(|| timestamp.value(i)),
+                topic: topic.value(i).to_string(),
+                partition: partition.value(i),
+                status,
+                payload: Bytes::copy_from_slice(payload.value(i)),
+                prev_hash: prev.value(i).to_string(),
+                entry_hash: entry.value(i).to_string(),
+            });
+        }
+    }
+    Ok(SegmentRead { rows, metadata })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -597,5 +710,17 @@ mod tests {
         let a = encode_flush("p", "t", 0, &records, &SegmentConfig::default()).unwrap();
         let b = encode_flush("p", "t", 0, &records, &SegmentConfig::default()).unwrap();
         assert_eq!(a[0].body, b[0].body);
+    }
+
+    #[test]
+    fn segment_names_parse_with_dashes_in_topics() {
+        let key = "trail/year=2026/month=11/day=20/environment=prod/ai-decisions-p0003-00000000000000000010-00000000000000000019.parquet";
+        let name = parse_segment_key(key, "ai-decisions").unwrap();
+        assert_eq!((name.partition, name.flush_first, name.flush_last), (3, 10, 19));
+        assert!(parse_segment_key(key, "ai").is_none(), "another topic's prefix is not this topic");
+        assert!(parse_segment_key("trail/_digests/x.digest", "ai-decisions").is_none());
+        let wide = object_key("trail", &Placement::Quarantine { year: 2026, month: 1, day: 2 }, "t", 12_345, 0, 9);
+        assert_eq!(parse_segment_key(&wide, "t").map(|n| n.partition), Some(12_345), "5-digit partitions");
+        assert!(parse_segment_key("t-p+123-00000000000000000000-00000000000000000009.parquet", "t").is_none());
     }
 }

@@ -19,20 +19,15 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 use std::time::Instant;
 
-use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
-use arrow_array::Array;
 use bytes::Bytes;
 use ed25519_dalek::VerifyingKey;
 use futures::stream::{self, StreamExt};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::arrow::ProjectionMask;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::chain::{entry_hash, genesis, parse_hash, EntryStatus, Hash};
+use crate::chain::{entry_hash, genesis, parse_hash, Hash};
 use crate::digest::{self, DigestObject, SegmentEntry, DIGESTS_DIR};
-use crate::segment::join_key;
+use crate::segment::{join_key, parse_segment_key, read_segment, Row, SegmentName};
 use crate::sinks::{ObjectStore, SinkError};
 
 #[derive(Debug, thiserror::Error)]
@@ -98,107 +93,6 @@ pub struct Report {
     pub records_per_second: f64,
     pub notes: Vec<String>,
     pub problems: Vec<Problem>,
-}
-
-/// A segment object's name, parsed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SegmentName {
-    pub key: String,
-    pub partition: i32,
-    pub flush_first: i64,
-    pub flush_last: i64,
-}
-
-pub fn parse_segment_key(key: &str, topic: &str) -> Option<SegmentName> {
-    let file = key.rsplit('/').next()?.strip_suffix(".parquet")?;
-    let rest = file.strip_prefix(topic)?.strip_prefix("-p")?;
-    let mut parts = rest.split('-');
-    let (p, first, last) = (parts.next()?, parts.next()?, parts.next()?);
-    if parts.next().is_some() || p.len() != 4 || first.len() != 20 || last.len() != 20 {
-        return None;
-    }
-    Some(SegmentName {
-        key: key.to_string(),
-        partition: p.parse().ok()?,
-        flush_first: first.parse().ok()?,
-        flush_last: last.parse().ok()?,
-    })
-}
-
-/// The rows of a segment that the chain covers.
-#[derive(Debug, Clone)]
-pub struct Row {
-    pub offset: i64,
-    pub kafka_timestamp_ms: Option<i64>,
-    pub topic: String,
-    pub partition: i32,
-    pub status: EntryStatus,
-    pub payload: Bytes,
-    pub prev_hash: String,
-    pub entry_hash: String,
-}
-
-/// A segment read back: rows in file order and its footer's key-value metadata.
-#[derive(Debug, Clone)]
-pub struct SegmentRead {
-    pub rows: Vec<Row>,
-    pub metadata: BTreeMap<String, String>,
-}
-
-pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
-    let metadata = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
-        .unwrap_or_default();
-    let wanted = [
-        "kafka_topic",
-        "kafka_partition",
-        "kafka_offset",
-        "kafka_timestamp",
-        "status",
-        "payload",
-        "prev_hash",
-        "entry_hash",
-    ];
-    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
-    let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
-    let mut rows = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| e.to_string())?;
-        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
-        let topic = col("kafka_topic")?.as_string_opt::<i32>().ok_or("kafka_topic is not a string")?.clone();
-        let partition = col("kafka_partition")?.as_primitive_opt::<Int32Type>().ok_or("kafka_partition type")?.clone();
-        let offset = col("kafka_offset")?.as_primitive_opt::<Int64Type>().ok_or("kafka_offset type")?.clone();
-        let timestamp = col("kafka_timestamp")?
-            .as_primitive_opt::<TimestampMillisecondType>()
-            .ok_or("kafka_timestamp type")?
-            .clone();
-        let status = col("status")?.as_string_opt::<i32>().ok_or("status type")?.clone();
-        let payload = col("payload")?.as_binary_opt::<i32>().ok_or("payload type")?.clone();
-        let prev = col("prev_hash")?.as_string_opt::<i32>().ok_or("prev_hash type")?.clone();
-        let entry = col("entry_hash")?.as_string_opt::<i32>().ok_or("entry_hash type")?.clone();
-        for i in 0..batch.num_rows() {
-            let status = match status.value(i) {
-                "accepted" => EntryStatus::Accepted,
-                "rejected" => EntryStatus::Rejected,
-                other => return Err(format!("row {i}: unknown status {other:?}")),
-            };
-            rows.push(Row {
-                offset: offset.value(i),
-                kafka_timestamp_ms: timestamp.is_valid(i).then(|| timestamp.value(i)),
-                topic: topic.value(i).to_string(),
-                partition: partition.value(i),
-                status,
-                payload: Bytes::copy_from_slice(payload.value(i)),
-                prev_hash: prev.value(i).to_string(),
-                entry_hash: entry.value(i).to_string(),
-            });
-        }
-    }
-    Ok(SegmentRead { rows, metadata })
 }
 
 /// The entry hash a row should have, from its own columns.
@@ -896,14 +790,5 @@ mod tests {
         assert!(crate::prove::verify_proof(&forged, &public).is_err());
         let other = DigestSigner::from_text("k", &"22".repeat(32)).unwrap();
         assert!(crate::prove::verify_proof(&proof, &other.verifying_key()).is_err());
-    }
-
-    #[test]
-    fn segment_names_parse_with_dashes_in_topics() {
-        let key = "trail/year=2026/month=11/day=20/environment=prod/ai-decisions-p0003-00000000000000000010-00000000000000000019.parquet";
-        let name = parse_segment_key(key, "ai-decisions").unwrap();
-        assert_eq!((name.partition, name.flush_first, name.flush_last), (3, 10, 19));
-        assert!(parse_segment_key(key, "ai").is_none(), "another topic's prefix is not this topic");
-        assert!(parse_segment_key("trail/_digests/x.digest", "ai-decisions").is_none());
     }
 }

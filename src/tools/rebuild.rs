@@ -17,9 +17,8 @@ use crate::chain::{parse_hash, Link};
 use crate::config::Config;
 use crate::index;
 use crate::retry::{retry, RetryError};
-use crate::segment::ChainedRecord;
+use crate::segment::{read_segment, ChainedRecord};
 use crate::sinks::{IndexStore, ObjectStore, SinkError};
-use crate::verify::read_segment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {

@@ -12,8 +12,8 @@ use aws_sdk_s3::primitives::DateTime;
 use chrono::{NaiveDate, Utc};
 use serde::Serialize;
 
+use crate::segment::{parse_segment_key, SegmentName};
 use crate::sinks::{classify_sdk_error, SinkError};
-use crate::verify::{parse_segment_key, SegmentName};
 
 const BACKEND: &str = "s3";
 
