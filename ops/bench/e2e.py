@@ -74,14 +74,15 @@ def status_kib(pid: int, field: str) -> int:
     return 0
 
 
-def wait_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, int]:
-    """Waits for proc with wait4: (exit code, peak RSS in KiB from the kernel's rusage)."""
+def wait_rusage(proc: subprocess.Popen, timeout: float) -> tuple[int, int, float]:
+    """Waits for proc with wait4: (exit code, peak RSS in KiB, user + system CPU seconds), from the
+    kernel's rusage."""
     deadline = time.time() + timeout
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid == proc.pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_maxrss
+            return proc.returncode, usage.ru_maxrss, usage.ru_utime + usage.ru_stime
         if time.time() > deadline:
             proc.kill()
             raise RuntimeError(f"pid {proc.pid} did not finish within {timeout:.0f} s")
@@ -227,7 +228,7 @@ class Bench:
         th = threading.Thread(target=sampler, daemon=True)
         th.start()
         load_before = os.getloadavg()
-        code, maxrss_kib = wait_rusage(proc, timeout=self.args.timeout)
+        code, maxrss_kib, cpu_s = wait_rusage(proc, timeout=self.args.timeout)
         stop.set()
         th.join(timeout=30)
         lines = [json.loads(x) for x in log_path.read_text().splitlines() if x.startswith("{")]
@@ -256,6 +257,10 @@ class Bench:
             if (state["t_all_committed"] and t_start) else None,
             "wall_s": round(time.time() - t_spawn, 3),
             "peak_rss_mib": round(maxrss_kib / 1024, 1),
+            # CPU of the whole run (startup and idle tail too) per event: steadier than events/s on
+            # a machine the broker and moto share.
+            "cpu_s": round(cpu_s, 2),
+            "cpu_us_per_event": round(cpu_s * 1e6 / n, 2),
             "peak_rss_sampled_vmhwm_mib": round(state["hwm_kib"] / 1024, 1),
             "rss_samples": len(state["rss_samples_kib"]),
             # (seconds since spawn, VmRSS MiB), at most ~120 points
@@ -278,12 +283,14 @@ class Bench:
         with open(log_path, "w") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True)
             # the JSON result is one short line, so the pipe cannot fill before exit
-            code, maxrss_kib = wait_rusage(proc, timeout=self.args.timeout)
+            code, maxrss_kib, cpu_s = wait_rusage(proc, timeout=self.args.timeout)
             out = proc.stdout.read()
         if code != 0:
             raise SystemExit(f"baseline exited {code}; log: {log_path}")
         result = json.loads(out.strip().splitlines()[-1])
         result["peak_rss_mib_wait4"] = round(maxrss_kib / 1024, 1)
+        result["cpu_s"] = round(cpu_s, 2)
+        result["cpu_us_per_event"] = round(cpu_s * 1e6 / result["events"], 2) if result.get("events") else None
         result["log"] = str(log_path)
         return result
 
@@ -382,7 +389,7 @@ class Bench:
         finally:
             reader.close()
             proc.send_signal(signal.SIGTERM)
-            code, maxrss_kib = wait_rusage(proc, timeout=120)
+            code, maxrss_kib, _ = wait_rusage(proc, timeout=120)
         lat = [m["t_committed"] - m["t_send"] for m in markers if m["t_committed"] is not None]
         ack = [m["t_ack"] - m["t_send"] for m in markers]
         for m in markers:
@@ -463,7 +470,8 @@ class Bench:
 
         say(f"aegis-audit run --exit-when-idle {IDLE_S} (throughput) ...")
         aegis = self.throughput(names, n)
-        say(f"aegis: {aegis['events_per_s']} events/s over {aegis['seconds']} s, peak RSS {aegis['peak_rss_mib']} MiB")
+        say(f"aegis: {aegis['events_per_s']} events/s over {aegis['seconds']} s, peak RSS {aegis['peak_rss_mib']} MiB, "
+            f"CPU {aegis['cpu_us_per_event']} us/event")
         checks = {}
         reader = offsets_reader(names["group"])
         got = committed(reader, names["topic"], P, patience=120) or {}
@@ -487,7 +495,7 @@ class Bench:
             say(f"baseline.py{' --dynamodb' if mode != 's3-only' else ''} on the same topic (own group) ...")
             base = self.baseline(names, dynamodb=(mode != "s3-only"))
             say(f"baseline: {base['events_per_s']} events/s over {base['seconds']} s, "
-                f"peak RSS {base['peak_rss_mib_wait4']} MiB")
+                f"peak RSS {base['peak_rss_mib_wait4']} MiB, CPU {base['cpu_us_per_event']} us/event")
             breader = offsets_reader(names["group"] + "-baseline")
             got = committed(breader, names["topic"], P, patience=120) or {}
             breader.close()
@@ -550,7 +558,7 @@ def summary(report: dict) -> str:
     short = lambda r: r and r.get("seconds") is not None and r["seconds"] < SHORT_WINDOW_S  # noqa: E731
     mark = lambda r, text: text + (" +" if short(r) else "")  # noqa: E731
     head = ["mode", "aegis ev/s", "baseline ev/s", "ratio", "p50 commit s", "p99 commit s", "aegis RSS MiB",
-            "base RSS MiB", "aegis B/ev", "base B/ev", "checks"]
+            "base RSS MiB", "aegis CPU us/ev", "base CPU us/ev", "aegis B/ev", "base B/ev", "checks"]
     for m in report["modes"]:
         a, b, lat = m["aegis"], m["baseline"] or {}, m["latency"] or {}
         ok = all(v for k, v in m["checks"].items() if isinstance(v, bool))
@@ -559,7 +567,8 @@ def summary(report: dict) -> str:
             mark(a, fmt(a["events_per_s"], ",.0f")), mark(b, fmt(b.get("events_per_s"), ",.0f")),
             fmt(m["ratio_aegis_over_baseline"], ".2f"),
             fmt(lat.get("p50_s"), ".2f"), fmt(lat.get("p99_s"), ".2f"), fmt(a["peak_rss_mib"], ".0f"),
-            fmt(b.get("peak_rss_mib_wait4"), ".0f"), fmt(a["parquet_bytes_per_event"], ".0f"),
+            fmt(b.get("peak_rss_mib_wait4"), ".0f"), fmt(a.get("cpu_us_per_event"), ".1f"),
+            fmt(b.get("cpu_us_per_event"), ".1f"), fmt(a["parquet_bytes_per_event"], ".0f"),
             fmt(b.get("parquet_bytes_per_event"), ".0f"),
             ("ok" if ok else "FAILED") + (" (stack restarted: disturbed)" if m["stack_restarted_during_mode"] else ""),
         ])
@@ -590,6 +599,8 @@ NOTES = [
     "+ : measuring window under {short:g} s: the figure is mostly the final wait of up to max_age_ms (5 s) "
     "for the last segments plus one flush, not a sustained rate; use a larger --events.",
     "RSS: peak resident set from the kernel (wait4 rusage ru_maxrss) of the throughput run; baseline likewise.",
+    "CPU us/ev: user + system CPU of the whole process (wait4 rusage; startup and idle tail included) / N; "
+    "steadier than ev/s on a machine the consumer shares with the broker and moto.",
     "B/ev: sum of .parquet object sizes under the trail prefix / N, after the throughput run (aegis-audit writes "
     "one object per Hive directory per flush; the baseline one object per partition per flush).",
     "moto's DynamoDB (and S3) are in-process Python and far slower than the real services; in s3+dynamodb mode "
