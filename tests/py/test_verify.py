@@ -184,22 +184,16 @@ def tamper_recomputed_chain(bucket):
 
     def change(table):
         rows = table.to_pylist()
+        original = trail.merkle_root([bytes.fromhex(r["entry_hash"]) for r in rows])
+        assert original.hex().encode() == table.schema.metadata[b"aegis.merkle_root"], "the writer's Merkle root"
         last = rows[-1]
         last["payload"] = last["payload"].replace(b'"action": "', b'"action": "not-')
         status = 0 if last["status"] == "accepted" else 1
         last["entry_hash"] = trail.entry_hash(bytes.fromhex(last["prev_hash"]), last["kafka_topic"], last["kafka_partition"],
                                               last["kafka_offset"], status, last["payload"]).hex()
-        leaves = [hashlib.sha256(b"\0" + bytes.fromhex(r["entry_hash"])).digest() for r in rows]
-
-        def mth(nodes):
-            if len(nodes) == 1:
-                return nodes[0]
-            k = 1
-            while k * 2 < len(nodes):
-                k *= 2
-            return hashlib.sha256(b"\1" + mth(nodes[:k]) + mth(nodes[k:])).digest()
         metadata = dict(table.schema.metadata)
-        metadata[b"aegis.merkle_root"] = mth(leaves).hex().encode()
+        root = trail.merkle_root([bytes.fromhex(r["entry_hash"]) for r in rows])
+        metadata[b"aegis.merkle_root"] = root.hex().encode()
         return pa.Table.from_pylist(rows, schema=table.schema).replace_schema_metadata(metadata)
 
     s3 = trail.s3()

@@ -30,6 +30,18 @@ def entry_hash(prev: bytes, topic: str, partition: int, offset: int, status: int
     ).digest()
 
 
+def merkle_root(entry_hashes: list[bytes]) -> bytes:
+    """RFC 9162 Merkle tree hash over the entry hashes, as schemas/CHAIN.md defines it."""
+    def mth(nodes: list[bytes]) -> bytes:
+        if len(nodes) == 1:
+            return nodes[0]
+        k = 1
+        while k * 2 < len(nodes):
+            k *= 2
+        return hashlib.sha256(b"\1" + mth(nodes[:k]) + mth(nodes[k:])).digest()
+    return mth([hashlib.sha256(b"\0" + h).digest() for h in entry_hashes])
+
+
 def s3():
     return boto3.client("s3", endpoint_url=ENDPOINT, region_name="us-east-1",
                         aws_access_key_id="testing", aws_secret_access_key="testing")
