@@ -260,7 +260,7 @@ class Bench:
             # CPU of the whole run (startup and idle tail too) per event: steadier than events/s on
             # a machine the broker and moto share.
             "cpu_s": round(cpu_s, 2),
-            "cpu_us_per_event": round(cpu_s * 1e6 / n, 2),
+            "cpu_us_per_event": round(cpu_s * 1e6 / n, 2) if n else None,
             "peak_rss_sampled_vmhwm_mib": round(state["hwm_kib"] / 1024, 1),
             "rss_samples": len(state["rss_samples_kib"]),
             # (seconds since spawn, VmRSS MiB), at most ~120 points
@@ -272,7 +272,7 @@ class Bench:
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         }
 
-    def baseline(self, names: dict, dynamodb: bool) -> dict:
+    def baseline(self, names: dict, n: int, dynamodb: bool) -> dict:
         cmd = [sys.executable, str(BASELINE), "--brokers", BROKERS, "--topic", names["topic"],
                "--group", names["group"] + "-baseline", "--bucket", names["bucket"] + "-baseline",
                "--endpoint-url", AWS_URL, "--max-records", str(MAX_RECORDS), "--max-age-ms", str(MAX_AGE_MS),
@@ -290,7 +290,7 @@ class Bench:
         result = json.loads(out.strip().splitlines()[-1])
         result["peak_rss_mib_wait4"] = round(maxrss_kib / 1024, 1)
         result["cpu_s"] = round(cpu_s, 2)
-        result["cpu_us_per_event"] = round(cpu_s * 1e6 / result["events"], 2) if result.get("events") else None
+        result["cpu_us_per_event"] = round(cpu_s * 1e6 / n, 2) if n else None  # per produced event, as for aegis-audit
         result["log"] = str(log_path)
         return result
 
@@ -493,7 +493,7 @@ class Bench:
         base = None
         if not self.args.skip_baseline:
             say(f"baseline.py{' --dynamodb' if mode != 's3-only' else ''} on the same topic (own group) ...")
-            base = self.baseline(names, dynamodb=(mode != "s3-only"))
+            base = self.baseline(names, n, dynamodb=(mode != "s3-only"))
             say(f"baseline: {base['events_per_s']} events/s over {base['seconds']} s, "
                 f"peak RSS {base['peak_rss_mib_wait4']} MiB, CPU {base['cpu_us_per_event']} us/event")
             breader = offsets_reader(names["group"] + "-baseline")
