@@ -73,8 +73,9 @@ COLUMNS = {
 NULLABLE = {"payload"}
 HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 SIGNATURE_LINE = re.compile(r"ed25519:([0-9a-f]{16}):([0-9a-f]{128})\Z")
-DIGEST_DIR = re.compile(r"p(\d{4,})/(.+)\Z", re.S)  # under <prefix>/_digests/<topic>/
-DIGEST_NAME = re.compile(r"(\d{12})\.digest\Z")
+DIGEST_DIR = re.compile(r"p([0-9]{4,})/(.+)\Z", re.S)  # under <prefix>/_digests/<topic>/
+DIGEST_NAME = re.compile(r"([0-9]{12})\.digest\Z")
+I32_MAX, I64_MAX, U64_MAX = 2**31 - 1, 2**63 - 1, 2**64 - 1
 
 
 class UsageError(Exception):
@@ -269,7 +270,7 @@ def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
     base = f"{prefix}/" if prefix else ""
     digests_root = f"{base}_digests/"
     topic_digests = f"{digests_root}{topic}/"
-    segment_name = re.compile(re.escape(topic) + r"-p(\d{4,})-(\d{20})-(\d{20})\.parquet\Z")
+    segment_name = re.compile(re.escape(topic) + r"-p([0-9]{4,})-([0-9]{20})-([0-9]{20})\.parquet\Z")
     segments: dict = defaultdict(lambda: defaultdict(list))
     digests: dict = defaultdict(dict)
     unexpected: dict = defaultdict(list)
@@ -280,14 +281,17 @@ def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
             if key.startswith(f"{digests_root}keys/") and key.endswith(".pem"):
                 key_files.append(key)
             elif key.startswith(topic_digests) and (m := DIGEST_DIR.match(key[len(topic_digests):])):
-                if not wanted(partition := int(m[1])):
-                    continue
-                if name := DIGEST_NAME.match(m[2]):
+                if (partition := int(m[1])) > I32_MAX or not wanted(partition):
+                    continue  # not a partition number: belongs to no chain
+                if m[1] != f"{partition:04d}":
+                    unexpected[partition].append(key)  # p00002/ beside p0002/: not the chain's folder
+                elif name := DIGEST_NAME.match(m[2]):
                     digests[partition][int(name[1])] = key
                 else:
                     unexpected[partition].append(key)
             continue  # the rest of _digests/ (other topics) is not part of this chain
-        if (m := segment_name.match(key.rsplit("/", 1)[-1])) and wanted(int(m[1])):
+        if (m := segment_name.match(key.rsplit("/", 1)[-1])) and int(m[1]) <= I32_MAX and wanted(int(m[1])) \
+                and int(m[2]) <= I64_MAX and int(m[3]) <= I64_MAX:
             segments[int(m[1])][(int(m[2]), int(m[3]))].append(key)
     return Layout(segments, digests, unexpected, sorted(key_files))
 
@@ -393,11 +397,13 @@ class Digest:
     signature: bytes
 
 
-SEGMENT_FIELDS = {"key": str, "sha256": "hex", "rows": int, "first_offset": int, "last_offset": int,
+# Integers by range: the widths CHAIN.md's fields have (partition i32, offsets i64, counts u64).
+I32, I64, U64 = (-2**31, I32_MAX), (-2**63, I64_MAX), (0, U64_MAX)
+SEGMENT_FIELDS = {"key": str, "sha256": "hex", "rows": U64, "first_offset": I64, "last_offset": I64,
                   "first_prev_hash": "hex", "last_entry_hash": "hex", "merkle_root": "hex"}
-DIGEST_FIELDS = {"format": str, "topic": str, "partition": int, "seq": int, "prev_digest_sha256": "hex",
-                 "key_id": str, "created_at": str, "first_offset": int, "first_prev_hash": "hex",
-                 "last_offset": int, "last_entry_hash": "hex", "segments": list}
+DIGEST_FIELDS = {"format": str, "topic": str, "partition": I32, "seq": U64, "prev_digest_sha256": "hex",
+                 "key_id": str, "created_at": str, "first_offset": I64, "first_prev_hash": "hex",
+                 "last_offset": I64, "last_entry_hash": "hex", "segments": list}
 
 
 def check_fields(obj, spec: dict, what: str) -> None:
@@ -409,12 +415,22 @@ def check_fields(obj, spec: dict, what: str) -> None:
         value = obj.get(name)
         if kind == "hex":
             ok = isinstance(value, str) and HEX64.match(value)
-        elif kind is int:
-            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(kind, tuple):
+            ok = isinstance(value, int) and not isinstance(value, bool) and kind[0] <= value <= kind[1]
         else:
             ok = isinstance(value, kind)
         if not ok:
-            raise DigestError(f"{what}: field {name!r} is missing or not a {getattr(kind, '__name__', kind)}")
+            what_kind = f"an integer in {kind[0]}..{kind[1]}" if isinstance(kind, tuple) else \
+                f"a {getattr(kind, '__name__', kind)}"
+            raise DigestError(f"{what}: field {name!r} is missing or not {what_kind}")
+
+
+def unique_keys(pairs: list) -> dict:
+    """A JSON object with a key given twice is not the documented format (a parser would pick one)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise ValueError("a key appears twice in one object")
+    return obj
 
 
 def parse_digest(key: str, data: bytes) -> Digest:
@@ -426,7 +442,7 @@ def parse_digest(key: str, data: bytes) -> Digest:
     if not m:
         raise DigestError("second line is not ed25519:<16 hex key_id>:<128 hex signature>")
     try:
-        fields = json.loads(body)
+        fields = json.loads(body, object_pairs_hook=unique_keys)
     except ValueError as e:
         raise DigestError(f"body is not JSON: {e}") from None
     check_fields(fields, DIGEST_FIELDS, "body")
@@ -442,14 +458,16 @@ class Signed:
     """What a partition's digests claim: the segments they list, the head at each digest's
     last_offset, and the offset range they cover."""
     listed: dict[str, tuple[dict, str]] = field(default_factory=dict)  # key -> (segment entry, digest key)
-    heads: dict[int, tuple[str, str]] = field(default_factory=dict)    # offset -> (entry hash, digest key)
+    # offset -> [(entry hash, digest key)]: two digests may claim one offset (one replayed from
+    # another slot, say), and each claim is checked
+    heads: dict[int, list[tuple[str, str]]] = field(default_factory=dict)
     heads_seen: set[int] = field(default_factory=set)                  # offsets of heads a row was found at
     first: int | None = None
     last: int | None = None
 
     def covers(self, first: int, last: int) -> bool:
-        """Whether a flush overlaps the signed offset range (one after it is not signed yet)."""
-        return self.first is not None and first <= self.last and last >= self.first
+        """Whether a flush lies inside the signed offset range (one after it is not signed yet)."""
+        return self.first is not None and first >= self.first and last <= self.last
 
 
 # ------------------------------------------------------------------ verifying one partition
@@ -558,7 +576,7 @@ class Verifier:
         f = digest.fields
         for seg in f["segments"]:
             signed.listed.setdefault(seg["key"], (seg, digest.key))
-        signed.heads.setdefault(f["last_offset"], (f["last_entry_hash"], digest.key))
+        signed.heads.setdefault(f["last_offset"], []).append((f["last_entry_hash"], digest.key))
         signed.first = f["first_offset"] if signed.first is None else min(signed.first, f["first_offset"])
         signed.last = f["last_offset"] if signed.last is None else max(signed.last, f["last_offset"])
 
@@ -657,13 +675,14 @@ class Verifier:
             chain.highest = row.offset
 
     def check_signed_head(self, partition: int, row: Row, signed: Signed) -> None:
-        head = signed.heads.get(row.offset)
-        if head is None:
+        claims = signed.heads.get(row.offset)
+        if claims is None:
             return
         signed.heads_seen.add(row.offset)
-        if row.entry_hash != head[0]:  # every row at a signed head's offset must be that head
-            self.problem("digest_mismatch", partition, row.key, row.offset,
-                         f"entry_hash {row.entry_hash} but {head[1]} signed {head[0]}")
+        for want, digest in claims:  # every row at a signed head's offset must be that head
+            if row.entry_hash != want:
+                self.problem("digest_mismatch", partition, row.key, row.offset,
+                             f"entry_hash {row.entry_hash} but {digest} signed {want}")
 
     def check_link(self, partition: int, row: Row, chain: "ChainState") -> None:
         # In row order even through repeated offsets: the previous entry is the row before.
@@ -693,11 +712,12 @@ class Verifier:
         for key, (claim, digest) in signed.listed.items():
             self.problem("missing_segment", partition, key, claim["first_offset"],
                          f"listed in {digest} but not in the trail")
-        for offset, (want, digest) in signed.heads.items():
+        for offset, claims in signed.heads.items():
             if offset in signed.heads_seen:
                 continue
-            self.problem("digest_mismatch", partition, digest, offset,
-                         f"{digest} signed entry_hash {want} at offset {offset}, but no such row is in the trail")
+            for want, digest in claims:
+                self.problem("digest_mismatch", partition, digest, offset,
+                             f"{digest} signed entry_hash {want} at offset {offset}, but no such row is in the trail")
 
 
 @dataclass

@@ -131,10 +131,19 @@ impl Chain {
 }
 
 /// Parses a 64-char lowercase or uppercase hex hash.
+/// A hash as the trail stores it: exactly 64 lowercase hex chars (`schemas/CHAIN.md`).
 pub fn parse_hash(text: &str) -> Option<Hash> {
+    if !is_lower_hex(text, 64) {
+        return None;
+    }
     let mut out = [0u8; 32];
     hex::decode_to_slice(text, &mut out).ok()?;
     Some(out)
+}
+
+/// Whether `text` is exactly `len` lowercase hex chars, the only spelling the trail uses.
+pub fn is_lower_hex(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 #[cfg(test)]
@@ -199,6 +208,7 @@ mod tests {
         let h = genesis("x", 1);
         assert_eq!(parse_hash(&hex::encode(h)), Some(h));
         assert_eq!(parse_hash("zz"), None);
+        assert_eq!(parse_hash(&hex::encode(h).to_uppercase()), None, "the trail spells hashes in lowercase");
     }
 
     proptest! {

@@ -18,7 +18,7 @@ use ed25519_dalek::{Signer as _, SigningKey, Verifier as _, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use crate::chain::Hash;
+use crate::chain::{is_lower_hex, Hash};
 use crate::segment::join_key;
 
 pub const DIGEST_FORMAT: &str = "aegis-digest/v1";
@@ -32,9 +32,9 @@ pub enum DigestError {
     Malformed { what: String, message: String },
 }
 
-/// One segment object as a digest lists it.
+/// One segment object as a digest lists it. (Also the chain table's list of undigested segments,
+/// which a newer or older version may read: unknown fields are refused only in digest objects.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct SegmentEntry {
     pub key: String,
     /// SHA-256 of the whole object, hex.
@@ -48,6 +48,9 @@ pub struct SegmentEntry {
     /// Merkle root over the object's entry hashes (`merkle.rs`), hex.
     pub merkle_root: String,
 }
+
+const SEGMENT_FIELDS: [&str; 8] =
+    ["key", "sha256", "rows", "first_offset", "last_offset", "first_prev_hash", "last_entry_hash", "merkle_root"];
 
 /// The signed part of a digest. Field order is the serialization order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +130,12 @@ impl DigestObject {
             return Err(bad("expected exactly two lines, each ending in a newline: body and signature".into()));
         };
         let body: DigestBody = serde_json::from_str(body_line).map_err(|e| bad(format!("body: {e}")))?;
+        // Every listed field is required, so a segment object with more keys has unknown ones.
+        let listed: serde_json::Value = serde_json::from_str(body_line).map_err(|e| bad(format!("body: {e}")))?;
+        let segment_keys = listed["segments"].as_array().into_iter().flatten().filter_map(|s| s.as_object());
+        if let Some(extra) = segment_keys.flat_map(|s| s.keys()).find(|k| !SEGMENT_FIELDS.contains(&k.as_str())) {
+            return Err(bad(format!("segments[]: unknown field {extra:?}")));
+        }
         if body.format != DIGEST_FORMAT {
             return Err(bad(format!("format is {:?}, expected {DIGEST_FORMAT:?}", body.format)));
         }
@@ -159,10 +168,6 @@ impl DigestObject {
     pub fn verify(&self, key: &VerifyingKey) -> bool {
         key.verify(&self.body_bytes, &ed25519_dalek::Signature::from_bytes(&self.signature)).is_ok()
     }
-}
-
-fn is_lower_hex(text: &str, len: usize) -> bool {
-    text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The digest signing key and its public half's id.
@@ -354,6 +359,9 @@ mod tests {
             let err = DigestObject::parse("k", text.as_bytes()).expect_err(case).to_string();
             assert!(err.contains(says), "{case}: {err}");
         }
+        // The chain table's copy of an entry, written by another version, still loads.
+        let entry = serde_json::to_string(&segment(0, 4)).unwrap().replace("\"rows\":", "\"extra\":1,\"rows\":");
+        assert_eq!(serde_json::from_str::<SegmentEntry>(&entry).unwrap(), segment(0, 4));
     }
 
     #[test]

@@ -44,6 +44,10 @@ pub enum PartitionError {
     /// The recorded intent cannot be reproduced from Kafka: the records changed or vanished.
     #[error("{topic}/{partition}: pending flush {first}..={last} cannot be reproduced ({detail}); refusing to fork the chain")]
     Irreproducible { topic: String, partition: i32, first: i64, last: i64, detail: String },
+    /// A digest this writer would write does not follow the documented format: the chain
+    /// table's list of undigested segments holds entries no writer made (edited by hand?).
+    #[error(transparent)]
+    Digest(#[from] crate::digest::DigestError),
     #[error("{0}: cancelled")]
     Cancelled(String),
     /// The chain table has no head for a partition whose trail already exists.
@@ -461,7 +465,7 @@ impl PartitionWriter {
                     self.undigested.clone(),
                 );
                 let bytes = Bytes::from(signer.encode(&body));
-                let hash = DigestObject::parse(&key, &bytes).expect("own digests parse").body_sha256();
+                let hash = DigestObject::parse(&key, &bytes)?.body_sha256();
                 let metadata = BTreeMap::from([
                     ("aegis-format".to_string(), crate::digest::DIGEST_FORMAT.to_string()),
                     ("aegis-key-id".to_string(), signer.key_id.clone()),

@@ -170,7 +170,9 @@ async fn trusted_keys(
     if keys.is_empty() {
         let dir = join_key(&[prefix, DIGESTS_DIR, "keys"]) + "/";
         for object in store.list(&dir).await? {
-            let text = String::from_utf8_lossy(&store.get(&object.key).await?).to_string();
+            // Unchecked against S3's stored checksum: the key's own parse decides (as for digests).
+            let (bytes, _) = store.get_checked(&object.key).await?;
+            let text = String::from_utf8_lossy(&bytes).to_string();
             let key = digest::parse_public_key(&object.key, &text)?;
             keys.insert(digest::key_id(&key), key);
         }
@@ -190,7 +192,8 @@ struct Signed {
     /// Listed segments by key.
     segments: BTreeMap<String, SegmentEntry>,
     /// Chain positions the digests signed (offset → entry hash): each digest's last entry.
-    anchors: BTreeMap<i64, (String, String)>, // offset → (entry hash, digest key)
+    /// (Two digests may claim one offset, e.g. one replayed from another slot: each is checked.)
+    anchors: BTreeMap<i64, Vec<(String, String)>>, // offset → [(entry hash, digest key)]
     /// Highest offset covered by a digest.
     through: Option<i64>,
     /// Lowest offset covered by a digest.
@@ -204,15 +207,18 @@ struct DigestName {
     seq: Option<u64>,
 }
 
-/// `p<PPPP>/<rest>` under `_digests/<topic>/`: the partition (4 or more digits) and, when `rest`
-/// is exactly `<seq:012>.digest`, the sequence number. `None` for anything outside a partition
-/// folder, which belongs to no chain.
+/// `p<digits>/<rest>` under `_digests/<topic>/`: the partition and, when the folder is spelled
+/// as the writer spells it (`p{:04}`) and `rest` is exactly `<seq:012>.digest`, the sequence
+/// number. `None` for anything outside a partition folder, which belongs to no chain.
 fn parse_digest_key(under_topic: &str) -> Option<(i32, Option<u64>)> {
     let (dir, rest) = under_topic.split_once('/')?;
     let digits = dir.strip_prefix('p').filter(|d| d.len() >= 4 && d.bytes().all(|b| b.is_ascii_digit()))?;
-    let partition = digits.parse().ok()?;
+    let partition: i32 = digits.parse().ok()?;
     if rest.is_empty() {
         return None;
+    }
+    if dir != format!("p{partition:04}") {
+        return Some((partition, None)); // p00002/ beside p0002/: not the chain's folder
     }
     let seq = rest
         .strip_suffix(".digest")
@@ -250,7 +256,7 @@ async fn check_digests(
     }
     digests.sort();
     for (seq, key) in digests {
-        if seq != expected_seq {
+        if seq > expected_seq {
             // One problem per gap, named after the digest that reveals it.
             let absent = if seq == expected_seq + 1 {
                 format!("digest {expected_seq} is")
@@ -261,8 +267,9 @@ async fn check_digests(
             previous = None;
         }
         expected_seq = seq + 1;
-        let bytes = match store.get(key).await {
-            Ok(bytes) => bytes,
+        // A digest is signed: its signature, not S3's stored checksum, says whether it changed.
+        let bytes = match store.get_checked(key).await {
+            Ok((bytes, _)) => bytes,
             Err(e) => {
                 problem("digest_missing", key, format!("listed but unreadable: {e}"));
                 previous = None;
@@ -330,7 +337,7 @@ async fn check_digests(
         for entry in &body.segments {
             signed.segments.insert(entry.key.clone(), entry.clone());
         }
-        signed.anchors.insert(body.last_offset, (body.last_entry_hash.clone(), key.clone()));
+        signed.anchors.entry(body.last_offset).or_default().push((body.last_entry_hash.clone(), key.clone()));
         signed.through = signed.through.max(Some(body.last_offset));
         signed.from = Some(signed.from.map_or(body.first_offset, |f: i64| f.min(body.first_offset)));
         previous = Some(object);
@@ -431,6 +438,7 @@ async fn check_partition(
     let mut first_flush = true;
     let mut highest: Option<i64> = None; // the highest offset seen so far in the partition
     while let Some(((first, last), objects)) = fetches.next().await {
+        let first_key = objects.first().map(|o| o.name.key.clone()).unwrap_or_default();
         let mut rows: Vec<(Row, String)> = Vec::new();
         for fetched in objects {
             bar.inc(1);
@@ -493,6 +501,13 @@ async fn check_partition(
         report.records += rows.len() as u64;
         // The flush's rows cover exactly first..=last, each offset once.
         match (rows.first(), rows.last()) {
+            // Every object of the flush unreadable (reported above), or none with rows.
+            (None, _) => problems.push(problem(
+                "segment_range",
+                &first_key,
+                Some(first),
+                format!("flush {first}..={last} has no readable rows"),
+            )),
             (Some((f, fk)), Some((l, lk))) if f.offset != first || l.offset != last => problems.push(problem(
                 "segment_range",
                 if f.offset != first { fk } else { lk },
@@ -557,17 +572,17 @@ async fn check_partition(
                     "entry_hash",
                     key,
                     Some(row.offset),
-                    format!("prev_hash {:?} is not hex", row.prev_hash),
+                    format!("prev_hash {:?} is not 64 lowercase hex chars", row.prev_hash),
                 )),
             }
-            if let Some((anchor, _)) = signed.anchors.get(&row.offset) {
+            for (anchor, digest_key) in signed.anchors.get(&row.offset).into_iter().flatten() {
                 seen_anchors.insert(row.offset);
                 if anchor != &row.entry_hash {
                     problems.push(problem(
                         "digest_mismatch",
                         key,
                         Some(row.offset),
-                        format!("a digest signed entry {anchor} here, the row has {}", row.entry_hash),
+                        format!("{digest_key} signed entry {anchor} here, the row has {}", row.entry_hash),
                     ));
                 }
             }
@@ -578,7 +593,9 @@ async fn check_partition(
     }
     // A signed head whose row is gone (with its segment, reported above as well).
     let pruned_through = signed.segments.values().filter(|e| pruned.contains(&e.key)).map(|e| e.last_offset).max();
-    for (&offset, (hash, digest_key)) in &signed.anchors {
+    for (&offset, (hash, digest_key)) in
+        signed.anchors.iter().flat_map(|(o, claims)| claims.iter().map(move |c| (o, c)))
+    {
         let in_range = options.from.is_none_or(|f| offset >= f) && options.to.is_none_or(|t| offset <= t);
         if in_range && !seen_anchors.contains(&offset) && pruned_through.is_none_or(|p| offset > p) {
             problems.push(problem(
@@ -764,6 +781,8 @@ mod tests {
         assert_eq!(parse_digest_key("p0003/sub/000000000012.digest"), Some((3, None)));
         assert_eq!(parse_digest_key("p3/000000000012.digest"), None, "partition folders have 4+ digits");
         assert_eq!(parse_digest_key("p0003/"), None);
+        assert_eq!(parse_digest_key("p00003/000000000012.digest"), Some((3, None)), "not the writer's spelling");
+        assert_eq!(parse_digest_key("p12345/000000000001.digest"), Some((12345, Some(1))));
     }
 
     #[tokio::test]

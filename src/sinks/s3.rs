@@ -46,7 +46,7 @@ impl S3Store {
 
     /// The body as stored, not validated against its stored checksum (the SDK validates by
     /// default whenever S3 returns one).
-    async fn get_unchecked(&self, key: &str) -> Result<Bytes, SinkError> {
+    async fn get_unchecked(&self, key: &str, version: Option<String>) -> Result<Bytes, SinkError> {
         let unchecked = aws_sdk_s3::config::Builder::default()
             .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
         let out = self
@@ -54,6 +54,7 @@ impl S3Store {
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_version_id(version)
             .customize()
             .config_override(unchecked)
             .send()
@@ -182,11 +183,12 @@ impl ObjectStore for S3Store {
             .checksum_sha256()
             .and_then(|b64| base64::engine::general_purpose::STANDARD.decode(b64).ok())
             .map(hex::encode);
+        let version = out.version_id().map(str::to_string);
         match out.body.collect().await {
             Ok(body) => Ok((body.into_bytes(), stored)),
             // The SDK found the body differs from the stored checksum (or the read broke): fetch
-            // it again unchecked, so the caller sees both and can say how they differ.
-            Err(_) => Ok((self.get_unchecked(key).await?, stored)),
+            // the same version again unchecked, so the caller sees both and can say how they differ.
+            Err(_) => Ok((self.get_unchecked(key, version).await?, stored)),
         }
     }
 

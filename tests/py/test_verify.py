@@ -257,10 +257,30 @@ def tamper_uppercase_signature(bucket):
     return {"digest_malformed"}
 
 
+def tamper_replayed_digest(bucket):
+    """Partition 3's first digest copied over partition 2's: well formed and validly signed, but
+    out of place."""
+    s3 = trail.s3()
+    digests = trail.list_keys(bucket, "trail/_digests/")
+    source = sorted(k for k in digests if "/p0003/" in k)[0]
+    target = sorted(k for k in digests if "/p0002/" in k)[0]
+    s3.copy_object(Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": source})
+    return {"digest_chain"}
+
+
+def tamper_digest_folder_spelled_twice(bucket):
+    """A copy of partition 1's first digest under p00001/ beside p0001/: the same partition
+    number, but not the chain's folder."""
+    s3 = trail.s3()
+    key = sorted(k for k in trail.list_keys(bucket, "trail/_digests/") if "/p0001/" in k)[0]
+    s3.copy_object(Bucket=bucket, Key=key.replace("/p0001/", "/p00001/"), CopySource={"Bucket": bucket, "Key": key})
+    return {"digest_unexpected"}
+
+
 @pytest.mark.parametrize("tamper", [
     tamper_delete_segment, tamper_change_row, tamper_swap_rows, tamper_swap_payloads, tamper_truncate_tail,
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
-    tamper_misnamed_digest, tamper_uppercase_signature,
+    tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
@@ -273,14 +293,15 @@ def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     assert findings(rust) == findings(python), (sorted(findings(rust))[:6], sorted(findings(python))[:6])
 
 
-def test_reading_a_segment_that_fails_its_stored_checksum_is_a_clear_error(signed_trail):
+def test_reading_a_segment_that_fails_its_stored_checksum_is_a_clear_error(signed_trail, tmp_path):
     """rebuild-index reads segments with the SDK's checksum validation: a body that does not
     match what S3 stored is a fatal error naming the object, not a retry loop."""
     aegis, _, _ = signed_trail
     bucket = copy_bucket(aegis.bucket)
     tamper_forged_stored_checksum(bucket)
     victim = segments(bucket, 1)[0]
-    out = aegis.run("rebuild-index", check=False, timeout=90, AEGIS_S3__BUCKET=bucket)
+    out = aegis.run("rebuild-index", "--checkpoint", str(tmp_path / "rebuild.checkpoint"), check=False, timeout=90,
+                    AEGIS_S3__BUCKET=bucket)
     assert out.returncode != 0, out.stdout + out.stderr[-2000:]
     assert "does not match the checksum S3 stored" in out.stderr and victim in out.stderr, out.stderr[-2000:]
 
