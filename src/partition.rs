@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use sha2::Digest as _;
 use tokio_util::sync::CancellationToken;
 
 use crate::budget::{self, BudgetShare, MemoryBudget};
@@ -327,7 +328,7 @@ impl PartitionWriter {
 
         let config = self.config.clone();
         let memory = self.sinks.memory.clone();
-        let segments = {
+        let mut segments = {
             let _encoding = memory.encode_permit().await;
             let (topic, partition, records) = (self.topic.clone(), self.partition, std::mem::take(&mut self.buffer));
             let encoded = tokio::task::spawn_blocking(move || {
@@ -342,12 +343,17 @@ impl PartitionWriter {
         let encode_time = started.elapsed();
 
         // 1. Intent (skipped when we are completing an interrupted flush's recorded intent).
+        // Not once revoked: the encode took a while, and the partition may have a new owner.
+        if cancel.is_cancelled() {
+            return Err(PartitionError::Cancelled(span_ctx));
+        }
         if self.recovering.is_none() {
             self.begin(pending, &span_ctx, cancel).await?;
         }
-        // 2. Segments.
-        for segment in &segments {
-            self.put_segment(segment, &span_ctx, cancel).await?;
+        // 2. Segments. A digest lists what S3 holds: an object an earlier attempt wrote is kept,
+        // and its bytes may differ from this encoding (another build or Parquet setting).
+        for segment in &mut segments {
+            segment.sha256 = self.put_segment(segment, &span_ctx, cancel).await?;
         }
         // 2b. Dead letters for rejected records (their quarantine rows are already in S3).
         if let Some(dead_letters) = &self.sinks.dead_letters {
@@ -425,6 +431,16 @@ impl PartitionWriter {
             return Some(self.last_digest);
         }
         Some(self.last_digest + Duration::from_millis(self.config.digest.interval_ms))
+    }
+
+    /// The offset this writer needs next: after its durable head, or the start of the
+    /// interrupted flush it must complete. `None` before a chain exists.
+    pub fn resume_offset(&self) -> Option<i64> {
+        match (self.recovering, self.durable) {
+            (Some(pending), _) => Some(pending.first_offset),
+            (None, Some(head)) => Some(head.last_offset + 1),
+            (None, None) => None,
+        }
     }
 
     pub fn digest_due(&self, now: Instant) -> bool {
@@ -569,18 +585,21 @@ impl PartitionWriter {
         .await
     }
 
+    /// Writes a segment object unless an earlier attempt already wrote these rows under its key;
+    /// returns the SHA-256 (hex) of the bytes S3 holds for it.
     async fn put_segment(
         &self,
         segment: &EncodedSegment,
         ctx: &str,
         cancel: &CancellationToken,
-    ) -> Result<(), PartitionError> {
+    ) -> Result<String, PartitionError> {
         let metadata = BTreeMap::from([
             ("aegis-format".to_string(), crate::segment::SEGMENT_FORMAT.to_string()),
             ("aegis-first-offset".to_string(), segment.first_offset.to_string()),
             ("aegis-last-offset".to_string(), segment.last_offset.to_string()),
             ("aegis-rows".to_string(), segment.rows.to_string()),
             ("aegis-last-entry-hash".to_string(), segment.last_entry_hash.clone()),
+            ("aegis-sha256".to_string(), segment.sha256.clone()),
         ]);
         let objects = &self.sinks.objects;
         let existing =
@@ -590,7 +609,14 @@ impl PartitionWriter {
                 && info.metadata.get("aegis-rows") == Some(&segment.rows.to_string());
             if same {
                 tracing::info!(key = %segment.key, "segment already written by an earlier attempt; keeping it");
-                return Ok(());
+                if let Some(stored) = info.metadata.get("aegis-sha256") {
+                    return Ok(stored.clone());
+                }
+                // Written before objects carried their hash: read it back.
+                let body =
+                    retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.get(&segment.key))
+                        .await?;
+                return Ok(hex::encode(sha2::Sha256::digest(&body)));
             }
             return Err(SinkError::Conflict {
                 key: segment.key.clone(),
@@ -603,7 +629,7 @@ impl PartitionWriter {
             objects.put(&segment.key, body.clone(), &metadata)
         })
         .await?;
-        Ok(())
+        Ok(segment.sha256.clone())
     }
 
     fn dead_letters(&self) -> Vec<DeadLetter> {
@@ -911,14 +937,19 @@ mod tests {
         }
         // Crash during step 3: the index is down, the intent and the segment are already written.
         s.index.down.store(true, Ordering::SeqCst);
-        let cancel = CancellationToken::new();
-        cancel.cancel();
-        assert!(matches!(w.flush(&cancel).await, Err(PartitionError::Cancelled(_))));
+        crash_after_intent(&mut w, &s).await;
         assert!(s.heads.get("t", 0).pending.is_some());
         s.index.down.store(false, Ordering::SeqCst);
         drop(w);
+        let written: Vec<String> =
+            s.objects.keys().into_iter().filter(|k| k.contains("-00000000000000000003-")).collect();
+        assert_eq!(written.len(), 1, "the crash came after the segment was written");
 
-        let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        // The new owner flushes at 100 records: it still cuts exactly the recorded 3..=5.
+        let mut wide = (*config()).clone();
+        wide.segment.max_records = 100;
+        let mut w2 = PartitionWriter::open("t", 0, Arc::new(wide), s.sinks(), &CancellationToken::new()).await.unwrap();
+        assert_eq!(w2.resume_offset(), Some(3), "where the interrupted flush starts");
         for i in 0..3 {
             assert_eq!(w2.admit(i, None, Some(Bytes::from(event(i)))).unwrap(), Admit::AlreadyChained);
         }
@@ -930,6 +961,77 @@ mod tests {
         }
         assert_eq!(s.heads.get("t", 0), clean.heads.get("t", 0));
         assert_eq!(s.index.items().len(), 6);
+        assert_eq!(w2.resume_offset(), Some(6), "after the durable head");
+    }
+
+    #[tokio::test]
+    async fn a_resumed_flush_signs_the_bytes_s3_holds_not_its_own_encoding() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        for i in 0..3 {
+            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
+        }
+        // The intent and the segment are written, then the worker dies (index down, cancelled).
+        s.index.down.store(true, Ordering::SeqCst);
+        crash_after_intent(&mut w, &s).await;
+        s.index.down.store(false, Ordering::SeqCst);
+        drop(w);
+        // The object as another build would have encoded it, written before objects carried
+        // their hash in metadata: same rows, other bytes.
+        let key = s.objects.keys().into_iter().find(|k| k.ends_with(".parquet")).expect("segment written");
+        let mut info = s.objects.head(&key).await.unwrap().unwrap();
+        info.metadata.remove("aegis-sha256");
+        let other_build = Bytes::from(format!("{:?}", s.objects.body(&key).unwrap()));
+        s.objects.put(&key, other_build.clone(), &info.metadata).await.unwrap();
+
+        let mut w2 = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed_again(&mut w2, 0..3).await;
+        assert_eq!(s.objects.body(&key).unwrap(), other_build, "the earlier attempt's object is kept");
+        assert_eq!(w2.write_digest(&cancel).await.unwrap(), Some(0));
+        let listed = &digest_at(&s, 0).body.segments[0];
+        assert_eq!(listed.key, key);
+        assert_eq!(listed.sha256, hex::encode(Sha256::digest(&other_build)), "the digest signs what S3 holds");
+    }
+
+    #[tokio::test]
+    async fn a_revoked_worker_records_no_intent_after_its_encode() {
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        for i in 0..3 {
+            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
+        }
+        let revoked = CancellationToken::new();
+        revoked.cancel();
+        assert!(matches!(w.flush(&revoked).await, Err(PartitionError::Cancelled(_))));
+        assert_eq!(s.heads.get("t", 0).pending, None, "the partition may have a new owner by now");
+        assert!(s.objects.keys().is_empty());
+        assert_eq!(w.buffered(), 3, "the buffer is kept");
+    }
+
+    /// Flushes until the intent is recorded, then stops the worker, as a crash would, wherever a
+    /// sink the test took down is holding the flush in its retries.
+    async fn crash_after_intent(w: &mut PartitionWriter, s: &Stack) {
+        let stop = CancellationToken::new();
+        let (heads, crash) = (s.heads.clone(), stop.clone());
+        let watcher = tokio::spawn(async move {
+            while heads.get("t", 0).pending.is_none() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            crash.cancel();
+        });
+        assert!(matches!(w.flush(&stop).await, Err(PartitionError::Cancelled(_))));
+        watcher.await.unwrap();
+    }
+
+    /// Admits a range a resumed writer re-reads, flushing when it says so.
+    async fn feed_again(w: &mut PartitionWriter, range: std::ops::Range<i64>) {
+        for i in range {
+            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
+            if w.should_flush(Instant::now()) {
+                w.flush(&CancellationToken::new()).await.unwrap();
+            }
+        }
     }
 
     #[tokio::test]
@@ -955,9 +1057,7 @@ mod tests {
             w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
         }
         s.index.down.store(true, Ordering::SeqCst);
-        let cancel = CancellationToken::new();
-        cancel.cancel();
-        let _ = w.flush(&cancel).await;
+        crash_after_intent(&mut w, &s).await;
         s.index.down.store(false, Ordering::SeqCst);
         let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         w2.admit(0, None, Some(Bytes::from(event(0)))).unwrap();
@@ -977,10 +1077,9 @@ mod tests {
         w.admit(2, Some(1_795_000_000_000), None).unwrap();
         // The dead-letter topic is down: nothing may be committed, the head must not move.
         s.dead.down.store(true, Ordering::SeqCst);
-        let cancel = CancellationToken::new();
-        cancel.cancel();
-        assert!(matches!(w.flush(&cancel).await, Err(PartitionError::Cancelled(_))));
+        crash_after_intent(&mut w, &s).await;
         assert!(s.heads.get("t", 0).committed.is_none());
+        assert!(s.dead.letters().is_empty());
         s.dead.down.store(false, Ordering::SeqCst);
         let flushed = w.flush(&CancellationToken::new()).await.unwrap().unwrap();
         assert_eq!(flushed.commit_offset, 3);

@@ -104,13 +104,16 @@ mod tests {
     }
 
     #[test]
-    fn backoff_is_capped() {
+    fn backoff_grows_to_its_cap_and_never_hammers() {
         let p = RetryConfig { initial_backoff_ms: 100, max_backoff_ms: 1000 };
         for attempt in 1..40 {
-            let d = backoff(&p, attempt).as_millis() as u64;
-            assert!(d <= 1000, "attempt {attempt}: {d}");
+            // initial * 2^(attempt-1), capped; the jitter keeps at least half of it.
+            let cap = (100u64 << (attempt - 1).min(20)).min(1000);
+            for _ in 0..20 {
+                let d = backoff(&p, attempt).as_millis() as u64;
+                assert!((cap / 2..=cap).contains(&d), "attempt {attempt}: {d} ms, expected {}..={cap}", cap / 2);
+            }
         }
-        assert!(backoff(&p, 1).as_millis() <= 100);
     }
 
     #[tokio::test]
