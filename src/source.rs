@@ -113,8 +113,21 @@ struct Inbound {
 }
 
 enum Command {
-    Seek { partition: i32, offset: i64 },
+    Seek {
+        partition: i32,
+        offset: i64,
+    },
+    /// The worker (known by its queue counter) lost the partition's fence and ended: if it is
+    /// still this partition's worker, start a new one from the chain head.
+    Restart {
+        partition: i32,
+        worker: Arc<AtomicUsize>,
+    },
 }
+
+/// How long a worker that lost its fence waits before the partition's worker is restarted from
+/// the chain head: a revoked owner's last flush settles, and a zombie cannot make it spin.
+const FENCE_RESTART_DELAY: Duration = Duration::from_secs(2);
 
 struct WorkerHandle {
     tx: mpsc::UnboundedSender<Inbound>,
@@ -267,7 +280,7 @@ pub async fn run(
                             let _ = consumer.resume(&tpl);
                         }
                         for p in parts {
-                            let handle = env.spawn(p);
+                            let handle = env.spawn(p, false);
                             if let Some(old) = workers.insert(p, handle) {
                                 old.revoke.cancel();
                                 if old.paused {
@@ -288,18 +301,34 @@ pub async fn run(
                 metrics::set_in_group(true);
                 metrics::assigned(workers.len());
             }
-            Some(Command::Seek { partition, offset }) = cmd_rx.recv() => {
-                if let Some(w) = workers.get_mut(&partition) {
-                    tracing::info!(topic = %topic, partition, offset, "seeking to the chain head");
-                    // Records already queued carry the old generation; the worker skips them.
-                    w.generation += 1;
-                    // Timeout zero: librdkafka seeks asynchronously and drops records fetched before it.
-                    if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
-                        tracing::error!(partition, offset, error = %e, "seek failed; the worker will ask again when records arrive past the head");
-                        metrics::kafka_error("seek");
+            Some(command) = cmd_rx.recv() => match command {
+                Command::Seek { partition, offset } => {
+                    if let Some(w) = workers.get_mut(&partition) {
+                        tracing::info!(topic = %topic, partition, offset, "seeking to the chain head");
+                        // Records already queued carry the old generation; the worker skips them.
+                        w.generation += 1;
+                        // Timeout zero: librdkafka seeks asynchronously and drops records fetched before it.
+                        if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(offset), Duration::ZERO) {
+                            tracing::error!(partition, offset, error = %e, "seek failed; the worker will ask again when records arrive past the head");
+                            metrics::kafka_error("seek");
+                        }
                     }
                 }
-            }
+                Command::Restart { partition, worker } => {
+                    let current = workers.get(&partition).is_some_and(|w| Arc::ptr_eq(&w.queued, &worker));
+                    if current && !shutdown.is_cancelled() {
+                        tracing::warn!(topic = %topic, partition, "restarting the partition's worker from the chain head");
+                        let old = workers.insert(partition, env.spawn(partition, true)).expect("checked above");
+                        old.revoke.cancel();
+                        if old.paused {
+                            metrics::paused(-1.0);
+                            let mut tpl = TopicPartitionList::new();
+                            tpl.add_partition(&topic, partition);
+                            let _ = consumer.resume(&tpl);
+                        }
+                    }
+                }
+            },
             // Before the records: with a busy topic `recv` is always ready, and a paused
             // partition must not wait for a lull to resume.
             _ = drained.notified() => resume_drained(&consumer, &topic, resume_at, &mut workers),
@@ -449,7 +478,8 @@ struct WorkerEnv {
 }
 
 impl WorkerEnv {
-    fn spawn(&self, partition: i32) -> WorkerHandle {
+    /// A worker for `partition`; `restarted` when it replaces one that lost the fence.
+    fn spawn(&self, partition: i32, restarted: bool) -> WorkerHandle {
         // Unbounded, but the queue budget pauses the partition (what librdkafka had already
         // fetched by then is capped by queued.max.messages.kbytes).
         let (tx, rx) = mpsc::unbounded_channel();
@@ -469,6 +499,7 @@ impl WorkerEnv {
             resume_at: self.resume_at,
             revoke: revoke.clone(),
             shutdown: self.shutdown.clone(),
+            restarted,
         };
         let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
         let task = tokio::spawn(worker.run(rx).instrument(span));
@@ -491,6 +522,8 @@ struct Worker {
     revoke: CancellationToken,
     /// Fires on graceful shutdown: flush what is buffered, commit, end.
     shutdown: CancellationToken,
+    /// Replaces a worker that lost the fence: the records it held past the head are gone.
+    restarted: bool,
 }
 
 impl Worker {
@@ -523,6 +556,13 @@ impl Worker {
             tracing::info!(topic = %self.topic, partition = self.partition, head_offset = head.last_offset, "continuing chain");
         }
         let mut min_generation = 0u64;
+        if let (true, Some(offset)) = (self.restarted, writer.resume_offset()) {
+            // The records past the head (or the interrupted flush another writer left) went to
+            // the worker that lost the fence, and the consumer has moved on: read them again
+            // (records already on their way are skipped).
+            let _ = self.commands.send(Command::Seek { partition: self.partition, offset });
+            min_generation = 1;
+        }
         loop {
             let deadline = match (writer.flush_deadline(), writer.digest_deadline()) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -600,6 +640,9 @@ impl Worker {
     /// Flushes and commits; `false` when the worker must end.
     async fn flush_and_commit(&self, writer: &mut PartitionWriter) -> bool {
         match writer.flush(&self.revoke).await {
+            // Revoked while the flush finished: it is durable, and the partition's offsets are
+            // the new owner's to commit now.
+            Ok(Some(_)) if self.revoke.is_cancelled() => false,
             Ok(Some(flushed)) => {
                 if let Err(e) = self.committer.commit(self.partition, flushed.commit_offset).await {
                     // Durable already; the next commit (or the chain head on restart) covers it.
@@ -636,6 +679,20 @@ impl Worker {
         if error.is_fence_lost() {
             metrics::fence_lost();
             tracing::error!(topic = %self.topic, partition = self.partition, %error, "lost the partition's fence; this worker stops writing it");
+            // Another writer extended the chain: a revoked owner's last flush landing after this
+            // worker read the head, or a zombie. What it wrote is durable and linked; a new worker
+            // continues from the head it left (fenced like any other), or is revoked meanwhile.
+            let (commands, partition, worker) = (self.commands.clone(), self.partition, self.queued.clone());
+            let (revoke, shutdown) = (self.revoke.clone(), self.shutdown.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = revoke.cancelled() => {}
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(FENCE_RESTART_DELAY) => {
+                        let _ = commands.send(Command::Restart { partition, worker });
+                    }
+                }
+            });
             return;
         }
         metrics::partition_stopped(self.partition, &error.to_string());

@@ -32,13 +32,27 @@ def http(aegis, path):
         return None, ""
 
 
-def metric(aegis, name):
-    _, text = http(aegis, "/metrics")
-    total = 0.0
+def metric(aegis, name, required=True):
+    """The sum of a metric's series. Raises when /metrics does not answer or, if `required`, has
+    no such series: a gauge that vanished must not read as 0. Counters appear at their first
+    increment, so waits on them pass required=False."""
+    status, text = http(aegis, "/metrics")
+    assert status == 200, f"/metrics answered {status}"
+    total, found = 0.0, False
     for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#"):
+        if not line.startswith("#") and line.split("{", 1)[0].split(" ", 1)[0] == name:
             total += float(line.rsplit(" ", 1)[1])
+            found = True
+    assert found or not required, f"/metrics has no series {name}"
     return total
+
+
+def parquet_versions(aegis):
+    """Every stored version of every segment object: a rewrite with the same bytes still adds one."""
+    versions = set()
+    for page in trail.s3().get_paginator("list_object_versions").paginate(Bucket=aegis.bucket, Prefix="trail/"):
+        versions |= {(v["Key"], v["VersionId"]) for v in page.get("Versions", []) if v["Key"].endswith(".parquet")}
+    return versions
 
 
 def trail_rows(aegis):
@@ -90,7 +104,8 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
             # the budget behind the stuck flush: the partition is paused.
             second = produce(aegis.topic, events(6000, 2, start=400), partitions=1)
             wait_for(lambda: http(aegis, "/readyz")[0] == 503, timeout=60, what="/readyz to report the outage")
-            wait_for(lambda: metric(aegis, "aegis_backend_errors_total") > 0, timeout=30, what="backend errors counted")
+            wait_for(lambda: metric(aegis, "aegis_backend_errors_total", required=False) > 0, timeout=30,
+                     what="backend errors counted")
             assert metric(aegis, "aegis_backend_up") == 0
             wait_for(lambda: metric(aegis, "aegis_partitions_paused") >= 1, timeout=60, what="the backed-up partition to pause")
             # Nothing is committed past what is durable.
@@ -195,6 +210,11 @@ def test_zombie_paused_past_session_timeout_cannot_fork_the_chain(aegis, tmp_pat
     wait_for(lambda: trail_rows(aegis) == 400, timeout=90, what="A's first flush")
     # A consumes these into its buffers (age threshold 3 s), then freezes before flushing them.
     second = produce(aegis.topic, events(400, 8, start=400), partitions=4)
+    # A must hold them in its buffers when it freezes, or the zombie path is never taken.
+    wait_for(lambda: metric(aegis, "aegis_records_consumed_total", required=False) >= 800, timeout=30,
+             interval=0.1, what="A to buffer the second 400")
+    # Not at once: tansu does not expire a member frozen right after a fetch (B then waits for
+    # A's partitions for minutes); a second in, it does.
     time.sleep(1.0)
     a.send_signal(signal.SIGSTOP)
     try:
@@ -202,15 +222,61 @@ def test_zombie_paused_past_session_timeout_cannot_fork_the_chain(aegis, tmp_pat
         wait_for(lambda: trail_rows(aegis) == 800, timeout=120, interval=1, what="B to take over and write everything")
         third = produce(aegis.topic, events(200, 9, start=800), partitions=4)
         wait_for(lambda: trail_rows(aegis) == 1000, timeout=60, interval=1, what="B to keep writing")
+        segment_versions = parquet_versions(aegis)
     finally:
         a.send_signal(signal.SIGCONT)
     time.sleep(8)  # A wakes, its age timers fire, it tries to flush what it held
-    wait_for(lambda: trail_rows(aegis) == 1000, timeout=10, what="no extra rows from the zombie")
+    # What A did on waking, read before it is told to stop (a clean stop revokes too).
+    log = open(a_log).read()
+    assert "lost the partition's fence" in log or "partitions revoked" in log, log[-3000:]
+    assert parquet_versions(aegis) == segment_versions, "the zombie wrote a segment object"
+    assert trail_rows(aegis) == 1000
     for proc in (a, b):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
-    log = open(a_log).read()
-    assert "lost the partition's fence" in log or "partitions revoked" in log, log[-3000:]
     delivered = first + second + third
     check_trail(aegis, tmp_path, delivered)
     check_commits(aegis, delivered)
+
+
+def test_a_worker_that_loses_its_fence_restarts_from_the_head(aegis, tmp_path):
+    """Two writers on one chain: a second deployment with its own consumer group but the same
+    topic, bucket and tables (a misconfiguration, or a revoked owner's last flush landing after
+    the new owner read the head). Flushes cut at different offsets fence each other out; the
+    worker that lost its fence restarts from the chain head instead of leaving the partition
+    dead, and the trail stays one chain with every record once."""
+    aegis.init()
+    fast = dict(AEGIS_SEGMENT__MAX_RECORDS="70", AEGIS_SEGMENT__MAX_AGE_MS="400")
+    x = aegis.start("run", **fast)
+    x_log = aegis.logs[-1]
+    y = aegis.start("run", AEGIS_KAFKA__GROUP_ID=aegis.group + "-other",
+                    AEGIS_METRICS__LISTEN=f"127.0.0.1:{free_port()}", AEGIS_SEGMENT__MAX_RECORDS="50",
+                    AEGIS_SEGMENT__MAX_AGE_MS="700")
+    y_log = aegis.logs[-1]
+    survivor = None
+    try:
+        with producing(aegis, batch=40, seed=3000, pause=0.15) as delivered:
+            wait_for(lambda: "lost the partition's fence" in open(x_log).read() + open(y_log).read(),
+                     timeout=120, interval=1, what="a writer to lose a fence")
+            time.sleep(3)
+        wait_for(lambda: trail_rows(aegis) == len(delivered), timeout=120, interval=2, what="all rows")
+        # Keep the writer that lost a fence; stop the other. Its fenced partitions must still work.
+        loser_log = x_log if "lost the partition's fence" in open(x_log).read() else y_log
+        loser, other = (x, y) if loser_log == x_log else (y, x)
+        assert "restarting the partition's worker from the chain head" in open(loser_log).read()
+        for log in (x_log, y_log):
+            assert "partition stopped" not in open(log).read(), "a restarted worker must pick up where the chain is"
+        other.send_signal(signal.SIGTERM)
+        assert other.wait(timeout=60) == 0
+        survivor = loser
+        more = produce(aegis.topic, events(400, 3001, start=100_000), partitions=4)
+        delivered = delivered + more
+        wait_for(lambda: trail_rows(aegis) == len(delivered), timeout=120, interval=2,
+                 what="the writer that lost fences to write the rest on every partition")
+    finally:
+        for proc in (x, y):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=60)
+    assert survivor is not None
+    check_trail(aegis, tmp_path, delivered)
