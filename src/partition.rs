@@ -467,11 +467,8 @@ impl PartitionWriter {
         let retry_cfg = &self.config.retry;
         let objects = &self.sinks.objects;
         let existing = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.head(&key)).await?;
-        let (hash, consumed) = match existing {
-            Some(_) => {
-                let bytes = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.get(&key)).await?;
-                self.adopt_digest(&key, &bytes)?
-            }
+        let written = match existing {
+            Some(_) => None,
             None => {
                 let body = DigestBody::next(
                     &self.topic,
@@ -486,9 +483,20 @@ impl PartitionWriter {
                     ("aegis-format".to_string(), crate::digest::DIGEST_FORMAT.to_string()),
                     ("aegis-key-id".to_string(), signer.key_id.clone()),
                 ]);
-                retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.put(&key, bytes.clone(), &metadata))
-                    .await?;
-                (hash, self.undigested.len())
+                // Conditional: a zombie's late PUT must not replace a digest the owner recorded.
+                let created = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || {
+                    objects.put_new(&key, bytes.clone(), &metadata)
+                })
+                .await?;
+                created.then_some((hash, self.undigested.len()))
+            }
+        };
+        let (hash, consumed) = match written {
+            Some(written) => written,
+            // Already there: an earlier owner's (or our own earlier attempt's) digest.
+            None => {
+                let bytes = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.get(&key)).await?;
+                self.adopt_digest(&key, &bytes)?
             }
         };
         let recorded = DigestPos { seq, hash };
@@ -604,32 +612,46 @@ impl PartitionWriter {
         let objects = &self.sinks.objects;
         let existing =
             retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.head(&segment.key)).await?;
-        if let Some(info) = existing {
-            let same = info.metadata.get("aegis-last-entry-hash") == Some(&segment.last_entry_hash)
-                && info.metadata.get("aegis-rows") == Some(&segment.rows.to_string());
-            if same {
-                tracing::info!(key = %segment.key, "segment already written by an earlier attempt; keeping it");
-                if let Some(stored) = info.metadata.get("aegis-sha256") {
-                    return Ok(stored.clone());
-                }
-                // Written before objects carried their hash: read it back.
-                let body =
-                    retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.get(&segment.key))
-                        .await?;
-                return Ok(hex::encode(sha2::Sha256::digest(&body)));
+        if existing.is_none() {
+            // Conditional: a zombie's late PUT must not replace what the owner wrote (its bytes
+            // may differ, say from another build), and ours must not replace a zombie's.
+            let body = segment.body.clone();
+            let created = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+                objects.put_new(&segment.key, body.clone(), &metadata)
+            })
+            .await?;
+            if created {
+                return Ok(segment.sha256.clone());
             }
+        }
+        // Written already: by an earlier attempt of this flush (ours, or a crashed owner's), or
+        // by another writer between our HEAD and PUT.
+        let info = match existing {
+            Some(info) => info,
+            None => retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.head(&segment.key))
+                .await?
+                .ok_or_else(|| SinkError::Conflict {
+                    key: segment.key.clone(),
+                    detail: "a conditional PUT found an object that a HEAD then did not".into(),
+                })?,
+        };
+        let same = info.metadata.get("aegis-last-entry-hash") == Some(&segment.last_entry_hash)
+            && info.metadata.get("aegis-rows") == Some(&segment.rows.to_string());
+        if !same {
             return Err(SinkError::Conflict {
                 key: segment.key.clone(),
                 detail: format!("stored metadata {:?}", info.metadata),
             }
             .into());
         }
-        let body = segment.body.clone();
-        retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
-            objects.put(&segment.key, body.clone(), &metadata)
-        })
-        .await?;
-        Ok(segment.sha256.clone())
+        tracing::info!(key = %segment.key, "segment already written by an earlier attempt; keeping it");
+        if let Some(stored) = info.metadata.get("aegis-sha256") {
+            return Ok(stored.clone());
+        }
+        // Written before objects carried their hash: read it back.
+        let body =
+            retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.get(&segment.key)).await?;
+        Ok(hex::encode(sha2::Sha256::digest(&body)))
     }
 
     fn dead_letters(&self) -> Vec<DeadLetter> {

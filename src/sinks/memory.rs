@@ -66,6 +66,17 @@ impl ObjectStore for MemoryObjectStore {
         Ok(())
     }
 
+    async fn put_new(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<bool, SinkError> {
+        self.check("PutObject")?;
+        let mut objects = self.objects.lock().unwrap();
+        if objects.contains_key(key) {
+            return Ok(false);
+        }
+        self.puts.fetch_add(1, Ordering::SeqCst);
+        objects.insert(key.to_string(), (body, metadata.clone()));
+        Ok(true)
+    }
+
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, SinkError> {
         self.check("HeadObject")?;
         Ok(self.objects.lock().unwrap().get(key).map(|(b, m)| ObjectInfo {

@@ -62,6 +62,9 @@ pub trait ObjectStore: Send + Sync {
     /// Writes `body` at `key` with user metadata, a SHA-256 content checksum and (when
     /// configured) Object Lock retention and server-side encryption.
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError>;
+    /// Like `put`, but only where no object is (S3 `If-None-Match: *`): `Ok(false)` when one is
+    /// already. A writer that lost a race then reads what is there instead of replacing it.
+    async fn put_new(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<bool, SinkError>;
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, SinkError>;
     async fn get(&self, key: &str) -> Result<Bytes, SinkError>;
     /// The body and the SHA-256 the store recorded for it at write time (hex), when it has one.
@@ -199,8 +202,9 @@ where
     let retryable = match err {
         SdkError::ConstructionFailure(_) => false,
         SdkError::ServiceError(service) => {
-            const RETRYABLE_CODES: [&str; 8] = [
+            const RETRYABLE_CODES: [&str; 9] = [
                 "ThrottlingException",
+                "ConditionalRequestConflict", // S3: a concurrent conditional write; try again
                 "Throttling",
                 "ProvisionedThroughputExceededException",
                 "RequestLimitExceeded",

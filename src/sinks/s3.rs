@@ -44,6 +44,38 @@ impl S3Store {
         format!("s3://{}/{}", self.bucket, key)
     }
 
+    /// A PutObject with everything every write carries: content type, user metadata, a SHA-256
+    /// checksum, Object Lock retention and server-side encryption as configured.
+    fn put_request(
+        &self,
+        key: &str,
+        body: Bytes,
+        metadata: &BTreeMap<String, String>,
+    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+        let mut request = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type(key))
+            .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .set_metadata(Some(metadata.clone().into_iter().collect()))
+            .body(ByteStream::from(body));
+        if let Some(days) = self.retention_days {
+            let until = chrono::Utc::now() + chrono::Duration::days(i64::from(days));
+            request = request
+                .object_lock_mode(ObjectLockMode::Compliance)
+                .object_lock_retain_until_date(aws_smithy_types::DateTime::from_secs(until.timestamp()));
+        }
+        match self.sse {
+            Sse::None => request,
+            Sse::Aes256 => request.server_side_encryption(ServerSideEncryption::Aes256),
+            Sse::Kms => request
+                .server_side_encryption(ServerSideEncryption::AwsKms)
+                .set_ssekms_key_id(self.sse_kms_key_id.clone()),
+        }
+    }
+
     /// The body as stored, not validated against its stored checksum (the SDK validates by
     /// default whenever S3 returns one).
     async fn get_unchecked(&self, key: &str, version: Option<String>) -> Result<Bytes, SinkError> {
@@ -116,30 +148,19 @@ fn content_type(key: &str) -> &'static str {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
-        let mut request = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .content_type(content_type(key))
-            .checksum_algorithm(ChecksumAlgorithm::Sha256)
-            .set_metadata(Some(metadata.clone().into_iter().collect()))
-            .body(ByteStream::from(body));
-        if let Some(days) = self.retention_days {
-            let until = chrono::Utc::now() + chrono::Duration::days(i64::from(days));
-            request = request
-                .object_lock_mode(ObjectLockMode::Compliance)
-                .object_lock_retain_until_date(aws_smithy_types::DateTime::from_secs(until.timestamp()));
-        }
-        request = match self.sse {
-            Sse::None => request,
-            Sse::Aes256 => request.server_side_encryption(ServerSideEncryption::Aes256),
-            Sse::Kms => request
-                .server_side_encryption(ServerSideEncryption::AwsKms)
-                .set_ssekms_key_id(self.sse_kms_key_id.clone()),
-        };
+        let request = self.put_request(key, body, metadata);
         request.send().await.map_err(|e| classify_sdk_error(BACKEND, "PutObject", &self.target(key), &e))?;
         Ok(())
+    }
+
+    async fn put_new(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<bool, SinkError> {
+        let request = self.put_request(key, body, metadata).if_none_match("*");
+        match request.send().await {
+            Ok(_) => Ok(true),
+            // 412: an object is there already (a 409 ConditionalRequestConflict is retried).
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 412) => Ok(false),
+            Err(e) => Err(classify_sdk_error(BACKEND, "PutObject", &self.target(key), &e)),
+        }
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectInfo>, SinkError> {
