@@ -96,7 +96,12 @@ def test_end_to_end_four_partitions(aegis, tmp_path):
     body = trail.s3().get_object(Bucket=aegis.bucket, Key=key)["Body"].read()
     import base64, hashlib
     assert head.get("ChecksumSHA256") == base64.b64encode(hashlib.sha256(body).digest()).decode()
-    assert head["Metadata"]["aegis-rows"].isdigit()
+    assert int(head["Metadata"]["aegis-rows"]) == meta.num_rows
+    assert head["Metadata"]["aegis-sha256"] == hashlib.sha256(body).hexdigest()
+    # config/local.toml: one day of compliance retention from the write.
+    import datetime
+    until = head["ObjectLockRetainUntilDate"] - datetime.datetime.now(datetime.timezone.utc)
+    assert datetime.timedelta(hours=23) < until <= datetime.timedelta(days=1, minutes=5), until
 
     # DynamoDB index, read with boto3: every decision, override and flag; GSI1 and GSI2.
     ddb = trail.dynamodb()
@@ -132,7 +137,14 @@ def test_end_to_end_four_partitions(aegis, tmp_path):
     gsi2 = ddb.query(TableName=aegis.table, IndexName="GSI2", KeyConditionExpression="GSI2PK = :s",
                      ExpressionAttributeValues={":s": {"S": f"SESSION#{session}"}})["Items"]
     assert sorted(i["request_id"]["S"] for i in gsi2) == sorted(e["request_id"] for e in events if e["session_id"] == session)
-    assert len(flags) > 0
+    assert flags, "the generator made no safety flags"
+    for e in flags[:20]:
+        items = ddb.query(TableName=aegis.table, KeyConditionExpression="PK = :pk AND begins_with(SK, :f)",
+                          ExpressionAttributeValues={":pk": {"S": f"DECISION#{e['decision_id']}"},
+                                                     ":f": {"S": "SAFETY_FLAG#"}})["Items"]
+        mine = [i for i in items if i["request_id"]["S"] == e["request_id"]]
+        assert len(mine) == 1, items
+        assert (mine[0]["safety_category"]["S"], mine[0]["severity"]["S"]) == (e["safety_category"], e["severity"])
 
 
 def test_restart_mid_stream_continues_chain_without_gap_or_duplicate(aegis, tmp_path):
