@@ -466,38 +466,29 @@ impl PartitionWriter {
         let ctx = format!("{}/{} digest {seq}", self.topic, self.partition);
         let retry_cfg = &self.config.retry;
         let objects = &self.sinks.objects;
-        let existing = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.head(&key)).await?;
-        let written = match existing {
-            Some(_) => None,
-            None => {
-                let body = DigestBody::next(
-                    &self.topic,
-                    self.partition,
-                    self.digest.map(|d| (d.seq, d.hash)),
-                    &signer.key_id,
-                    self.undigested.clone(),
-                );
-                let bytes = Bytes::from(signer.encode(&body));
-                let hash = DigestObject::parse(&key, &bytes)?.body_sha256();
-                let metadata = BTreeMap::from([
-                    ("aegis-format".to_string(), crate::digest::DIGEST_FORMAT.to_string()),
-                    ("aegis-key-id".to_string(), signer.key_id.clone()),
-                ]);
-                // Conditional: a zombie's late PUT must not replace a digest the owner recorded.
-                let created = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || {
-                    objects.put_new(&key, bytes.clone(), &metadata)
-                })
+        let body = DigestBody::next(
+            &self.topic,
+            self.partition,
+            self.digest.map(|d| (d.seq, d.hash)),
+            &signer.key_id,
+            self.undigested.clone(),
+        );
+        let bytes = Bytes::from(signer.encode(&body));
+        let hash = DigestObject::parse(&key, &bytes)?.body_sha256();
+        let metadata = BTreeMap::from([
+            ("aegis-format".to_string(), crate::digest::DIGEST_FORMAT.to_string()),
+            ("aegis-key-id".to_string(), signer.key_id.clone()),
+        ]);
+        // Conditional: a zombie's late PUT must not replace a digest the owner recorded.
+        let created =
+            retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.put_new(&key, bytes.clone(), &metadata))
                 .await?;
-                created.then_some((hash, self.undigested.len()))
-            }
-        };
-        let (hash, consumed) = match written {
-            Some(written) => written,
+        let (hash, consumed) = if created {
+            (hash, self.undigested.len())
+        } else {
             // Already there: an earlier owner's (or our own earlier attempt's) digest.
-            None => {
-                let bytes = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.get(&key)).await?;
-                self.adopt_digest(&key, &bytes)?
-            }
+            let bytes = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.get(&key)).await?;
+            self.adopt_digest(&key, &bytes)?
         };
         let recorded = DigestPos { seq, hash };
         let remaining = self.undigested[consumed..].to_vec();
@@ -610,31 +601,24 @@ impl PartitionWriter {
             ("aegis-sha256".to_string(), segment.sha256.clone()),
         ]);
         let objects = &self.sinks.objects;
-        let existing =
-            retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.head(&segment.key)).await?;
-        if existing.is_none() {
-            // Conditional: a zombie's late PUT must not replace what the owner wrote (its bytes
-            // may differ, say from another build), and ours must not replace a zombie's.
-            let body = segment.body.clone();
-            let created = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
-                objects.put_new(&segment.key, body.clone(), &metadata)
-            })
-            .await?;
-            if created {
-                return Ok(segment.sha256.clone());
-            }
+        // Conditional: a zombie's late PUT must not replace what the owner wrote (its bytes may
+        // differ, say from another build), and ours must not replace a zombie's.
+        let body = segment.body.clone();
+        let created = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+            objects.put_new(&segment.key, body.clone(), &metadata)
+        })
+        .await?;
+        if created {
+            return Ok(segment.sha256.clone());
         }
         // Written already: by an earlier attempt of this flush (ours, or a crashed owner's), or
-        // by another writer between our HEAD and PUT.
-        let info = match existing {
-            Some(info) => info,
-            None => retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.head(&segment.key))
-                .await?
-                .ok_or_else(|| SinkError::Conflict {
-                    key: segment.key.clone(),
-                    detail: "a conditional PUT found an object that a HEAD then did not".into(),
-                })?,
-        };
+        // by another writer.
+        let info = retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || objects.head(&segment.key))
+            .await?
+            .ok_or_else(|| SinkError::Conflict {
+                key: segment.key.clone(),
+                detail: "a conditional PUT found an object that a HEAD then did not".into(),
+            })?;
         let same = info.metadata.get("aegis-last-entry-hash") == Some(&segment.last_entry_hash)
             && info.metadata.get("aegis-rows") == Some(&segment.rows.to_string());
         if !same {
