@@ -76,22 +76,17 @@ impl S3Store {
         }
     }
 
-    /// The body as stored, not validated against its stored checksum (the SDK validates by
-    /// default whenever S3 returns one).
-    async fn get_unchecked(&self, key: &str, version: Option<String>) -> Result<Bytes, SinkError> {
-        let unchecked = aws_sdk_s3::config::Builder::default()
-            .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired);
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .set_version_id(version)
-            .customize()
-            .config_override(unchecked)
-            .send()
-            .await
-            .map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
+    /// The body of `key` (at `version`, or the latest). `checked`: validated against the
+    /// checksum S3 stored, as the SDK does by default whenever S3 returns one.
+    async fn fetch(&self, key: &str, version: Option<String>, checked: bool) -> Result<Bytes, SinkError> {
+        let mut request = self.client.get_object().bucket(&self.bucket).key(key).set_version_id(version).customize();
+        if !checked {
+            request = request.config_override(
+                aws_sdk_s3::config::Builder::default()
+                    .response_checksum_validation(aws_sdk_s3::config::ResponseChecksumValidation::WhenRequired),
+            );
+        }
+        let out = request.send().await.map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
         let body = out.body.collect().await.map_err(|e| body_error(self.target(key), e))?;
         Ok(body.into_bytes())
     }
@@ -176,16 +171,7 @@ impl ObjectStore for S3Store {
     }
 
     async fn get(&self, key: &str) -> Result<Bytes, SinkError> {
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-            .map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
-        let body = out.body.collect().await.map_err(|e| body_error(self.target(key), e))?;
-        Ok(body.into_bytes())
+        self.fetch(key, None, true).await
     }
 
     async fn get_checked(&self, key: &str) -> Result<(Bytes, Option<String>), SinkError> {
@@ -209,7 +195,7 @@ impl ObjectStore for S3Store {
             Ok(body) => Ok((body.into_bytes(), stored)),
             // The SDK found the body differs from the stored checksum (or the read broke): fetch
             // the same version again unchecked, so the caller sees both and can say how they differ.
-            Err(_) => Ok((self.get_unchecked(key, version).await?, stored)),
+            Err(_) => Ok((self.fetch(key, version, false).await?, stored)),
         }
     }
 
