@@ -11,7 +11,7 @@ use aegis_audit::chain::{Chain, EntryStatus};
 use aegis_audit::config::{SegmentConfig, ValidationConfig};
 use aegis_audit::produce::Generator;
 use aegis_audit::segment::{encode_flush, ChainedRecord};
-use bytes::Bytes;
+use aegis_audit::source::PayloadArena;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use sha2::{Digest, Sha256};
 
@@ -27,12 +27,13 @@ fn payloads() -> Vec<Vec<u8>> {
 fn chain_records(payloads: &[Vec<u8>], validation: &ValidationConfig) -> Vec<ChainedRecord> {
     let mut chain = Chain::new("ai-decisions", 0);
     let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut arena = PayloadArena::default();
     payloads
         .iter()
         .enumerate()
         .map(|(offset, payload)| {
             // As in the consumer: one copy out of librdkafka's buffer, then no more.
-            let payload = Bytes::copy_from_slice(payload);
+            let payload = arena.copy(payload);
             let outcome = aegis_audit::decode::decode(Some(&payload), Some(now_ms), validation);
             let status = if outcome.is_ok() { EntryStatus::Accepted } else { EntryStatus::Rejected };
             let link = chain.append(offset as i64, status, &payload).expect("ascending offsets");

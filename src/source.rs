@@ -125,12 +125,40 @@ enum Command {
     },
 }
 
+/// Copies payloads out of librdkafka's buffers into shared chunks, one partition's records in
+/// order: one allocation per ~128 KiB of payloads instead of one per record, and a flush's
+/// records are freed a chunk at a time. A chunk outlives the flush that took its first records
+/// only as long as the next flush holds some of it, so this adds at most a chunk per partition.
+#[derive(Default)]
+pub struct PayloadArena {
+    chunk: bytes::BytesMut,
+}
+
+impl PayloadArena {
+    const CHUNK: usize = 128 * 1024;
+
+    pub fn copy(&mut self, payload: &[u8]) -> bytes::Bytes {
+        // A large payload would waste most of a chunk; it gets its own allocation.
+        if payload.len() > Self::CHUNK / 8 {
+            return bytes::Bytes::copy_from_slice(payload);
+        }
+        if self.chunk.capacity() < payload.len() {
+            self.chunk = bytes::BytesMut::with_capacity(Self::CHUNK);
+        }
+        self.chunk.extend_from_slice(payload);
+        // The copied bytes leave as their own `Bytes`; the rest of the chunk stays for the next.
+        self.chunk.split().freeze()
+    }
+}
+
 /// How long a worker that lost its fence waits before the partition's worker is restarted from
 /// the chain head: a revoked owner's last flush settles, and a zombie cannot make it spin.
 const FENCE_RESTART_DELAY: Duration = Duration::from_secs(2);
 
 struct WorkerHandle {
     tx: mpsc::UnboundedSender<Inbound>,
+    /// Where this partition's payloads are copied out of librdkafka's buffers.
+    payloads: PayloadArena,
     /// Bytes sent to the worker and not yet taken by it.
     queued: Arc<AtomicUsize>,
     revoke: CancellationToken,
@@ -368,8 +396,8 @@ pub async fn run(
                 let inbound = Inbound {
                     offset: message.offset(),
                     timestamp_ms: message.timestamp().to_millis(),
-                    // The one copy out of librdkafka's buffer; the segment buffer keeps this allocation.
-                    payload: message.payload().map(bytes::Bytes::copy_from_slice),
+                    // The one copy out of librdkafka's buffer; the segment buffer keeps it.
+                    payload: message.payload().map(|p| worker.payloads.copy(p)),
                     generation: worker.generation,
                 };
                 worker.queued.fetch_add(cost, Ordering::Relaxed);
@@ -503,7 +531,17 @@ impl WorkerEnv {
         };
         let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
         let task = tokio::spawn(worker.run(rx).instrument(span));
-        WorkerHandle { tx, queued, revoke, task, paused: false, generation: 0, taken, progress: (0, Instant::now()) }
+        WorkerHandle {
+            tx,
+            payloads: PayloadArena::default(),
+            queued,
+            revoke,
+            task,
+            paused: false,
+            generation: 0,
+            taken,
+            progress: (0, Instant::now()),
+        }
     }
 }
 
@@ -718,5 +756,30 @@ mod tests {
         assert_eq!(producer.get("acks"), Some("1"));
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("bootstrap.servers"), Some("b:1"));
+    }
+
+    #[test]
+    fn payloads_share_chunks_and_keep_their_bytes() {
+        let mut arena = PayloadArena::default();
+        let records: Vec<Vec<u8>> =
+            (0..2_000u32).map(|i| format!("{{\"n\":{i}}}").repeat(1 + i as usize % 40).into_bytes()).collect();
+        let copies: Vec<bytes::Bytes> = records.iter().map(|r| arena.copy(r)).collect();
+        for (copy, record) in copies.iter().zip(&records) {
+            assert_eq!(copy.as_ref(), record.as_slice());
+        }
+        // Consecutive small payloads sit back to back in one allocation, until a chunk fills.
+        let adjacent = copies.windows(2).filter(|w| w[0].as_ptr() as usize + w[0].len() == w[1].as_ptr() as usize);
+        let total: usize = records.iter().map(Vec::len).sum();
+        assert!(adjacent.count() >= copies.len() - 1 - total / PayloadArena::CHUNK - 1);
+        // Dropping the first copies frees nothing the later ones use.
+        let kept = copies[1_000..].to_vec();
+        drop(copies);
+        assert!(kept.iter().zip(&records[1_000..]).all(|(c, r)| c.as_ref() == r.as_slice()));
+        // A large payload is its own allocation and leaves the chunk alone.
+        let big = vec![7u8; PayloadArena::CHUNK];
+        let before = arena.copy(b"a");
+        assert_eq!(arena.copy(&big).as_ref(), big.as_slice());
+        let after = arena.copy(b"b");
+        assert_eq!(before.as_ptr() as usize + 1, after.as_ptr() as usize);
     }
 }
