@@ -77,6 +77,11 @@ const MAX_SEEKS: u32 = 3;
 /// Undigested segments that trigger a digest before the interval (keeps the chain-table item
 /// far below DynamoDB's 400 KB limit).
 const MAX_UNDIGESTED: usize = 256;
+/// Objects (Hive placements) one flush may write. A flush lists each in the chain-table item
+/// (digest entries), so without a cap a backfill whose events span hundreds of days would push
+/// that item past DynamoDB's 400 KB, and a recovery would repeat the same too-large flush. With
+/// it the list holds at most MAX_UNDIGESTED - 1 + MAX_FLUSH_PLACEMENTS entries (~150 KB).
+pub const MAX_FLUSH_PLACEMENTS: usize = 32;
 /// Records whose index items are built and written at a time. As DynamoDB attribute maps a
 /// record's item takes several times its payload, and the memory budget counts payloads: a
 /// whole flush's items at once (and their copy for a retry) would be the largest thing in memory.
@@ -133,6 +138,8 @@ pub struct PartitionWriter {
     seeks: u32,
     buffer: Vec<ChainedRecord>,
     buffer_bytes: usize,
+    /// The distinct placements (environment or quarantine, day) the buffer spans.
+    placements: Vec<(Option<String>, i64)>,
     /// The buffer's part of the instance's memory budget.
     share: BudgetShare,
     oldest: Option<Instant>,
@@ -198,6 +205,7 @@ impl PartitionWriter {
             seeks: 0,
             buffer: Vec::new(),
             buffer_bytes: 0,
+            placements: Vec::new(),
             share,
             oldest: None,
             digest: head.digest,
@@ -274,7 +282,16 @@ impl PartitionWriter {
         self.buffer_bytes += bytes.len();
         self.share.add(budget::record_cost(bytes.len()));
         self.oldest.get_or_insert_with(Instant::now);
-        self.buffer.push(ChainedRecord { offset, kafka_timestamp_ms, payload: bytes, link, outcome });
+        let record = ChainedRecord { offset, kafka_timestamp_ms, payload: bytes, link, outcome };
+        let placement = crate::segment::PlacementKey::of(&record);
+        // A flush spans a few placements, so a linear search: day first, it differs more often.
+        let known = |(environment, day): &(Option<String>, i64)| {
+            *day == placement.day && environment.as_deref() == placement.environment
+        };
+        if !self.placements.iter().any(known) {
+            self.placements.push((placement.environment.map(str::to_owned), placement.day));
+        }
+        self.buffer.push(record);
         Ok(Admit::Appended)
     }
 
@@ -290,6 +307,7 @@ impl PartitionWriter {
         let seg = &self.config.segment;
         self.buffer.len() >= seg.max_records
             || self.buffer_bytes >= seg.max_bytes
+            || self.placements.len() >= MAX_FLUSH_PLACEMENTS
             || self.share.over_fair_share()
             || self.oldest.is_some_and(|t| now.duration_since(t) >= self.config.max_age())
     }
@@ -407,6 +425,7 @@ impl PartitionWriter {
         // in its pages over again, ~6% of a backlog drain's CPU.
         self.buffer = Vec::with_capacity(records);
         self.buffer_bytes = 0;
+        self.placements.clear();
         self.share.release();
         budget::return_free_memory();
         self.oldest = None;
@@ -750,6 +769,37 @@ mod tests {
         assert_eq!(head.committed.unwrap().last_offset, 5);
         assert_eq!(head.committed.unwrap().last_hash, w.chain.head());
         assert!(head.pending.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_flush_spans_at_most_max_flush_placements_objects() {
+        let s = Stack::new();
+        let mut config = (*config()).clone();
+        config.segment.max_records = 10_000;
+        let mut w =
+            PartitionWriter::open("t", 0, Arc::new(config), s.sinks(), &CancellationToken::new()).await.unwrap();
+        // A backfill: each record on its own day, two environments, and one rejected record.
+        let day = |i: i64| {
+            (chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap() + chrono::Days::new(i as u64 / 2)).to_string()
+        };
+        let mut flushes = Vec::new();
+        for i in 0..100 {
+            let payload = match i {
+                50 => "{not json".to_string(),
+                _ => event(i)
+                    .replace("2026-11-20", &day(i))
+                    .replace("\"prod\"", if i % 2 == 0 { "\"prod\"" } else { "\"dev\"" }),
+            };
+            w.admit(i, None, Some(Bytes::from(payload))).unwrap();
+            if w.should_flush(Instant::now()) {
+                flushes.push(w.flush(&CancellationToken::new()).await.unwrap().unwrap());
+            }
+        }
+        flushes.extend(w.flush(&CancellationToken::new()).await.unwrap());
+        let objects: Vec<usize> = flushes.iter().map(|f| f.objects.len()).collect();
+        assert_eq!(objects, vec![MAX_FLUSH_PLACEMENTS, MAX_FLUSH_PLACEMENTS, MAX_FLUSH_PLACEMENTS, 4]);
+        assert_eq!(flushes.iter().map(|f| f.records).sum::<usize>(), 100);
+        assert_eq!(s.objects.keys().len(), 100, "one object per record: each has its own (day, environment)");
     }
 
     #[tokio::test]

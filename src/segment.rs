@@ -110,15 +110,15 @@ fn quarantine_time(record: &ChainedRecord) -> DateTime<Utc> {
 /// What decides a record's placement, in a form that compares in a few instructions: equal keys
 /// exactly when `Placement::of` is equal, without a calendar conversion per record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PlacementKey<'a> {
+pub(crate) struct PlacementKey<'a> {
     /// `None` for quarantine.
-    environment: Option<&'a str>,
+    pub(crate) environment: Option<&'a str>,
     /// Days since the Unix epoch, UTC.
-    day: i64,
+    pub(crate) day: i64,
 }
 
 impl<'a> PlacementKey<'a> {
-    fn of(record: &'a ChainedRecord) -> Self {
+    pub(crate) fn of(record: &'a ChainedRecord) -> Self {
         let day = |time: DateTime<Utc>| time.timestamp().div_euclid(86_400);
         match &record.outcome {
             Ok(event) => PlacementKey { environment: Some(event.environment()), day: day(event.occurred_at) },

@@ -622,8 +622,18 @@ impl Worker {
                     // Take what is already queued, then flush it all.
                     while let Ok(inbound) = rx.try_recv() {
                         self.took(&inbound);
-                        if inbound.generation >= min_generation {
-                            if let Err(e) = writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) { return self.stop(&e); }
+                        if inbound.generation < min_generation {
+                            continue;
+                        }
+                        match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) {
+                            // Flushes stay within their limits (size, placements) on the way out too.
+                            Ok(Admit::Appended) if writer.should_flush(Instant::now()) => {
+                                if !(self.flush_and_commit(&mut writer).await && self.digest(&mut writer, false).await) {
+                                    return;
+                                }
+                            }
+                            Ok(_) => {}
+                            Err(e) => return self.stop(&e),
                         }
                     }
                     if self.flush_and_commit(&mut writer).await {
