@@ -107,6 +107,8 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
             wait_for(lambda: metric(aegis, "aegis_backend_errors_total", required=False) > 0, timeout=30,
                      what="backend errors counted")
             assert metric(aegis, "aegis_backend_up") == 0
+            # Liveness stays up through an outage: a restart would not help, and would drop the buffer.
+            assert http(aegis, "/healthz")[0] == 200
             wait_for(lambda: metric(aegis, "aegis_partitions_paused", required=False) >= 1, timeout=60,
                      what="the backed-up partition to pause")
             # Nothing is committed past what is durable.

@@ -1,8 +1,14 @@
 """`aegis-audit init` is idempotent and creates what the config says, checked with
-confluent-kafka and boto3 (not our own code)."""
-from confluent_kafka.admin import AdminClient
+confluent-kafka and boto3 (not our own code); `keygen` writes a key the `cryptography`
+package reads."""
+import stat
+import subprocess
 
-from conftest import BROKERS
+from confluent_kafka.admin import AdminClient
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from conftest import BIN, BROKERS
 import trail
 
 
@@ -41,3 +47,22 @@ def test_config_check_names_bad_key_and_redacts_secrets(aegis):
     assert bad.returncode == 2
     assert "MAX_RECORDS" in bad.stderr.upper() and "error:" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_keygen_writes_an_owner_only_ed25519_key_and_never_replaces_one(tmp_path):
+    private, public = tmp_path / "signing.pem", tmp_path / "public.pem"
+    args = [BIN, "keygen", "--out", str(private), "--public-out", str(public)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    key = serialization.load_pem_private_key(private.read_bytes(), password=None)
+    assert isinstance(key, Ed25519PrivateKey)
+    derived = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+    assert public.read_text() == done.stdout == derived
+
+    # An existing key is never overwritten: the run fails naming the flag, the key unchanged.
+    before = private.read_bytes()
+    again = subprocess.run(args, capture_output=True, text=True, timeout=30)
+    assert again.returncode != 0 and "--out" in again.stderr, again.stderr
+    assert private.read_bytes() == before

@@ -4,10 +4,12 @@ athena-ddl, and the metrics endpoint's counters against what was produced."""
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import time
 import urllib.request
+from datetime import datetime, timezone
 
 import trail
 from conftest import BIN, REPO, committed_offsets, make_event, produce, wait_for
@@ -76,11 +78,31 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
     assert snapshot_index(aegis.table) == index, "index unchanged by the replay"
     assert aegis.verify()["ok"]
 
+    # Verify one partition's flushes between two offsets: exactly the rows of the flushes that
+    # reach --from and start by --to, anchored on the first one's link.
+    flushes = {}
+    for row in trail.read_rows(aegis.bucket, aegis.prefix):
+        name = re.search(r"-p(\d{4,})-(\d{20})-(\d{20})\.parquet$", row["_key"])
+        if int(name[1]) == 0:
+            flushes.setdefault((int(name[2]), int(name[3])), []).append(row)
+    ranges = sorted(flushes)
+    assert len(ranges) >= 3, ranges
+    start, stop = ranges[1][0] + 1, ranges[-2][0]
+    partial = aegis.verify("--partition", "0", "--from", str(start), "--to", str(stop))
+    assert partial["ok"] and partial["partitions"] == 1, partial
+    assert partial["records"] == sum(len(flushes[r]) for r in ranges[1:-1]), (partial, ranges)
+    assert partial["records"] < sum(map(len, flushes.values()))
+
     # Rebuild: drop the index table, recreate it, restore it from S3; interrupt once midway.
     trail.dynamodb().delete_table(TableName=aegis.table)
     wait_for(lambda: aegis.table not in trail.dynamodb().list_tables()["TableNames"], what="table deleted")
     aegis.init()
     assert snapshot_index(aegis.table) == []
+    # One environment alone first: the items of its events, nothing else.
+    aegis.run("rebuild-index", "--environment", "staging", "--checkpoint", str(tmp_path / "staging.checkpoint"))
+    staging = [i for i in index if i["environment"]["S"] == "staging"]
+    assert 0 < len(staging) < len(index)
+    assert snapshot_index(aegis.table) == staging
     checkpoint = tmp_path / "rebuild.checkpoint"
     first = subprocess.Popen([BIN, "rebuild-index", "--concurrency", "1", "--checkpoint", str(checkpoint)],
                              env=aegis.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -94,6 +116,20 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
     assert not checkpoint.exists(), "a finished rebuild removes its checkpoint"
     rebuilt = snapshot_index(aegis.table)
     assert len(rebuilt) == len(index) and rebuilt == index, "every item equal to what the consumer wrote"
+
+    # Replay by time: per partition, the first offset produced at or after it (dry run).
+    time.sleep(1.1)
+    boundary = datetime.now(timezone.utc)
+    time.sleep(1.1)
+    later = produce_mix(aegis, 40, seed=32, start=800)
+    plan = json.loads(aegis.run("replay", "--to-time", boundary.isoformat(), "--dry-run", "--json").stdout)
+    assert not plan["applied"] and {s["partition"]: s["target"] for s in plan["steps"]} == end, plan
+    # Explicit offsets: only the partitions named; an unknown one is refused by number.
+    plan = json.loads(aegis.run("replay", "--to-offsets", "0:5", "--dry-run", "--json").stdout)
+    assert [(s["partition"], s["target"]) for s in plan["steps"]] == [(0, 5)]
+    unknown = aegis.run("replay", "--to-offsets", "0:5,99:1", "--dry-run", check=False)
+    assert unknown.returncode != 0 and "99" in unknown.stderr, unknown.stderr
+    assert committed_offsets(aegis.group, aegis.topic, aegis.partitions) == end, "dry runs change nothing"
 
 
 def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
