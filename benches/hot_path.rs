@@ -119,20 +119,22 @@ fn hot_path(c: &mut Criterion) {
 /// alternate, and each keeps its fastest round. On a shared VM, criterion's sequential groups
 /// drift by ±25% between one group and the next, which is more than the ratio's own margin.
 fn interleaved_ratio(payloads: &[Vec<u8>], validation: &ValidationConfig, segment: &SegmentConfig) {
-    const ROUNDS: usize = 15;
+    // `AEGIS_BENCH_ROUNDS=1` under `valgrind --tool=callgrind`: instruction counts per loop that
+    // do not move with the machine's load (ops/bench/README.md).
+    let rounds: usize = std::env::var("AEGIS_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(15);
     let time = |f: &dyn Fn()| {
         let start = std::time::Instant::now();
         f();
         start.elapsed().as_secs_f64()
     };
     let (mut best_reference, mut best_full) = (f64::MAX, f64::MAX);
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         best_reference = best_reference.min(time(&|| reference(payloads)));
         best_full = best_full.min(time(&|| full_path(payloads, validation, segment)));
     }
     let rate = |seconds: f64| payloads.len() as f64 / seconds / 1000.0;
     println!(
-        "interleaved, best of {ROUNDS}: reference {:.0}k records/s, full hot path {:.0}k records/s, ratio {:.2}x",
+        "interleaved, best of {rounds}: reference {:.0}k records/s, full hot path {:.0}k records/s, ratio {:.2}x",
         rate(best_reference),
         rate(best_full),
         best_full / best_reference
