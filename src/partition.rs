@@ -617,7 +617,7 @@ impl PartitionWriter {
             ("aegis-last-offset".to_string(), segment.last_offset.to_string()),
             ("aegis-rows".to_string(), segment.rows.to_string()),
             ("aegis-last-entry-hash".to_string(), segment.last_entry_hash.clone()),
-            ("aegis-sha256".to_string(), segment.sha256.clone()),
+            (crate::sinks::SHA256_METADATA.to_string(), segment.sha256.clone()),
         ]);
         let objects = &self.sinks.objects;
         // Conditional: a zombie's late PUT must not replace what the owner wrote (its bytes may
@@ -648,7 +648,7 @@ impl PartitionWriter {
             .into());
         }
         tracing::info!(key = %segment.key, "segment already written by an earlier attempt; keeping it");
-        if let Some(stored) = info.metadata.get("aegis-sha256") {
+        if let Some(stored) = info.metadata.get(crate::sinks::SHA256_METADATA) {
             return Ok(stored.clone());
         }
         // Written before objects carried their hash: read it back.

@@ -57,10 +57,15 @@ pub struct ObjectInfo {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// User metadata naming the body's SHA-256 (hex). A writer that has hashed the body already
+/// passes it, and the store sends it as the content checksum instead of hashing the body again.
+pub const SHA256_METADATA: &str = "aegis-sha256";
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Writes `body` at `key` with user metadata, a SHA-256 content checksum and (when
-    /// configured) Object Lock retention and server-side encryption.
+    /// configured) Object Lock retention and server-side encryption. A [`SHA256_METADATA`]
+    /// entry must be the body's SHA-256: S3 refuses the write otherwise.
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError>;
     /// Like `put`, but only where no object is (S3 `If-None-Match: *`): `Ok(false)` when one is
     /// already. A writer that lost a race then reads what is there instead of replacing it.

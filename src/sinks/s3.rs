@@ -6,6 +6,7 @@ use async_trait::async_trait;
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ChecksumAlgorithm, ObjectLockMode, ServerSideEncryption};
 use bytes::Bytes;
+use sha2::{Digest, Sha256};
 
 use super::{classify_sdk_error, ObjectInfo, ObjectStore, SinkError};
 use crate::config::{S3Config, Sse};
@@ -45,13 +46,20 @@ impl S3Store {
     }
 
     /// A PutObject with everything every write carries: content type, user metadata, a SHA-256
-    /// checksum, Object Lock retention and server-side encryption as configured.
+    /// checksum, Object Lock retention and server-side encryption as configured. The body is
+    /// hashed once (or not at all, when the metadata names its hash): that one hash is both the
+    /// checksum S3 checks and stores, and the payload hash the SigV4 signature covers, where
+    /// the SDK would hash the body twice more, for each of those.
     fn put_request(
         &self,
         key: &str,
         body: Bytes,
         metadata: &BTreeMap<String, String>,
-    ) -> aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder {
+    ) -> (aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder, String) {
+        let sha256: [u8; 32] = metadata
+            .get(super::SHA256_METADATA)
+            .and_then(|hex_text| hex::decode(hex_text).ok()?.try_into().ok())
+            .unwrap_or_else(|| Sha256::digest(&body).into());
         let mut request = self
             .client
             .put_object()
@@ -59,6 +67,7 @@ impl S3Store {
             .key(key)
             .content_type(content_type(key))
             .checksum_algorithm(ChecksumAlgorithm::Sha256)
+            .checksum_sha256(aws_smithy_types::base64::encode(sha256))
             .set_metadata(Some(metadata.clone().into_iter().collect()))
             .body(ByteStream::from(body));
         if let Some(days) = self.retention_days {
@@ -67,13 +76,14 @@ impl S3Store {
                 .object_lock_mode(ObjectLockMode::Compliance)
                 .object_lock_retain_until_date(aws_smithy_types::DateTime::from_secs(until.timestamp()));
         }
-        match self.sse {
+        let request = match self.sse {
             Sse::None => request,
             Sse::Aes256 => request.server_side_encryption(ServerSideEncryption::Aes256),
             Sse::Kms => request
                 .server_side_encryption(ServerSideEncryption::AwsKms)
                 .set_ssekms_key_id(self.sse_kms_key_id.clone()),
-        }
+        };
+        (request, hex::encode(sha256))
     }
 
     /// The body of `key` (at `version`, or the latest). `checked`: validated against the
@@ -89,6 +99,27 @@ impl S3Store {
         let out = request.send().await.map_err(|e| classify_sdk_error(BACKEND, "GetObject", &self.target(key), &e))?;
         let body = out.body.collect().await.map_err(|e| body_error(self.target(key), e))?;
         Ok(body.into_bytes())
+    }
+}
+
+/// Gives the SigV4 signer the body's SHA-256 (hex) instead of letting it hash the body. S3
+/// still checks the body against it (`x-amz-content-sha256`), so nothing goes unsigned.
+#[derive(Debug)]
+struct SignedPayloadHash(String);
+
+impl aws_smithy_runtime_api::client::interceptors::Intercept for SignedPayloadHash {
+    fn name(&self) -> &'static str {
+        "SignedPayloadHash"
+    }
+
+    fn modify_before_signing(
+        &self,
+        _context: &mut aws_smithy_runtime_api::client::interceptors::context::BeforeTransmitInterceptorContextMut<'_>,
+        _components: &aws_smithy_runtime_api::client::runtime_components::RuntimeComponents,
+        cfg: &mut aws_smithy_types::config_bag::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        cfg.interceptor_state().store_put(aws_runtime::auth::PayloadSigningOverride::Precomputed(self.0.clone()));
+        Ok(())
     }
 }
 
@@ -143,13 +174,15 @@ fn content_type(key: &str) -> &'static str {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
-        let request = self.put_request(key, body, metadata);
+        let (request, sha256) = self.put_request(key, body, metadata);
+        let request = request.customize().interceptor(SignedPayloadHash(sha256));
         request.send().await.map_err(|e| classify_sdk_error(BACKEND, "PutObject", &self.target(key), &e))?;
         Ok(())
     }
 
     async fn put_new(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<bool, SinkError> {
-        let request = self.put_request(key, body, metadata).if_none_match("*");
+        let (request, sha256) = self.put_request(key, body, metadata);
+        let request = request.if_none_match("*").customize().interceptor(SignedPayloadHash(sha256));
         match request.send().await {
             Ok(_) => Ok(true),
             // 412: an object is there already (a 409 ConditionalRequestConflict is retried).
