@@ -164,7 +164,8 @@ def test_repeated_sigkill_while_producing_leaves_no_gap_duplicate_or_fork(aegis,
             time.sleep(rng.uniform(0.05, 1.5))
             consumer.send_signal(signal.SIGKILL)
             consumer.wait(timeout=30)
-    time.sleep(session_ms / 1000 + 2)
+    wait_for(lambda: not json.loads(aegis.run("status", "--json").stdout)["members"], timeout=session_ms / 1000 * 6,
+             what="the last killed member's session to expire")
     # The clean run drains the backlog with the default segment sizes: interrupted flushes are
     # resumed over the ranges their intents recorded, whatever the new configuration says.
     aegis.consume_until_idle(idle=5, timeout=420, AEGIS_KAFKA__SESSION_TIMEOUT_MS=str(session_ms))

@@ -122,6 +122,11 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
     boundary = datetime.now(timezone.utc)
     time.sleep(1.1)
     later = produce_mix(aegis, 40, seed=32, start=800)
+    # Not consumed yet: status shows them as lag, per partition.
+    status = json.loads(aegis.run("status", "--json").stdout)
+    new = {p: sum(1 for q, _, _ in later if q == p) for p in end}
+    assert {p["partition"]: p["lag"] for p in status["partitions"]} == new and status["total_lag"] == 40, status
+    assert {p["partition"]: p["chain_head_offset"] for p in status["partitions"]} == {p: o - 1 for p, o in end.items()}
     plan = json.loads(aegis.run("replay", "--to-time", boundary.isoformat(), "--dry-run", "--json").stdout)
     assert not plan["applied"] and {s["partition"]: s["target"] for s in plan["steps"]} == end, plan
     # Explicit offsets: only the partitions named; an unknown one is refused by number.

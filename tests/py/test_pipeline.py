@@ -4,7 +4,6 @@ Hive layout (what Athena sees), hashlib (the chain, per schemas/CHAIN.md)."""
 import json
 import random
 import signal
-import time
 
 import duckdb
 from boto3.dynamodb.conditions import Key  # noqa: F401  (boto3 is the independent DynamoDB client)
@@ -157,8 +156,10 @@ def test_restart_mid_stream_continues_chain_without_gap_or_duplicate(aegis, tmp_
     consumer.send_signal(signal.SIGKILL)
     consumer.wait(timeout=30)
     # A killed member holds its partitions until its session times out (config/local.toml: 10 s).
-    # tansu 0.6.0 never reassigns them if another member joins and leaves meanwhile, so wait.
-    time.sleep(12)
+    # tansu 0.6.0 never reassigns them if another member joins and leaves meanwhile, so wait
+    # until the coordinator has dropped it.
+    wait_for(lambda: not json.loads(aegis.run("status", "--json").stdout)["members"], timeout=60,
+             what="the killed member's session to expire")
     _, second = produce_events(aegis, 600, seed=3, start=900)
     # Restart, stop gracefully (SIGTERM) mid-stream once it holds partitions, then run to the end.
     consumer = aegis.start("run")
