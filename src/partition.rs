@@ -891,6 +891,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_digest_is_due_early_once_max_undigested_segments_wait() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut config = (*config()).clone();
+        config.segment.max_records = 1;
+        assert!(config.digest.interval_ms >= 60_000, "the interval alone would not make it due");
+        let mut w = PartitionWriter::open("t", 0, Arc::new(config), signed(&s), &cancel).await.unwrap();
+        let cap = MAX_UNDIGESTED as i64;
+        feed(&mut w, 0..cap - 1).await;
+        assert!(!w.digest_due(Instant::now()), "one segment short of the cap, the interval rules");
+        feed(&mut w, cap - 1..cap).await;
+        assert!(w.digest_due(Instant::now()));
+        assert_eq!(w.write_digest(&cancel).await.unwrap(), Some(0));
+        assert_eq!(digest_at(&s, 0).body.segments.len(), MAX_UNDIGESTED);
+        assert!(s.heads.get("t", 0).undigested.is_empty());
+    }
+
+    #[tokio::test]
     async fn digests_list_durable_segments_and_chain_to_each_other() {
         let s = Stack::new();
         let cancel = CancellationToken::new();

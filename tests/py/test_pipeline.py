@@ -146,6 +146,19 @@ def test_end_to_end_four_partitions(aegis, tmp_path):
         assert (mine[0]["safety_category"]["S"], mine[0]["severity"]["S"]) == (e["safety_category"], e["severity"])
 
 
+def test_sse_kms_encrypts_every_object_with_the_configured_key(aegis, tmp_path):
+    aegis.init()
+    key = trail.kms().create_key(Description="aegis-audit test")["KeyMetadata"]["Arn"]
+    _, delivered = produce_events(aegis, 200, seed=7)
+    aegis.consume_until_idle(AEGIS_S3__SSE="aws:kms", AEGIS_S3__SSE_KMS_KEY_ID=key)
+    check_trail(aegis, tmp_path, delivered)
+    objects = trail.list_keys(aegis.bucket)
+    assert any(k.endswith(".parquet") for k in objects) and any(k.endswith(".digest") for k in objects), objects
+    for name in objects:
+        head = trail.s3().head_object(Bucket=aegis.bucket, Key=name)
+        assert (head.get("ServerSideEncryption"), head.get("SSEKMSKeyId")) == ("aws:kms", key), name
+
+
 def test_restart_mid_stream_continues_chain_without_gap_or_duplicate(aegis, tmp_path):
     aegis.init()
     _, first = produce_events(aegis, 900, seed=2)

@@ -52,6 +52,11 @@ def dynamodb():
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
+def kms():
+    return boto3.client("kms", endpoint_url=ENDPOINT, region_name="us-east-1",
+                        aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
 def list_keys(bucket: str, prefix: str = "") -> list[str]:
     keys = []
     for page in s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
