@@ -632,7 +632,11 @@ impl Worker {
                                     return;
                                 }
                             }
-                            Ok(_) => {}
+                            // The chain continues before these records: the seek cannot happen
+                            // any more, and admitting past it would link across a gap Kafka
+                            // still holds. The next owner reads from the head.
+                            Ok(Admit::SeekTo(_)) => break,
+                            Ok(Admit::Appended | Admit::AlreadyChained) => {}
                             Err(e) => return self.stop(&e),
                         }
                     }

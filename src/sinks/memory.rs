@@ -61,6 +61,7 @@ impl MemoryObjectStore {
 impl ObjectStore for MemoryObjectStore {
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
         self.check("PutObject")?;
+        check_named_hash(key, &body, metadata)?;
         self.puts.fetch_add(1, Ordering::SeqCst);
         self.objects.lock().unwrap().insert(key.to_string(), (body, metadata.clone()));
         Ok(())
@@ -68,6 +69,7 @@ impl ObjectStore for MemoryObjectStore {
 
     async fn put_new(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<bool, SinkError> {
         self.check("PutObject")?;
+        check_named_hash(key, &body, metadata)?;
         let mut objects = self.objects.lock().unwrap();
         if objects.contains_key(key) {
             return Ok(false);
@@ -283,5 +285,41 @@ impl DeadLetterSink for MemoryDeadLetters {
         }
         self.letters.lock().unwrap().extend_from_slice(letters);
         Ok(())
+    }
+}
+
+/// As S3 does with the checksum the S3 store derives from it: a named body hash that is not the
+/// body's refuses the write (`BadDigest`).
+fn check_named_hash(key: &str, body: &[u8], metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
+    use sha2::{Digest, Sha256};
+    match super::named_sha256("memory", key, metadata)? {
+        Some(named) if named != <[u8; 32]>::from(Sha256::digest(body)) => Err(SinkError::Fatal {
+            backend: "memory",
+            operation: "PutObject",
+            target: key.to_string(),
+            message: format!("BadDigest: {} does not match the body", super::SHA256_METADATA),
+        }),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[tokio::test]
+    async fn a_named_body_hash_must_be_the_bodys() {
+        let store = MemoryObjectStore::default();
+        let body = Bytes::from_static(b"segment");
+        let named = |hash: String| BTreeMap::from([(crate::sinks::SHA256_METADATA.to_string(), hash)]);
+        let right = named(hex::encode(Sha256::digest(&body)));
+        assert!(store.put_new("a", body.clone(), &right).await.unwrap());
+        let wrong = named(hex::encode(Sha256::digest(b"other")));
+        assert!(matches!(store.put("b", body.clone(), &wrong).await, Err(SinkError::Fatal { .. })));
+        let malformed = named("not a hash".into());
+        let error = store.put_new("c", body, &malformed).await.unwrap_err();
+        assert!(error.to_string().contains("is not a SHA-256"), "{error}");
+        assert_eq!(store.keys(), vec!["a".to_string()]);
     }
 }

@@ -61,6 +61,23 @@ pub struct ObjectInfo {
 /// passes it, and the store sends it as the content checksum instead of hashing the body again.
 pub const SHA256_METADATA: &str = "aegis-sha256";
 
+/// The body hash a writer named in `metadata` ([`SHA256_METADATA`]), if any. A value that is
+/// not 64 hex digits is the writer's bug, refused rather than stored beside another hash.
+pub(crate) fn named_sha256(
+    backend: &'static str,
+    target: &str,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Option<[u8; 32]>, SinkError> {
+    let Some(text) = metadata.get(SHA256_METADATA) else { return Ok(None) };
+    let hash = hex::decode(text).ok().and_then(|bytes| <[u8; 32]>::try_from(bytes).ok());
+    hash.map(Some).ok_or_else(|| SinkError::Fatal {
+        backend,
+        operation: "PutObject",
+        target: target.to_string(),
+        message: format!("metadata {SHA256_METADATA} = {text:?} is not a SHA-256"),
+    })
+}
+
 #[async_trait]
 pub trait ObjectStore: Send + Sync {
     /// Writes `body` at `key` with user metadata, a SHA-256 content checksum and (when

@@ -55,11 +55,9 @@ impl S3Store {
         key: &str,
         body: Bytes,
         metadata: &BTreeMap<String, String>,
-    ) -> (aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder, String) {
-        let sha256: [u8; 32] = metadata
-            .get(super::SHA256_METADATA)
-            .and_then(|hex_text| hex::decode(hex_text).ok()?.try_into().ok())
-            .unwrap_or_else(|| Sha256::digest(&body).into());
+    ) -> Result<(aws_sdk_s3::operation::put_object::builders::PutObjectFluentBuilder, String), SinkError> {
+        let named = super::named_sha256(BACKEND, &self.target(key), metadata)?;
+        let sha256: [u8; 32] = named.unwrap_or_else(|| Sha256::digest(&body).into());
         let mut request = self
             .client
             .put_object()
@@ -83,7 +81,7 @@ impl S3Store {
                 .server_side_encryption(ServerSideEncryption::AwsKms)
                 .set_ssekms_key_id(self.sse_kms_key_id.clone()),
         };
-        (request, hex::encode(sha256))
+        Ok((request, hex::encode(sha256)))
     }
 
     /// The body of `key` (at `version`, or the latest). `checked`: validated against the
@@ -174,14 +172,14 @@ fn content_type(key: &str) -> &'static str {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
-        let (request, sha256) = self.put_request(key, body, metadata);
+        let (request, sha256) = self.put_request(key, body, metadata)?;
         let request = request.customize().interceptor(SignedPayloadHash(sha256));
         request.send().await.map_err(|e| classify_sdk_error(BACKEND, "PutObject", &self.target(key), &e))?;
         Ok(())
     }
 
     async fn put_new(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<bool, SinkError> {
-        let (request, sha256) = self.put_request(key, body, metadata);
+        let (request, sha256) = self.put_request(key, body, metadata)?;
         let request = request.if_none_match("*").customize().interceptor(SignedPayloadHash(sha256));
         match request.send().await {
             Ok(_) => Ok(true),

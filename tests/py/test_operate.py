@@ -117,18 +117,23 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
     rebuilt = snapshot_index(aegis.table)
     assert len(rebuilt) == len(index) and rebuilt == index, "every item equal to what the consumer wrote"
 
-    # Replay by time: per partition, the first offset produced at or after it (dry run).
+    # Replay by time: per partition, the first offset produced at or after it (dry run). The
+    # boundary falls between two batches neither of which is consumed yet, so the target is
+    # neither the committed offset, nor the earliest, nor the end.
+    later = produce_mix(aegis, 40, seed=32, start=800)
     time.sleep(1.1)
     boundary = datetime.now(timezone.utc)
     time.sleep(1.1)
-    later = produce_mix(aegis, 40, seed=32, start=800)
-    # Not consumed yet: status shows them as lag, per partition.
-    status = json.loads(aegis.run("status", "--json").stdout)
-    new = {p: sum(1 for q, _, _ in later if q == p) for p in end}
-    assert {p["partition"]: p["lag"] for p in status["partitions"]} == new and status["total_lag"] == 40, status
-    assert {p["partition"]: p["chain_head_offset"] for p in status["partitions"]} == {p: o - 1 for p, o in end.items()}
+    last = produce_mix(aegis, 24, seed=33, start=840)
+    after_later = {p: o + sum(1 for q, _, _ in later if q == p) for p, o in end.items()}
+    assert after_later != end
     plan = json.loads(aegis.run("replay", "--to-time", boundary.isoformat(), "--dry-run", "--json").stdout)
-    assert not plan["applied"] and {s["partition"]: s["target"] for s in plan["steps"]} == end, plan
+    assert not plan["applied"] and {s["partition"]: s["target"] for s in plan["steps"]} == after_later, plan
+    # Not consumed yet: status shows both batches as lag, per partition.
+    status = json.loads(aegis.run("status", "--json").stdout)
+    new = {p: sum(1 for q, _, _ in later + last if q == p) for p in end}
+    assert {p["partition"]: p["lag"] for p in status["partitions"]} == new and status["total_lag"] == 64, status
+    assert {p["partition"]: p["chain_head_offset"] for p in status["partitions"]} == {p: o - 1 for p, o in end.items()}
     # Explicit offsets: only the partitions named; an unknown one is refused by number.
     plan = json.loads(aegis.run("replay", "--to-offsets", "0:5", "--dry-run", "--json").stdout)
     assert [(s["partition"], s["target"]) for s in plan["steps"]] == [(0, 5)]
