@@ -1132,16 +1132,22 @@ mod tests {
         assert_eq!(s.objects.put_count(), puts_before, "a fenced worker writes no objects");
     }
 
-    #[tokio::test]
-    async fn changed_records_during_recovery_are_refused() {
-        let s = Stack::new();
+    /// A chain whose flush of offsets 0..=2 stopped after its intent was recorded (the index
+    /// was down), as a crashed owner leaves it.
+    async fn interrupted_after_intent(s: &Stack) {
         let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         for i in 0..3 {
             w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
         }
         s.index.down.store(true, Ordering::SeqCst);
-        crash_after_intent(&mut w, &s).await;
+        crash_after_intent(&mut w, s).await;
         s.index.down.store(false, Ordering::SeqCst);
+    }
+
+    #[tokio::test]
+    async fn changed_records_during_recovery_are_refused() {
+        let s = Stack::new();
+        interrupted_after_intent(&s).await;
         let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         w2.admit(0, None, Some(Bytes::from(event(0)))).unwrap();
         w2.admit(1, None, Some(Bytes::from_static(b"tampered"))).unwrap();
@@ -1154,13 +1160,7 @@ mod tests {
     #[tokio::test]
     async fn stopping_before_an_interrupted_range_is_re_read_leaves_it_recorded() {
         let s = Stack::new();
-        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
-        for i in 0..3 {
-            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
-        }
-        s.index.down.store(true, Ordering::SeqCst);
-        crash_after_intent(&mut w, &s).await;
-        s.index.down.store(false, Ordering::SeqCst);
+        interrupted_after_intent(&s).await;
         let recorded = s.heads.get("t", 0).pending;
         let mut w2 = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         w2.admit(0, None, Some(Bytes::from(event(0)))).unwrap();
