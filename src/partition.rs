@@ -748,6 +748,13 @@ mod tests {
         Arc::new(c)
     }
 
+    /// `config()` with flushes cut at `max_records` instead of 3.
+    fn config_flushing_at(max_records: usize) -> Arc<Config> {
+        let mut c = (*config()).clone();
+        c.segment.max_records = max_records;
+        Arc::new(c)
+    }
+
     fn event(i: i64) -> String {
         format!(
             r#"{{"decision_id":"d-{i}","event_type":"decision","occurred_at":"2026-11-20T08:00:00Z","environment":"prod","user_id":"u","session_id":"s","action":"a","confidence_score":0.5,"policy_version":"p","model_version":"m","request_id":"r-{i}"}}"#
@@ -783,10 +790,9 @@ mod tests {
     #[tokio::test]
     async fn a_flush_spans_at_most_max_flush_placements_objects() {
         let s = Stack::new();
-        let mut config = (*config()).clone();
-        config.segment.max_records = 10_000;
-        let mut w =
-            PartitionWriter::open("t", 0, Arc::new(config), s.sinks(), &CancellationToken::new()).await.unwrap();
+        let mut w = PartitionWriter::open("t", 0, config_flushing_at(10_000), s.sinks(), &CancellationToken::new())
+            .await
+            .unwrap();
         // A backfill: each record on its own day, two environments, and one rejected record.
         let day = |i: i64| {
             (chrono::NaiveDate::from_ymd_opt(2025, 1, 1).unwrap() + chrono::Days::new(i as u64 / 2)).to_string()
@@ -814,10 +820,8 @@ mod tests {
     #[tokio::test]
     async fn a_flush_larger_than_an_index_chunk_indexes_every_record_with_the_winner_rule() {
         let s = Stack::new();
-        let mut config = (*config()).clone();
-        config.segment.max_records = 10;
         let mut w =
-            PartitionWriter::open("t", 0, Arc::new(config), s.sinks(), &CancellationToken::new()).await.unwrap();
+            PartitionWriter::open("t", 0, config_flushing_at(10), s.sinks(), &CancellationToken::new()).await.unwrap();
         // d-1 comes again at offset 6, two chunks later, with other content.
         for i in 0..10 {
             let payload = if i == 6 { event(1).replace("r-1", "r-other") } else { event(i) };
@@ -855,9 +859,7 @@ mod tests {
     #[tokio::test]
     async fn over_the_memory_budget_the_fuller_partition_flushes_early() {
         let (a_stack, b_stack) = (Stack::new(), Stack::new());
-        let mut config = (*config()).clone();
-        config.segment.max_records = 1000;
-        let config = Arc::new(config);
+        let config = config_flushing_at(1000);
         // Room for five buffered records across both partitions.
         let memory = MemoryBudget::new(5 * budget::record_cost(event(0).len()) + 10);
         let cancel = CancellationToken::new();
@@ -894,10 +896,9 @@ mod tests {
     async fn a_digest_is_due_early_once_max_undigested_segments_wait() {
         let s = Stack::new();
         let cancel = CancellationToken::new();
-        let mut config = (*config()).clone();
-        config.segment.max_records = 1;
+        let config = config_flushing_at(1);
         assert!(config.digest.interval_ms >= 60_000, "the interval alone would not make it due");
-        let mut w = PartitionWriter::open("t", 0, Arc::new(config), signed(&s), &cancel).await.unwrap();
+        let mut w = PartitionWriter::open("t", 0, config, signed(&s), &cancel).await.unwrap();
         let cap = MAX_UNDIGESTED as i64;
         feed(&mut w, 0..cap - 1).await;
         assert!(!w.digest_due(Instant::now()), "one segment short of the cap, the interval rules");
@@ -1029,9 +1030,8 @@ mod tests {
         assert_eq!(written.len(), 1, "the crash came after the segment was written");
 
         // The new owner flushes at 100 records: it still cuts exactly the recorded 3..=5.
-        let mut wide = (*config()).clone();
-        wide.segment.max_records = 100;
-        let mut w2 = PartitionWriter::open("t", 0, Arc::new(wide), s.sinks(), &CancellationToken::new()).await.unwrap();
+        let mut w2 =
+            PartitionWriter::open("t", 0, config_flushing_at(100), s.sinks(), &CancellationToken::new()).await.unwrap();
         assert_eq!(w2.resume_offset(), Some(3), "where the interrupted flush starts");
         for i in 0..3 {
             assert_eq!(w2.admit(i, None, Some(Bytes::from(event(i)))).unwrap(), Admit::AlreadyChained);
