@@ -57,6 +57,9 @@ fn full_path(payloads: &[Vec<u8>], validation: &ValidationConfig, segment: &Segm
 }
 
 fn hot_path(c: &mut Criterion) {
+    // The allocator as the binary configures it: its thresholds decide which buffers are
+    // faulted in afresh at every flush, a large part of the path's cost.
+    aegis_audit::budget::tune_allocator();
     let payloads = payloads();
     let bytes: usize = payloads.iter().map(Vec::len).sum();
     let validation = ValidationConfig::default();

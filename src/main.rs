@@ -5,7 +5,7 @@ use aegis_audit::cli::{Cli, LogFormat};
 mod commands;
 
 fn main() -> std::process::ExitCode {
-    tune_allocator();
+    aegis_audit::budget::tune_allocator();
     let cli = Cli::parse();
     init_tracing(cli.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
@@ -18,22 +18,6 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-
-/// glibc's malloc raises its mmap threshold whenever a large block is freed; after that, large
-/// buffers (a flush's Arrow arrays and Parquet output) come from the heap, fragment it, and stay
-/// resident after the flush. A fixed threshold keeps them mapped, so each flush's memory goes
-/// back to the OS; fewer arenas keep per-thread free lists from holding more.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_allocator() {
-    // SAFETY: mallopt only sets allocator parameters; called once, before any other thread runs.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
-        libc::mallopt(libc::M_ARENA_MAX, 4);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_allocator() {}
 
 fn init_tracing(format: LogFormat) {
     let filter =

@@ -327,6 +327,7 @@ fn writer_properties(
         // cost encode time for little gain on append-only audit data.
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_dictionary_enabled(true)
+        .set_data_page_size_limit(DATA_PAGE_BYTES)
         .set_created_by(format!("aegis-audit {}", env!("CARGO_PKG_VERSION")))
         .set_key_value_metadata(Some(vec![
             kv("aegis.format", SEGMENT_FORMAT.to_string()),
@@ -355,12 +356,22 @@ fn writer_properties(
 const UNCOMPRESSED: [&str; 5] = ["kafka_topic", "kafka_partition", "status", "reject_code", "event_type"];
 
 /// Rows per Arrow batch handed to the Parquet writer. The writer keeps one row group's encoded
-/// pages however it is fed, so batching only bounds the uncompressed Arrow copy: ~8 MiB here,
-/// instead of a copy of the whole flush.
-const BATCH_ROWS: usize = 8192;
+/// pages however it is fed, so batching only bounds the uncompressed Arrow copy. At 256 rows its
+/// largest array (the payloads, ~130 KiB) stays under the allocator's mmap threshold (256 KiB,
+/// `budget::tune_allocator`) and reuses heap memory; 8,192-row batches were mapped and faulted in
+/// afresh each time.
+const BATCH_ROWS: usize = 256;
+
+/// Parquet data pages of 64 KiB instead of the writer's 1 MiB, for the same reason: a page's
+/// buffers (values, then the ZSTD output) are below the mmap threshold. Pages that size cost ~2%
+/// in file size (ZSTD sees less of the column at once) and were ~15% faster end to end on the
+/// hot path (README, Performance).
+const DATA_PAGE_BYTES: usize = 64 * 1024;
 
 fn encode_rows(topic: &str, partition: i32, rows: &[&ChainedRecord], props: WriterProperties) -> Result<Bytes, String> {
-    let mut out = Vec::with_capacity(rows.iter().map(|r| r.payload.len()).sum::<usize>() / 3 + 4096);
+    // Segments come to ~60% of the payload bytes; a generous capacity costs address space, not
+    // memory (untouched pages are not resident), while a short one doubles and copies.
+    let mut out = Vec::with_capacity(rows.iter().map(|r| r.payload.len()).sum::<usize>() + 4096);
     let mut writer = ArrowWriter::try_new(&mut out, arrow_schema(), Some(props)).map_err(|e| e.to_string())?;
     for chunk in rows.chunks(BATCH_ROWS) {
         let batch = record_batch(topic, partition, chunk).map_err(|e| e.to_string())?;
