@@ -20,9 +20,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::Message;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
@@ -154,6 +155,10 @@ impl PayloadArena {
 /// How long a worker that lost its fence waits before the partition's worker is restarted from
 /// the chain head: a revoked owner's last flush settles, and a zombie cannot make it spin.
 const FENCE_RESTART_DELAY: Duration = Duration::from_secs(2);
+
+/// Records a worker takes from its queue per wake-up, and the dispatcher from librdkafka.
+const WORKER_BATCH: usize = 256;
+const DISPATCH_BATCH: usize = 256;
 
 struct WorkerHandle {
     tx: mpsc::UnboundedSender<Inbound>,
@@ -377,34 +382,40 @@ pub async fn run(
                 }
             }
             message = consumer.recv(), if !blocked => {
-                let message = match message {
-                    Ok(m) => m,
-                    Err(e) => {
-                        // Broker unavailable, etc.: librdkafka reconnects by itself; log and go on.
-                        tracing::warn!(error = %e, "kafka consumer error");
-                        metrics::kafka_error("consume");
-                        continue;
-                    }
-                };
-                last_record = Instant::now();
                 metrics::set_in_group(true);
-                let partition = message.partition();
-                // Count before sending; the worker subtracts as it takes records. Totals are
-                // summed over the current workers, so a revoked worker's leftovers drop out.
-                let cost = queued_cost(message.payload().map_or(0, <[u8]>::len));
-                let Some(worker) = workers.get_mut(&partition) else { continue };
-                let inbound = Inbound {
-                    offset: message.offset(),
-                    timestamp_ms: message.timestamp().to_millis(),
-                    // The one copy out of librdkafka's buffer; the segment buffer keeps it.
-                    payload: message.payload().map(|p| worker.payloads.copy(p)),
-                    generation: worker.generation,
-                };
-                worker.queued.fetch_add(cost, Ordering::Relaxed);
-                if worker.tx.send(inbound).is_err() {
-                    // The worker stopped (fence lost or fatal error): hold the partition still.
-                    worker.queued.fetch_sub(cost, Ordering::Relaxed);
-                    pause(&consumer, &topic, partition, worker, "worker stopped");
+                let mut message = message;
+                let mut dispatched = false;
+                // Records librdkafka holds already, without a trip round the select per record
+                // (a timer and two registrations at every poll). The loop stops for anything
+                // the select would have put first: a rebalance or command waiting, or the
+                // budget exhausted.
+                let mut left = DISPATCH_BATCH;
+                loop {
+                    match message {
+                        Ok(m) => {
+                            dispatch(&m, &consumer, &topic, &mut workers);
+                            dispatched = true;
+                        }
+                        Err(e) => {
+                            // Broker unavailable, etc.: librdkafka reconnects by itself; log and go on.
+                            tracing::warn!(error = %e, "kafka consumer error");
+                            metrics::kafka_error("consume");
+                            break;
+                        }
+                    }
+                    left -= 1;
+                    if left == 0 || !events_rx.is_empty() || !cmd_rx.is_empty() || queued_flowing(&workers) > queue_limit {
+                        break;
+                    }
+                    // Taken only when it will be dispatched: a record taken from librdkafka and
+                    // dropped would be a gap the chain links across.
+                    match consumer.recv().now_or_never() {
+                        Some(next) => message = next,
+                        None => break,
+                    }
+                }
+                if dispatched {
+                    last_record = Instant::now();
                 }
             }
         }
@@ -425,6 +436,33 @@ pub async fn run(
     metrics::set_in_group(false);
     tracing::info!("left the consumer group");
     Ok(())
+}
+
+/// Hands one record to its partition's worker: the one copy out of librdkafka's buffer, which the
+/// segment buffer then keeps.
+fn dispatch(
+    message: &BorrowedMessage<'_>,
+    consumer: &StreamConsumer<AuditContext>,
+    topic: &str,
+    workers: &mut BTreeMap<i32, WorkerHandle>,
+) {
+    let partition = message.partition();
+    let Some(worker) = workers.get_mut(&partition) else { return };
+    // Count before sending; the worker subtracts as it takes records. Totals are summed over
+    // the current workers, so a revoked worker's leftovers drop out.
+    let cost = queued_cost(message.payload().map_or(0, <[u8]>::len));
+    let inbound = Inbound {
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        payload: message.payload().map(|p| worker.payloads.copy(p)),
+        generation: worker.generation,
+    };
+    worker.queued.fetch_add(cost, Ordering::Relaxed);
+    if worker.tx.send(inbound).is_err() {
+        // The worker stopped (fence lost or fatal error): hold the partition still.
+        worker.queued.fetch_sub(cost, Ordering::Relaxed);
+        pause(consumer, topic, partition, worker, "worker stopped");
+    }
 }
 
 /// Resumes every paused partition whose (still running) worker is down to its resume mark.
@@ -648,33 +686,19 @@ impl Worker {
                 }
                 inbound = rx.recv() => {
                     let Some(inbound) = inbound else { return };
-                    self.took(&inbound);
-                    if inbound.generation < min_generation {
-                        continue;
+                    let now = Instant::now();
+                    if !self.admit(&mut writer, inbound, &mut min_generation, now).await {
+                        return;
                     }
-                    match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) {
-                        Ok(Admit::Appended) => {
-                            if writer.should_flush(Instant::now())
-                                && !(self.flush_and_commit(&mut writer).await && self.digest(&mut writer, false).await)
-                            {
-                                return;
-                            }
+                    // What is queued already, without a trip round the select per record (its
+                    // cancellation futures register and deregister at every poll). A batch is
+                    // a fraction of a millisecond of work, so a revocation or the age timer
+                    // waits no longer than that.
+                    for _ in 1..WORKER_BATCH {
+                        let Ok(inbound) = rx.try_recv() else { break };
+                        if !self.admit(&mut writer, inbound, &mut min_generation, now).await {
+                            return;
                         }
-                        Ok(Admit::AlreadyChained) => {
-                            metrics::already_chained(self.partition);
-                            // A replay reached the durable head: commit past it, so the group's
-                            // position (and lag) reflect the trail without waiting for new data.
-                            if writer.durable_head().is_some_and(|h| h.last_offset == inbound.offset) {
-                                if let Err(e) = self.committer.commit(self.partition, inbound.offset + 1).await {
-                                    tracing::warn!(error = %e, "offset commit failed");
-                                }
-                            }
-                        }
-                        Ok(Admit::SeekTo(offset)) => {
-                            min_generation = inbound.generation + 1;
-                            let _ = self.commands.send(Command::Seek { partition: self.partition, offset });
-                        }
-                        Err(e) => return self.stop(&e),
                     }
                 }
                 _ = age_timer => {
@@ -685,6 +709,45 @@ impl Worker {
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// Admits one record, flushing when a limit is reached; `false` when the worker must end.
+    async fn admit(
+        &self,
+        writer: &mut PartitionWriter,
+        inbound: Inbound,
+        min_generation: &mut u64,
+        now: Instant,
+    ) -> bool {
+        self.took(&inbound);
+        if inbound.generation < *min_generation {
+            return true;
+        }
+        match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) {
+            Ok(Admit::Appended) => {
+                !writer.should_flush(now) || (self.flush_and_commit(writer).await && self.digest(writer, false).await)
+            }
+            Ok(Admit::AlreadyChained) => {
+                metrics::already_chained(self.partition);
+                // A replay reached the durable head: commit past it, so the group's position
+                // (and lag) reflect the trail without waiting for new data.
+                if writer.durable_head().is_some_and(|h| h.last_offset == inbound.offset) {
+                    if let Err(e) = self.committer.commit(self.partition, inbound.offset + 1).await {
+                        tracing::warn!(error = %e, "offset commit failed");
+                    }
+                }
+                true
+            }
+            Ok(Admit::SeekTo(offset)) => {
+                *min_generation = inbound.generation + 1;
+                let _ = self.commands.send(Command::Seek { partition: self.partition, offset });
+                true
+            }
+            Err(e) => {
+                self.stop(&e);
+                false
             }
         }
     }
