@@ -4,11 +4,12 @@ Per mode ("s3-only", "s3+dynamodb"), on fresh names (topic with P partitions, gr
 tables):
   1. `aegis-audit init`; `aegis-audit produce --count N` (its per-partition offsets are the truth);
   2. throughput: `aegis-audit run --exit-when-idle 15` over the backlog of N events;
-  3. baseline: ops/bench/baseline.py on the same topic with its own group and bucket;
-  4. latency: `aegis-audit run` again (same group, continues the chain) while marker events are
+  3. broker ceiling: a consumer that only reads, in its own group: what the broker serves here;
+  4. baseline: ops/bench/baseline.py on the same topic with its own group and bucket;
+  5. latency: `aegis-audit run` again (same group, continues the chain) while marker events are
      produced at a steady trickle; each marker's produce-to-commit latency is observed by polling
      the group's committed offsets;
-  5. checks: rows in S3 (distinct partition/offset pairs) equal the events produced, committed
+  6. checks: rows in S3 (distinct partition/offset pairs) equal the events produced, committed
      offsets equal end offsets, and the baseline's entry hashes equal aegis-audit's.
 See ops/bench/README.md for what each figure means.
 """
@@ -272,6 +273,35 @@ class Bench:
             "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         }
 
+    def broker_ceiling(self, names: dict, n: int) -> dict:
+        """A consumer that only reads: librdkafka (confluent-kafka) in its own group, aegis-audit's
+        fetch settings, no work per record. What the broker serves here is the most any consumer
+        of this stack can show, and so bounds the ratio to the baseline."""
+        c = Consumer({"bootstrap.servers": BROKERS, "group.id": names["group"] + "-ceiling",
+                      "auto.offset.reset": "earliest", "enable.auto.commit": False, "log_level": 3,
+                      "fetch.max.bytes": 16 * 1024 * 1024, "queued.max.messages.kbytes": 16384,
+                      "fetch.queue.backoff.ms": 10})
+        c.subscribe([names["topic"]])
+        got, first, last = 0, None, None
+        deadline = time.monotonic() + self.args.timeout
+        quiet_since = time.monotonic()
+        while got < n and time.monotonic() < deadline:
+            msgs = c.consume(num_messages=10000, timeout=1.0)
+            now = time.monotonic()
+            records = sum(1 for m in msgs if not m.error())
+            if records:
+                first = first or now
+                last, quiet_since = now, now
+                got += records
+            elif first and now - quiet_since > IDLE_S:
+                break
+        c.close()
+        seconds = (last - first) if first and last and last > first else None
+        return {"events": got, "seconds": round(seconds, 3) if seconds else None,
+                "events_per_s": round(got / seconds, 1) if seconds else None,
+                "config": "confluent-kafka consume(10000) batches, no work; fetch.max.bytes 16 MiB, "
+                          "queued.max.messages.kbytes 16384, fetch.queue.backoff.ms 10"}
+
     def baseline(self, names: dict, n: int, dynamodb: bool) -> dict:
         cmd = [sys.executable, str(BASELINE), "--brokers", BROKERS, "--topic", names["topic"],
                "--group", names["group"] + "-baseline", "--bucket", names["bucket"] + "-baseline",
@@ -490,6 +520,10 @@ class Bench:
         aegis_hashes = audit["hashes"]
         del audit
 
+        say("broker ceiling: a consumer that only reads (own group) ...")
+        ceiling = self.broker_ceiling(names, n)
+        say(f"broker ceiling: {ceiling['events_per_s']} events/s ({ceiling['events']} records read)")
+
         base = None
         if not self.args.skip_baseline:
             say(f"baseline.py{' --dynamodb' if mode != 's3-only' else ''} on the same topic (own group) ...")
@@ -541,6 +575,9 @@ class Bench:
             "latency": lat,
             "ratio_aegis_over_baseline": round(aegis["events_per_s"] / base["events_per_s"], 2)
             if (base and aegis["events_per_s"] and base["events_per_s"]) else None,
+            "broker_ceiling": ceiling,
+            "ratio_ceiling_over_baseline": round(ceiling["events_per_s"] / base["events_per_s"], 2)
+            if (base and ceiling["events_per_s"] and base["events_per_s"]) else None,
             "checks": checks,
             "stack_restarted_during_mode": disturbed,
         }
@@ -557,7 +594,7 @@ def summary(report: dict) -> str:
     rows = []
     short = lambda r: r and r.get("seconds") is not None and r["seconds"] < SHORT_WINDOW_S  # noqa: E731
     mark = lambda r, text: text + (" +" if short(r) else "")  # noqa: E731
-    head = ["mode", "aegis ev/s", "baseline ev/s", "ratio", "p50 commit s", "p99 commit s", "aegis RSS MiB",
+    head = ["mode", "aegis ev/s", "baseline ev/s", "ratio", "broker ev/s", "max ratio", "p50 commit s", "p99 commit s", "aegis RSS MiB",
             "base RSS MiB", "aegis CPU us/ev", "base CPU us/ev", "aegis B/ev", "base B/ev", "checks"]
     for m in report["modes"]:
         a, b, lat = m["aegis"], m["baseline"] or {}, m["latency"] or {}
@@ -566,6 +603,7 @@ def summary(report: dict) -> str:
             m["mode"] + (" *" if m["mode"] == "s3-only" else ""),
             mark(a, fmt(a["events_per_s"], ",.0f")), mark(b, fmt(b.get("events_per_s"), ",.0f")),
             fmt(m["ratio_aegis_over_baseline"], ".2f"),
+            fmt(m["broker_ceiling"]["events_per_s"], ",.0f"), fmt(m["ratio_ceiling_over_baseline"], ".2f"),
             fmt(lat.get("p50_s"), ".2f"), fmt(lat.get("p99_s"), ".2f"), fmt(a["peak_rss_mib"], ".0f"),
             fmt(b.get("peak_rss_mib_wait4"), ".0f"), fmt(a.get("cpu_us_per_event"), ".1f"),
             fmt(b.get("cpu_us_per_event"), ".1f"), fmt(a["parquet_bytes_per_event"], ".0f"),
@@ -587,6 +625,9 @@ NOTES = [
     "offset commit follows it; the broker-polled 'all committed' time is in the JSON). Baseline: first record "
     "returned by consume() -> return of its last commit. Startup, group join and the idle tail are excluded; "
     "the final wait of up to max_age_ms (5 s) for the last partial segments is included for both.",
+    "broker ev/s: a consumer that only reads (confluent-kafka, own group, aegis-audit's fetch settings, no work) "
+    "over the same N records: what the broker serves on this machine, the ceiling for any consumer here. "
+    "max ratio = broker ev/s / baseline ev/s: the largest ratio any consumer could show on this stack.",
     "* s3-only: aegis-audit runs with dynamodb.write_index = false: segments to S3, plus one conditional write "
     "per flush to the chain table (its fence and progress marker, which it cannot run without); the baseline "
     "writes S3 only.",
