@@ -404,7 +404,12 @@ pub async fn run(
                         }
                     }
                     left -= 1;
-                    if left == 0 || !events_rx.is_empty() || !cmd_rx.is_empty() || queued_flowing(&workers) > queue_limit {
+                    if left == 0
+                        || !events_rx.is_empty()
+                        || !cmd_rx.is_empty()
+                        || queued_flowing(&workers) > queue_limit
+                        || shutdown.is_cancelled()
+                    {
                         break;
                     }
                     // Taken only when it will be dispatched: a record taken from librdkafka and
@@ -695,6 +700,10 @@ impl Worker {
                     // a fraction of a millisecond of work, so a revocation or the age timer
                     // waits no longer than that.
                     for _ in 1..WORKER_BATCH {
+                        // A revoked or stopping worker takes no more: the select's arms handle it.
+                        if self.revoke.is_cancelled() || self.shutdown.is_cancelled() {
+                            break;
+                        }
                         let Ok(inbound) = rx.try_recv() else { break };
                         if !self.admit(&mut writer, inbound, &mut min_generation, now).await {
                             return;
@@ -733,7 +742,9 @@ impl Worker {
                 metrics::already_chained(self.partition);
                 // A replay reached the durable head: commit past it, so the group's position
                 // (and lag) reflect the trail without waiting for new data.
-                if writer.durable_head().is_some_and(|h| h.last_offset == inbound.offset) {
+                // Not once revoked: the partition's offsets are the new owner's to commit.
+                if writer.durable_head().is_some_and(|h| h.last_offset == inbound.offset) && !self.revoke.is_cancelled()
+                {
                     if let Err(e) = self.committer.commit(self.partition, inbound.offset + 1).await {
                         tracing::warn!(error = %e, "offset commit failed");
                     }
