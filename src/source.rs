@@ -390,10 +390,14 @@ pub async fn run(
                 // the select would have put first: a rebalance or command waiting, or the
                 // budget exhausted.
                 let mut left = DISPATCH_BATCH;
+                // Summed over the workers once per batch, not per record (that is one atomic
+                // load per partition); the batch adds what it sends, and the workers only take
+                // away meanwhile, so this errs on the full side.
+                let mut flowing = queued_flowing(&workers);
                 loop {
                     match message {
                         Ok(m) => {
-                            dispatch(&m, &consumer, &topic, &mut workers);
+                            flowing += dispatch(&m, &consumer, &topic, &mut workers);
                             dispatched = true;
                         }
                         Err(e) => {
@@ -407,7 +411,7 @@ pub async fn run(
                     if left == 0
                         || !events_rx.is_empty()
                         || !cmd_rx.is_empty()
-                        || queued_flowing(&workers) > queue_limit
+                        || flowing > queue_limit
                         || shutdown.is_cancelled()
                     {
                         break;
@@ -444,15 +448,15 @@ pub async fn run(
 }
 
 /// Hands one record to its partition's worker: the one copy out of librdkafka's buffer, which the
-/// segment buffer then keeps.
+/// segment buffer then keeps. Returns the bytes it queued.
 fn dispatch(
     message: &BorrowedMessage<'_>,
     consumer: &StreamConsumer<AuditContext>,
     topic: &str,
     workers: &mut BTreeMap<i32, WorkerHandle>,
-) {
+) -> usize {
     let partition = message.partition();
-    let Some(worker) = workers.get_mut(&partition) else { return };
+    let Some(worker) = workers.get_mut(&partition) else { return 0 };
     // Count before sending; the worker subtracts as it takes records. Totals are summed over
     // the current workers, so a revoked worker's leftovers drop out.
     let cost = queued_cost(message.payload().map_or(0, <[u8]>::len));
@@ -467,7 +471,9 @@ fn dispatch(
         // The worker stopped (fence lost or fatal error): hold the partition still.
         worker.queued.fetch_sub(cost, Ordering::Relaxed);
         pause(consumer, topic, partition, worker, "worker stopped");
+        return 0;
     }
+    cost
 }
 
 /// Resumes every paused partition whose (still running) worker is down to its resume mark.
