@@ -51,6 +51,10 @@ impl MemoryBudget {
     }
 }
 
+/// Allocations from this size up are mapped on their own and unmapped when freed; smaller ones
+/// reuse heap memory. Buffers allocated at every flush are sized to stay below it (`segment.rs`).
+pub const MMAP_THRESHOLD_BYTES: usize = 256 * 1024;
+
 /// glibc's malloc raises its mmap threshold whenever a large block is freed; after that, large
 /// buffers (a flush's record buffer and Parquet output) come from the heap, fragment it, and stay
 /// resident after the flush. A fixed threshold keeps them mapped, so that memory goes back to the
@@ -65,7 +69,7 @@ pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets allocator parameters; called before other threads allocate.
     unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES as i32);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 16 * 1024 * 1024);
         libc::mallopt(libc::M_ARENA_MAX, 4);
     }

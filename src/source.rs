@@ -381,9 +381,8 @@ pub async fn run(
                     }
                 }
             }
-            message = consumer.recv(), if !blocked => {
+            mut message = consumer.recv(), if !blocked => {
                 metrics::set_in_group(true);
-                let mut message = message;
                 let mut dispatched = false;
                 // Records librdkafka holds already, without a trip round the select per record
                 // (a timer and two registrations at every poll). The loop stops for anything
