@@ -543,9 +543,22 @@ async fn check_partition(
             // The link: this row's prev_hash is the previous entry (genesis for the first).
             let expected = match &expected_prev {
                 Some((hash, _, _)) => Some(hash.clone()),
-                None if first_flush && options.from.is_none() => {
-                    Some(anchor.clone().unwrap_or_else(|| hex::encode(genesis(topic, partition))))
-                }
+                None if first_flush && options.from.is_none() => match &anchor {
+                    Some(anchor) => Some(anchor.clone()),
+                    // Flushes no digest ever listed (signing off, or not yet on) were pruned:
+                    // nothing vouches for the link, so the first row is the anchor, and said so.
+                    None if options.pruned_before.is_some()
+                        && row.prev_hash != hex::encode(genesis(topic, partition)) =>
+                    {
+                        report.notes.push(format!(
+                            "partition {partition}: the chain starts at offset {} in {key}, linking to {}, which no \
+                             digest vouches for: the flushes before it are gone and were never signed (pruned?)",
+                            row.offset, row.prev_hash
+                        ));
+                        None
+                    }
+                    None => Some(hex::encode(genesis(topic, partition))),
+                },
                 None => None, // --from: the first row is the anchor
             };
             if let Some(expected) = expected {
@@ -657,6 +670,10 @@ mod tests {
 
     /// A signed trail of 12 records in 4 flushes of 3, digests after flushes 2 and 4.
     async fn trail() -> Arc<MemoryObjectStore> {
+        trail_signed_by(Some(signer())).await
+    }
+
+    async fn trail_signed_by(signer: Option<Arc<DigestSigner>>) -> Arc<MemoryObjectStore> {
         let mut config = Config::from_toml_str(
             "[kafka]\nbrokers = \"x:1\"\ntopic = \"t\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n",
         )
@@ -668,7 +685,7 @@ mod tests {
             index: Some(Arc::new(MemoryIndex::default())),
             heads: Arc::new(MemoryHeads::default()),
             dead_letters: None,
-            signer: Some(signer()),
+            signer: signer.clone(),
             memory: crate::budget::MemoryBudget::new(1 << 30),
         };
         let cancel = CancellationToken::new();
@@ -681,7 +698,7 @@ mod tests {
             w.admit(i, None, Some(bytes::Bytes::from(payload.clone()))).unwrap();
             if w.should_flush(Instant::now()) {
                 w.flush(&cancel).await.unwrap();
-                if i == 5 || i == 11 {
+                if signer.is_some() && (i == 5 || i == 11) {
                     w.write_digest(&cancel).await.unwrap();
                 }
             }
@@ -725,6 +742,29 @@ mod tests {
         let report = check(&objects).await;
         assert!(codes(&report).contains(&"missing_segment"), "{:?}", report.problems);
         assert!(codes(&report).contains(&"broken_link"));
+    }
+
+    #[tokio::test]
+    async fn pruned_unsigned_prefix_is_expected_only_with_pruned_before() {
+        let objects = trail_signed_by(None).await;
+        for key in segment_keys(&objects).into_iter().filter(|k| k.contains("-00000000000000000000-")) {
+            objects.remove(&key);
+        }
+        assert_eq!(codes(&check(&objects).await), vec!["broken_link"]);
+        let options = VerifyOptions {
+            topic: TOPIC.into(),
+            pruned_before: chrono::NaiveDate::from_ymd_opt(2026, 11, 21),
+            concurrency: 4,
+            ..Default::default()
+        };
+        let report = verify(objects.clone(), "trail", &options).await.unwrap();
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!(report.records, 9);
+        assert!(report.notes.iter().any(|n| n.contains("starts at offset 3")), "{:?}", report.notes);
+        // Past the start, links are still checked.
+        let victim = segment_keys(&objects).into_iter().find(|k| k.contains("-00000000000000000006-")).unwrap();
+        objects.remove(&victim);
+        assert!(codes(&verify(objects.clone(), "trail", &options).await.unwrap()).contains(&"broken_link"));
     }
 
     #[tokio::test]

@@ -56,14 +56,13 @@ pub struct RebuildReport {
     pub seconds: f64,
 }
 
-/// `(date, environment)` of a trail key `<prefix>/year=/month=/day=/environment=/<file>.parquet`.
-fn placement(prefix: &str, key: &str) -> Option<(NaiveDate, String)> {
+/// `(date, environment)` of `topic`'s trail key `<prefix>/year=/month=/day=/environment=/<file>.parquet`.
+/// Another topic's segments under the same prefix belong to another deployment's index.
+fn placement(prefix: &str, topic: &str, key: &str) -> Option<(NaiveDate, String)> {
     let rest = key.strip_prefix(prefix.trim_end_matches('/'))?.strip_prefix('/')?;
     let parts: Vec<&str> = rest.split('/').collect();
-    let [y, m, d, e, file] = parts.as_slice() else { return None };
-    if !file.ends_with(".parquet") {
-        return None;
-    }
+    let [y, m, d, e, _] = parts.as_slice() else { return None };
+    crate::segment::parse_segment_key(key, topic)?;
     let num = |part: &str, name: &str| part.strip_prefix(name)?.parse::<u32>().ok();
     let date = NaiveDate::from_ymd_opt(num(y, "year=")? as i32, num(m, "month=")?, num(d, "day=")?)?;
     Some((date, e.strip_prefix("environment=")?.to_string()))
@@ -95,7 +94,7 @@ pub async fn rebuild(
         .await?
         .into_iter()
         .filter_map(|o| {
-            let (date, env) = placement(&prefix, &o.key)?;
+            let (date, env) = placement(&prefix, &config.kafka.topic, &o.key)?;
             let wanted = options.from.is_none_or(|f| date >= f)
                 && options.to.is_none_or(|t| date <= t)
                 && options.environment.as_ref().is_none_or(|e| e == &env);
@@ -175,8 +174,12 @@ mod tests {
     #[test]
     fn placement_reads_trail_keys_only() {
         let key = "trail/year=2026/month=11/day=20/environment=prod/t-p0000-00000000000000000000-00000000000000000009.parquet";
-        assert_eq!(placement("trail", key), Some((NaiveDate::from_ymd_opt(2026, 11, 20).unwrap(), "prod".into())));
-        assert_eq!(placement("trail", "trail/quarantine/year=2026/month=11/day=20/x.parquet"), None);
-        assert_eq!(placement("trail", "trail/_digests/t/p0000/000000000000.digest"), None);
+        assert_eq!(placement("trail", "t", key), Some((NaiveDate::from_ymd_opt(2026, 11, 20).unwrap(), "prod".into())));
+        assert_eq!(placement("trail", "other", key), None, "another topic's segment");
+        let quarantined =
+            "trail/quarantine/year=2026/month=11/day=20/t-p0000-00000000000000000000-00000000000000000009.parquet";
+        assert_eq!(placement("trail", "t", quarantined), None);
+        assert_eq!(placement("trail", "t", "trail/_digests/t/p0000/000000000000.digest"), None);
+        assert_eq!(placement("trail", "t", &key.replace(".parquet", ".tmp")), None);
     }
 }

@@ -141,7 +141,8 @@ async fn delete_all_versions(client: &aws_sdk_s3::Client, bucket: &str, key: &st
             .delete_object()
             .bucket(bucket)
             .key(key)
-            .set_version_id(id.filter(|v| v != "null").or(None))
+            // "null" is a real id: the version written while versioning was off or suspended.
+            .set_version_id(id)
             .send()
             .await
             .map_err(|e| classify_sdk_error(BACKEND, "DeleteObject", key, &e))?;

@@ -159,6 +159,15 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     assert dry["deleted"] and not dry["locked"]
     assert [k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")] == before
 
+    # One expired object also gets a "null" version (written while versioning was suspended, as
+    # in a bucket versioned after the fact): prune deletes it too, not just hides it.
+    s3 = trail.s3()
+    null_key = dry["deleted"][0]
+    s3.put_bucket_versioning(Bucket=aegis.bucket, VersioningConfiguration={"Status": "Suspended"})
+    s3.put_object(Bucket=aegis.bucket, Key=null_key, Body=s3.get_object(Bucket=aegis.bucket, Key=null_key)["Body"].read())
+    s3.put_bucket_versioning(Bucket=aegis.bucket, VersioningConfiguration={"Status": "Enabled"})
+    assert "null" in [v["VersionId"] for v in s3.list_object_versions(Bucket=aegis.bucket, Prefix=null_key)["Versions"]]
+
     report = json.loads(aegis.run("prune", "--older-than", "2", "--json", **unlocked).stdout)
     assert sorted(report["deleted"]) == sorted(dry["deleted"])
     after = [k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")]
