@@ -452,7 +452,9 @@ impl PartitionWriter {
 
     /// When the next digest is due (`None`: nothing to digest, or digests are off).
     pub fn digest_deadline(&self) -> Option<Instant> {
-        if self.sinks.signer.is_none() || self.undigested.is_empty() {
+        // While an interrupted flush is re-read no digest is written, so no deadline either: a
+        // past one would wake the worker's timer at once, again and again.
+        if self.sinks.signer.is_none() || self.undigested.is_empty() || self.recovering.is_some() {
             return None;
         }
         if self.undigested.len() >= MAX_UNDIGESTED {
@@ -516,7 +518,10 @@ impl PartitionWriter {
         } else {
             // Already there: an earlier owner's (or our own earlier attempt's) digest.
             let bytes = retry(&ctx, retry_cfg, cancel, metrics::set_backend_up, || objects.get(&key)).await?;
-            self.adopt_digest(&key, &bytes)?
+            match self.adopt_digest(&key, &bytes) {
+                Ok(adopted) => adopted,
+                Err(conflict) => return Err(self.conflict_or_fence_lost(&ctx, head, conflict, cancel).await?),
+            }
         };
         let recorded = DigestPos { seq, hash };
         let remaining = self.undigested[consumed..].to_vec();
@@ -534,6 +539,30 @@ impl PartitionWriter {
         self.undigested = remaining;
         self.last_digest = Instant::now();
         Ok(Some(seq))
+    }
+
+    /// A digest at our next key that is not ours is a newer owner's when the head has moved
+    /// since we loaded it (it signed segments we never saw): that is a lost fence, and the
+    /// worker restarts from the head. Only with the head where we left it is it a conflict.
+    async fn conflict_or_fence_lost(
+        &self,
+        ctx: &str,
+        head: HeadPos,
+        conflict: PartitionError,
+        cancel: &CancellationToken,
+    ) -> Result<PartitionError, PartitionError> {
+        let heads = &self.sinks.heads;
+        let stored =
+            retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || heads.load(&self.topic, self.partition))
+                .await?;
+        if stored.committed == Some(head) && stored.digest == self.digest {
+            return Ok(conflict);
+        }
+        Ok(PartitionError::Sink(SinkError::FenceLost {
+            topic: self.topic.clone(),
+            partition: self.partition,
+            detail: format!("another owner wrote the next digest ({conflict})"),
+        }))
     }
 
     /// Checks that an existing digest object at our next key continues our digest chain over a
@@ -954,6 +983,54 @@ mod tests {
         assert_eq!(s.heads.get("t", 0).undigested.len(), 1, "the newer segment waits for digest 1");
         assert_eq!(w.write_digest(&cancel).await.unwrap(), Some(1));
         assert_eq!(digest_at(&s, 1).body.first_offset, 3);
+    }
+
+    #[tokio::test]
+    async fn a_stale_writers_digest_behind_a_newer_owners_is_a_lost_fence() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut stale = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut stale, 0..3).await;
+        // A new owner moves the head on and signs digest 0 over segments the stale one never saw.
+        let mut owner = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut owner, 3..6).await;
+        assert_eq!(owner.write_digest(&cancel).await.unwrap(), Some(0));
+        let err = stale.write_digest(&cancel).await.unwrap_err();
+        assert!(err.is_fence_lost(), "a restart from the head, not a stopped partition: {err}");
+
+        // With the head where the writer left it, a digest it cannot adopt is a conflict.
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut w, 0..3).await;
+        s.objects
+            .put(&digest_key("trail", "t", 0, 0), Bytes::from_static(b"not a digest\n"), &BTreeMap::new())
+            .await
+            .unwrap();
+        let err = w.write_digest(&cancel).await.unwrap_err();
+        assert!(matches!(err, PartitionError::Sink(SinkError::Conflict { .. })), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_digest_is_due_while_an_interrupted_flush_is_re_read() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        feed(&mut w, 0..3).await;
+        for i in 3..6 {
+            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
+        }
+        s.index.down.store(true, Ordering::SeqCst);
+        crash_after_intent(&mut w, &s).await;
+        s.index.down.store(false, Ordering::SeqCst);
+        // The next owner holds a segment to sign but writes no digest until the range is re-read:
+        // a deadline now would be one the worker's timer wakes for at once, again and again.
+        let mut w2 = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+        assert_eq!(s.heads.get("t", 0).undigested.len(), 1);
+        assert_eq!(w2.digest_deadline(), None);
+        assert_eq!(w2.write_digest(&cancel).await.unwrap(), None);
+        feed_again(&mut w2, 3..6).await;
+        assert!(w2.digest_deadline().is_some(), "due again once the range is durable");
+        assert_eq!(w2.write_digest(&cancel).await.unwrap(), Some(0));
     }
 
     #[tokio::test]
