@@ -97,7 +97,7 @@ fn insert_event_fields(attrs: &mut Attrs, e: &DecisionEvent, ts: &str) {
     s("model_version", e.model_version());
     s("request_id", e.request_id());
     if let Some(score) = e.confidence_score {
-        attrs.0.insert("confidence_score".into(), Attr::N(score.to_string()));
+        attrs.0.insert("confidence_score".into(), Attr::N(dynamodb_number(score)));
     }
     for (name, value) in [
         ("reviewer_id", e.reviewer_id()),
@@ -159,6 +159,16 @@ pub async fn write_items(
         .try_fold(0, |sum, n| async move { Ok(sum + n) })
         .await?;
     Ok(IndexReport { items: total, conflicts })
+}
+
+/// A score as a DynamoDB number. DynamoDB refuses magnitudes below 1e-130 (a
+/// `ValidationException`, which would stop the partition on a valid event), so those are stored
+/// as 0; the trail keeps the exact value.
+fn dynamodb_number(score: f64) -> String {
+    if score.abs() < 1e-130 {
+        return "0".into();
+    }
+    score.to_string()
 }
 
 /// What the winner rule does with a candidate decision, given the item that holds its id.
@@ -251,7 +261,9 @@ pub async fn upsert_decision(store: &dyn IndexStore, candidate: IndexItem) -> Re
             Resolution::Replace { displaced, differs, replacement } => {
                 conflicted |= differs;
                 store.write(vec![displaced]).await?;
-                store.put_guarded(&replacement, Guard::Rank(&observed)).await?
+                store
+                    .put_guarded(&replacement, Guard::Rank { rank: &observed, flagged: has_conflict(&existing) })
+                    .await?
             }
         };
     }
@@ -364,6 +376,40 @@ mod tests {
         upsert_decision(&index, late).await.unwrap();
         upsert_decision(&index, early).await.unwrap();
         assert_eq!(stored(&index), items);
+    }
+
+    #[test]
+    fn scores_too_small_for_dynamodb_are_stored_as_zero() {
+        let score = |extra: &str| {
+            let text = json("decision", "").replace(r#""confidence_score":0.25"#, extra);
+            item_for("t", 0, &record(1, &text), "k").unwrap().attrs["confidence_score"].clone()
+        };
+        assert_eq!(score(r#""confidence_score":1e-200"#), Attr::N("0".into()));
+        assert_eq!(score(r#""confidence_score":-0.0"#), Attr::N("0".into()));
+        assert_eq!(score(r#""confidence_score":9e-131"#), Attr::N("0".into()));
+        assert_eq!(score(r#""confidence_score":2e-130"#), Attr::N(2e-130f64.to_string()));
+        assert_eq!(score(r#""confidence_score":0.913"#), Attr::N("0.913".into()));
+    }
+
+    #[tokio::test]
+    async fn a_replacement_computed_before_a_conflict_was_flagged_cannot_erase_the_flag() {
+        let index = MemoryIndex::default();
+        let stored_winner = decision(5, "2026-11-20T08:00:00Z", "deny");
+        let redelivery = decision(1, "2026-11-20T08:00:00Z", "deny"); // same bytes, outranks it
+        let other = decision(9, "2026-11-20T08:00:00Z", "approve"); // different bytes, ranks below
+        assert!(!upsert_decision(&index, stored_winner.clone()).await.unwrap());
+        // One writer reads the winner and computes its replacement (no conflict seen)...
+        let Resolution::Replace { replacement, .. } = resolve(&redelivery, &stored_winner) else { panic!() };
+        // ...meanwhile another loses to the winner and flags it...
+        assert!(upsert_decision(&index, other).await.unwrap());
+        // ...so the first writer's guarded put, on the rank it saw unflagged, is refused.
+        let guard = Guard::Rank { rank: attr_s(&stored_winner, "rank"), flagged: false };
+        assert!(matches!(index.put_guarded(&replacement, guard).await.unwrap(), Guarded::Refused(Some(_))));
+        // Its retry round sees the flag and keeps it.
+        upsert_decision(&index, redelivery.clone()).await.unwrap();
+        let items = stored(&index);
+        assert_eq!(items["DECISION"].attrs["rank"], redelivery.attrs["rank"]);
+        assert_eq!(items["DECISION"].attrs["conflict"], Attr::Bool(true));
     }
 
     #[tokio::test]

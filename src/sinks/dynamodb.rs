@@ -171,10 +171,17 @@ impl IndexStore for DynamoStore {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         let request = match guard {
             Guard::Absent => request.condition_expression("attribute_not_exists(PK)"),
-            Guard::Rank(rank) => request
-                .condition_expression("#rank = :rank")
-                .expression_attribute_names("#rank", "rank")
-                .expression_attribute_values(":rank", AttributeValue::S(rank.into())),
+            Guard::Rank { rank, flagged } => {
+                let request = request
+                    .expression_attribute_names("#rank", "rank")
+                    .expression_attribute_values(":rank", AttributeValue::S(rank.into()));
+                match flagged {
+                    true => request.condition_expression("#rank = :rank"),
+                    false => request
+                        .condition_expression("#rank = :rank AND attribute_not_exists(#conflict)")
+                        .expression_attribute_names("#conflict", "conflict"),
+                }
+            }
         };
         match request.send().await {
             Ok(_) => Ok(Guarded::Written),

@@ -145,7 +145,10 @@ impl IndexStore for MemoryIndex {
         let current = stored.get(&key);
         let holds = match guard {
             Guard::Absent => current.is_none(),
-            Guard::Rank(rank) => current.is_some_and(|c| c.attrs.get("rank") == Some(&Attr::S(rank.to_string()))),
+            Guard::Rank { rank, flagged } => current.is_some_and(|c| {
+                c.attrs.get("rank") == Some(&Attr::S(rank.to_string()))
+                    && (flagged || !matches!(c.attrs.get("conflict"), Some(Attr::Bool(true))))
+            }),
         };
         if !holds {
             return Ok(Guarded::Refused(current.cloned()));

@@ -118,8 +118,10 @@ pub struct IndexItem {
 pub enum Guard<'a> {
     /// No item with this key exists yet.
     Absent,
-    /// The stored item's `rank` is this one (the item this writer looked at).
-    Rank(&'a str),
+    /// The stored item is still the one this writer looked at: the same `rank`, and, if it was
+    /// not flagged, still without `conflict` (a writer that saw no flag computes a replacement
+    /// without one, and must not erase a flag set meanwhile).
+    Rank { rank: &'a str, flagged: bool },
 }
 
 /// Result of a guarded write.
