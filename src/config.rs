@@ -22,6 +22,9 @@ pub enum ConfigError {
     MissingFile { path: String },
 }
 
+/// S3 Object Lock's longest retention.
+const MAX_RETENTION_DAYS: u32 = 36_500;
+
 fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { key, message: message.into() }
 }
@@ -398,10 +401,26 @@ impl Config {
         if self.s3.prefix.starts_with('/') || self.s3.prefix.split('/').any(|p| p == ".." || p == ".") {
             return Err(invalid("s3.prefix", "must be a relative key prefix without '.' or '..' segments"));
         }
-        if self.s3.object_lock_retention_days == Some(0) {
+        if self.s3.object_lock_retention_days.is_some_and(|days| !(1..=MAX_RETENTION_DAYS).contains(&days)) {
             return Err(invalid(
                 "s3.object_lock_retention_days",
-                "must be at least 1, or omitted to disable retention",
+                format!("must be between 1 and {MAX_RETENTION_DAYS} (100 years), or omitted to disable retention"),
+            ));
+        }
+        // librdkafka refuses a session timeout above max.poll.interval.ms, and Kafka brokers
+        // (group.min.session.timeout.ms) refuse the join below 6 s: both only at run time.
+        let max_poll_ms: u32 = match self.kafka.properties.get("max.poll.interval.ms") {
+            Some(v) => v
+                .parse()
+                .map_err(|_| invalid("kafka.properties", "max.poll.interval.ms must be a number of milliseconds"))?,
+            None => 300_000,
+        };
+        if !(6_000..=max_poll_ms).contains(&self.kafka.session_timeout_ms) {
+            return Err(invalid(
+                "kafka.session_timeout_ms",
+                format!(
+                    "must be between 6000 (Kafka's default group.min.session.timeout.ms) and max.poll.interval.ms ({max_poll_ms})"
+                ),
             ));
         }
         match (self.s3.sse, &self.s3.sse_kms_key_id) {
@@ -649,6 +668,32 @@ mod tests {
         assert!(err.contains("s3.bucket"), "{err}");
         let err = parse(&format!("{MINIMAL}\n[metrics]\nlisten = \"nope\"\n")).unwrap_err().to_string();
         assert!(err.contains("metrics.listen"), "{err}");
+        // Values that would only fail at run time: a retain-until date past chrono's range (a
+        // panic at the first flush), a session timeout librdkafka or the broker refuses.
+        let retention = |days: u32| {
+            MINIMAL.replace(
+                "bucket = \"audit-bucket\"",
+                &format!("bucket = \"audit-bucket\"\nobject_lock_retention_days = {days}"),
+            )
+        };
+        assert!(parse(&retention(36_500)).is_ok());
+        for days in [0, 36_501, 100_000_000] {
+            assert!(
+                parse(&retention(days)).unwrap_err().to_string().contains("s3.object_lock_retention_days"),
+                "{days}"
+            );
+        }
+        let session = |ms: u32, extra: &str| {
+            MINIMAL
+                .replace("topic = \"decisions\"", &format!("topic = \"decisions\"\nsession_timeout_ms = {ms}{extra}"))
+        };
+        assert!(parse(&session(6_000, "")).is_ok());
+        assert!(parse(&session(300_000, "")).is_ok());
+        for ms in [5_999, 300_001] {
+            assert!(parse(&session(ms, "")).unwrap_err().to_string().contains("kafka.session_timeout_ms"), "{ms}");
+        }
+        let longer_polls = "\n[kafka.properties]\n\"max.poll.interval.ms\" = \"600000\"";
+        assert!(parse(&session(400_000, longer_polls)).is_ok());
         let kms = MINIMAL.replace("bucket = \"audit-bucket\"", "bucket = \"audit-bucket\"\nsse = \"aws:kms\"");
         assert!(parse(&kms).unwrap_err().to_string().contains("s3.sse_kms_key_id"));
         let missing = format!("{MINIMAL}\n[digest]\nsigning_key_file = \"/nonexistent/key.pem\"\n");

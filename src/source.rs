@@ -382,7 +382,10 @@ pub async fn run(
                 }
             }
             mut message = consumer.recv(), if !blocked => {
-                metrics::set_in_group(true);
+                // A record means an assignment; an error (brokers gone, a refused join) does not.
+                if message.is_ok() {
+                    metrics::set_in_group(true);
+                }
                 let mut dispatched = false;
                 // Records librdkafka holds already, without a trip round the select per record
                 // (a timer and two registrations at every poll). The loop stops for anything
