@@ -242,6 +242,10 @@ pub fn decode(
         serde_json::error::Category::Data => RejectReason::Schema(e.to_string()),
         _ => RejectReason::NotJson(e.to_string()),
     })?;
+    // serde fills a struct from a JSON array too (fields in order); an event is an object.
+    if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
+        return Err(RejectReason::Schema("an event is a JSON object, not an array".into()));
+    }
 
     let event_type = match wire.event_type.as_ref() {
         "decision" => EventType::Decision,
@@ -279,19 +283,35 @@ pub fn decode(
         }
         _ => {}
     }
+    // The optional fields' rules hold whenever they are present, as in the schema; the event
+    // type only decides which must be present.
+    for (field, value) in [
+        ("reviewer_id", &wire.reviewer_id),
+        ("override_reason", &wire.override_reason),
+        ("safety_category", &wire.safety_category),
+    ] {
+        if let Some(value) = value {
+            check_id(field, value)?;
+        }
+    }
+    if let Some(value) = &wire.original_action {
+        check_text("original_action", value)?;
+    }
+    if let Some(severity) = &wire.severity {
+        if !SEVERITIES.contains(&severity.as_ref()) {
+            return Err(RejectReason::InvalidField {
+                field: "severity",
+                message: format!("{:?} is not one of low, medium, high, critical", truncate(severity, 32)),
+            });
+        }
+    }
     if event_type == EventType::Override {
         require("reviewer_id", &wire.reviewer_id, "an override")?;
         require("override_reason", &wire.override_reason, "an override")?;
     }
     if event_type == EventType::SafetyFlag {
         require("safety_category", &wire.safety_category, "a safety_flag")?;
-        let severity = require("severity", &wire.severity, "a safety_flag")?;
-        if !SEVERITIES.contains(&severity) {
-            return Err(RejectReason::InvalidField {
-                field: "severity",
-                message: format!("{:?} is not one of low, medium, high, critical", truncate(severity, 32)),
-            });
-        }
+        require("severity", &wire.severity, "a safety_flag")?;
     }
     let metadata = match wire.metadata {
         None => None,
@@ -379,6 +399,12 @@ fn check_id(field: &'static str, value: &str) -> Result<(), RejectReason> {
     if value.is_empty() {
         return Err(RejectReason::InvalidField { field, message: "must not be empty".into() });
     }
+    check_text(field, value)
+}
+
+/// At most `MAX_ID_LEN` bytes (not characters: ids become DynamoDB key parts, which are capped
+/// in bytes), and no control characters.
+fn check_text(field: &'static str, value: &str) -> Result<(), RejectReason> {
     if value.len() > MAX_ID_LEN {
         return Err(RejectReason::InvalidField {
             field,
@@ -399,12 +425,10 @@ fn has_control(value: &str) -> bool {
     !printable_ascii && value.chars().any(char::is_control)
 }
 
-fn require<'a>(field: &'static str, value: &'a Option<Cow<'_, str>>, what: &str) -> Result<&'a str, RejectReason> {
-    match value.as_deref() {
-        Some(v) => {
-            check_id(field, v)?;
-            Ok(v)
-        }
+/// Presence only: what a present field holds is checked whatever the event type.
+fn require(field: &'static str, value: &Option<Cow<'_, str>>, what: &str) -> Result<(), RejectReason> {
+    match value {
+        Some(_) => Ok(()),
         None => Err(RejectReason::InvalidField { field, message: format!("is required for {what}") }),
     }
 }
@@ -566,6 +590,18 @@ mod tests {
         sf["safety_category"] = "self_harm".into();
         sf["severity"] = "extreme".into();
         cases.push((sf, "invalid_field"));
+        // The optional fields' rules hold on every event type, as in the schema.
+        cases.push((with("severity", "extreme".into()), "invalid_field"));
+        cases.push((with("reviewer_id", "".into()), "invalid_field"));
+        cases.push((with("safety_category", "x".repeat(257).into()), "invalid_field"));
+        cases.push((with("original_action", "a\u{7}b".into()), "invalid_field"));
+        cases.push((with("original_action", "x".repeat(257).into()), "invalid_field"));
+        // An array holding the fields in order is not an event.
+        let g = good();
+        let in_wire_order = ["decision_id", "event_type", "occurred_at", "environment", "user_id", "session_id"]
+            .into_iter()
+            .chain(["action", "confidence_score", "policy_version", "model_version", "request_id"]);
+        cases.push((serde_json::Value::Array(in_wire_order.map(|k| g[k].clone()).collect()), "schema"));
         for (value, code) in cases {
             let got = decode_value(&value).unwrap_err();
             assert_eq!(got.code(), code, "{value} -> {got}");
@@ -591,6 +627,14 @@ mod tests {
         sf["safety_category"] = "pii_leak".into();
         sf["severity"] = "high".into();
         assert_eq!(decode_value(&sf).unwrap().severity(), Some("high"));
+        // Optional fields a decision may carry, or spell as null.
+        let mut d = good();
+        d["original_action"] = "".into();
+        d["severity"] = serde_json::Value::Null;
+        d["reviewer_id"] = serde_json::Value::Null;
+        assert_eq!(decode_value(&d).unwrap().original_action(), Some(""));
+        let padded = format!("  \n{}", serde_json::to_string(&good()).unwrap());
+        assert!(decode(Some(&Bytes::from(padded)), None, &rules()).is_ok(), "whitespace before the object");
     }
 
     #[test]

@@ -705,7 +705,8 @@ impl PartitionWriter {
                     source_partition: self.partition,
                     source_offset: r.offset,
                     kafka_timestamp_ms: r.kafka_timestamp_ms,
-                    payload: Some(r.payload.clone()),
+                    // A record without a value gets a letter without one, not an empty value.
+                    payload: (*reason != decode::RejectReason::NullPayload).then(|| r.payload.clone()),
                     reason_code: reason.code(),
                     reason: reason.to_string(),
                 })
@@ -1272,6 +1273,7 @@ mod tests {
             vec![(1, "not_json"), (2, "null_payload")]
         );
         assert_eq!(letters[0].payload.as_deref(), Some(&b"{not json"[..]));
+        assert_eq!(letters[1].payload, None, "a record without a value, a letter without one");
         assert!(s.objects.keys().iter().any(|k| k.starts_with("trail/quarantine/year=2026/month=11/day=18/")));
         assert_eq!(s.index.items().len(), 1, "only the accepted record is indexed");
     }

@@ -56,12 +56,16 @@ impl KafkaDeadLetters {
     async fn produce(&self, letter: &DeadLetter, with_payload: bool) -> Result<(), rdkafka::error::KafkaError> {
         let partition = letter.source_partition.to_string();
         let offset = letter.source_offset.to_string();
+        let timestamp = letter.kafka_timestamp_ms.map(|ts| ts.to_string());
         let mut headers = OwnedHeaders::new()
             .insert(Header { key: "aegis.reason_code", value: Some(letter.reason_code) })
             .insert(Header { key: "aegis.reason", value: Some(letter.reason.as_str()) })
             .insert(Header { key: "aegis.source_topic", value: Some(letter.source_topic.as_str()) })
             .insert(Header { key: "aegis.source_partition", value: Some(partition.as_str()) })
             .insert(Header { key: "aegis.source_offset", value: Some(offset.as_str()) });
+        if let Some(ts) = &timestamp {
+            headers = headers.insert(Header { key: "aegis.source_timestamp", value: Some(ts.as_str()) });
+        }
         if !with_payload {
             headers = headers.insert(Header { key: "aegis.payload_omitted", value: Some(PAYLOAD_OMITTED) });
         }
@@ -70,9 +74,9 @@ impl KafkaDeadLetters {
         if let (true, Some(payload)) = (with_payload, &letter.payload) {
             record = record.payload(payload.as_ref());
         }
-        if let Some(ts) = letter.kafka_timestamp_ms {
-            record = record.timestamp(ts);
-        }
+        // The letter's own timestamp is when it was sent: with the source record's, a backfill's
+        // letters would be due for deletion under the topic's retention as soon as written (and
+        // a broker bounding timestamps would refuse them). The source's is in a header.
         self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
     }
 }

@@ -3,13 +3,15 @@ dead-letter topic (original bytes, reason headers) and in S3 quarantine, the cha
 every offset, and no record text can become a path. Checked with confluent-kafka, boto3,
 pyarrow and hashlib."""
 import json
+import os
 import random
 from datetime import datetime, timedelta, timezone
 
+import jsonschema
 from confluent_kafka import Consumer, TopicPartition
 
 import trail
-from conftest import BROKERS, committed_offsets, make_event
+from conftest import BROKERS, REPO, committed_offsets, make_event
 
 MAX_BYTES = 4096
 
@@ -42,8 +44,18 @@ def bad_records(rng):
         (variant(environment=""), "bad_environment"),
         (variant(environment="prød"), "bad_environment"),
         (variant(environment="x" * 40), "bad_environment"),
+        # The optional fields' rules hold on every event type; an array is not an event.
+        (variant(severity="extreme"), "invalid_field"),
+        (variant(reviewer_id=""), "invalid_field"),
+        (variant(original_action="a\u0007b"), "invalid_field"),
+        (json.dumps(list(good.values())).encode(), "schema"),
         (None, "null_payload"),
     ]
+
+
+# Reject codes whose verdict the JSON schema alone decides (the others need the byte size, the
+# Kafka timestamp or a parse that fails before any schema applies).
+SCHEMA_CODES = {"schema", "unknown_event_type", "invalid_field", "bad_environment"}
 
 
 def test_bad_records_go_to_dead_letters_and_quarantine_and_chain_has_no_gap(aegis, tmp_path):
@@ -78,6 +90,13 @@ def test_bad_records_go_to_dead_letters_and_quarantine_and_chain_has_no_gap(aegi
             assert row["reject_code"] == code, (offset, row["reject_reason"])
             assert row["_key"].startswith("trail/quarantine/year=")
             assert row["payload"] == (payload or b"")
+    # schemas/decision-event.schema.json, read by an independent validator, gives every record
+    # the verdict the consumer gave it.
+    validator = jsonschema.Draft202012Validator(json.load(open(os.path.join(REPO, "schemas", "decision-event.schema.json"))))
+    judged = [(code, json.loads(payload)) for _, code, payload in offsets if code is None or code in SCHEMA_CODES]
+    assert len(judged) > len(bad) + 3
+    for code, event in judged:
+        assert validator.is_valid(event) == (code is None), (code, event)
     # The chain covers every offset, accepted or rejected: no gap for a verifier.
     counts = trail.verify_chains(rows)
     assert counts[(aegis.topic, 1)] == len(stream)
@@ -109,7 +128,8 @@ def test_bad_records_go_to_dead_letters_and_quarantine_and_chain_has_no_gap(aegi
             assert headers["aegis.reason_code"] == code
             assert headers["aegis.source_topic"] == aegis.topic and headers["aegis.source_partition"] == "1"
             assert headers["aegis.reason"]
-            assert (value or b"") == (payload or b"")
+            assert value == payload, "the original bytes; no value for a record without one"
+            assert int(headers["aegis.source_timestamp"]) == round(by_offset[offset]["kafka_timestamp"].timestamp() * 1000)
 
     # The consumer kept going and committed past everything.
     assert committed_offsets(aegis.group, aegis.topic, 4)[1] == offsets[-1][0] + 1
