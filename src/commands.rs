@@ -140,10 +140,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             };
             let group_id = group_id.clone().unwrap_or_else(|| config.kafka.group_id.clone());
             let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
-            let members = group::members(&config, &group_id, &DynamoStore::new(&sdk, &config.dynamodb)).await?;
+            let dynamo = DynamoStore::new(&sdk, &config.dynamodb);
+            let members = group::members(&config, &group_id, &dynamo).await?;
+            let unchained = group::unchained_partitions(&config, &dynamo).await?;
             let (dry_run, force) = (*dry_run, *force);
             let plan = tokio::task::spawn_blocking(move || {
-                group::replay(&config, &group_id, &members, &target, dry_run, force)
+                group::replay(&config, &group_id, &members, &unchained, &target, dry_run, force)
             })
             .await??;
             if *json {
@@ -220,7 +222,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Run { exit_when_idle } => {
             let config = Arc::new(load(&cli)?);
-            run_consumer(config, exit_when_idle.map(Duration::from_secs_f64)).await?;
+            let idle = exit_when_idle
+                .map(|secs| {
+                    Duration::try_from_secs_f64(secs).map_err(|_| {
+                        anyhow::anyhow!("--exit-when-idle {secs}: expected a number of seconds, 0 or more")
+                    })
+                })
+                .transpose()?;
+            run_consumer(config, idle).await?;
         }
     }
     Ok(std::process::ExitCode::SUCCESS)

@@ -27,6 +27,8 @@ pub enum GroupError {
     BadOffsets(String),
     #[error("--to-offsets names partition {0}, which the topic does not have")]
     UnknownPartition(i32),
+    #[error("--to-offsets {partition}:{offset} is past the end of partition {partition} (its next offset is {end})")]
+    PastTheEnd { partition: i32, offset: i64, end: i64 },
     #[error(transparent)]
     Sink(#[from] SinkError),
 }
@@ -236,22 +238,51 @@ pub struct ReplayStep {
     pub target: i64,
     /// Records the group will read again (their chain entries are recognised and skipped).
     pub to_reprocess: i64,
+    /// Why the target is not the one asked for.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct ReplayPlan {
     pub group: String,
     pub topic: String,
+    /// The group's live members: a real run refuses while there are any (unless `--force`).
+    pub members: Vec<String>,
     pub steps: Vec<ReplayStep>,
     pub applied: bool,
 }
 
+/// The partitions of `kafka.topic` that have no chain yet (no durable head, no interrupted
+/// flush). A worker continues a chain from its head whatever the group's offset says, but the
+/// first record it reads on such a partition starts the chain: an offset past the log start
+/// there would leave the records before it out of the trail for good.
+pub async fn unchained_partitions(config: &Config, dynamo: &DynamoStore) -> Result<Vec<i32>, GroupError> {
+    let heads: &dyn HeadStore = dynamo;
+    let (config_c, topic) = (config.clone(), config.kafka.topic.clone());
+    let ids = tokio::task::spawn_blocking(move || {
+        partitions(&group_client(&config_c, &config_c.kafka.group_id)?, &config_c.kafka.topic)
+    })
+    .await
+    .expect("metadata task does not panic")?;
+    let mut unchained = Vec::new();
+    for partition in ids {
+        let head = heads.load(&topic, partition).await?;
+        if head.committed.is_none() && head.pending.is_none() {
+            unchained.push(partition);
+        }
+    }
+    Ok(unchained)
+}
+
 /// Computes the plan and, unless `dry_run`, commits the targets for the group. `members` are
-/// the group's live members (see [`members`]).
+/// the group's live members (see [`members`]); `unchained` the partitions without a chain (see
+/// [`unchained_partitions`]), which always go back to the start of the log.
 pub fn replay(
     config: &Config,
     group: &str,
     members: &[String],
+    unchained: &[i32],
     target: &ReplayTarget,
     dry_run: bool,
     force: bool,
@@ -296,11 +327,23 @@ pub fn replay(
             pairs.clone()
         }
     };
-    for (partition, target) in targets {
+    for (partition, asked) in targets {
         let index = ids.iter().position(|&p| p == partition).expect("checked above");
         let cur = current[index];
-        let (_, high) = client.fetch_watermarks(topic, partition, TIMEOUT).map_err(kafka("watermarks"))?;
-        steps.push(ReplayStep { partition, current: cur, target, to_reprocess: (cur.unwrap_or(high) - target).max(0) });
+        let (low, high) = client.fetch_watermarks(topic, partition, TIMEOUT).map_err(kafka("watermarks"))?;
+        if asked > high {
+            return Err(GroupError::PastTheEnd { partition, offset: asked, end: high });
+        }
+        let (target, note) = if unchained.contains(&partition) && asked > low {
+            (
+                low,
+                Some(format!("no chain yet: from the start of the log ({low}), not {asked}, so no record is left out")),
+            )
+        } else {
+            (asked.max(low), None)
+        };
+        let to_reprocess = (cur.unwrap_or(high) - target).max(0);
+        steps.push(ReplayStep { partition, current: cur, target, to_reprocess, note });
     }
     let mut applied = false;
     if !dry_run {
@@ -312,7 +355,7 @@ pub fn replay(
         client.commit(&tpl, CommitMode::Sync).map_err(kafka(format!("commit offsets for group {group}")))?;
         applied = true;
     }
-    Ok(ReplayPlan { group: group.into(), topic: topic.clone(), steps, applied })
+    Ok(ReplayPlan { group: group.into(), topic: topic.clone(), members: members.to_vec(), steps, applied })
 }
 
 pub fn render_plan(plan: &ReplayPlan) -> String {
@@ -331,8 +374,18 @@ pub fn render_plan(plan: &ReplayPlan) -> String {
             step.target,
             step.to_reprocess
         );
+        if let Some(note) = &step.note {
+            s += &format!("{:>9} {note}\n", "");
+        }
     }
     s += "Replayed records already in the chain are recognised by offset and not written again.\n";
+    if !plan.members.is_empty() && !plan.applied {
+        s += &format!(
+            "The group has {} live member(s) ({}): stop them first; a run without --force refuses.\n",
+            plan.members.len(),
+            plan.members.join(", ")
+        );
+    }
     s
 }
 

@@ -65,6 +65,9 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
         wait_for(lambda: json.loads(aegis.run("status", "--json").stdout)["members"], timeout=60, what="live member")
         refused = aegis.run("replay", "--to-earliest", check=False)
         assert refused.returncode == 2 and "live member" in refused.stderr, refused.stderr
+        # The dry run an operator reads first says so too.
+        assert json.loads(aegis.run("replay", "--to-earliest", "--dry-run", "--json").stdout)["members"]
+        assert "live member" in aegis.run("replay", "--to-earliest", "--dry-run").stdout
     finally:
         live.send_signal(signal.SIGTERM)
         live.wait(timeout=60)
@@ -139,7 +142,25 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
     assert [(s["partition"], s["target"]) for s in plan["steps"]] == [(0, 5)]
     unknown = aegis.run("replay", "--to-offsets", "0:5,99:1", "--dry-run", check=False)
     assert unknown.returncode != 0 and "99" in unknown.stderr, unknown.stderr
+    past = aegis.run("replay", "--to-offsets", "0:999999", "--dry-run", check=False)
+    assert past.returncode == 2 and "past the end of partition 0" in past.stderr, past.stderr
     assert committed_offsets(aegis.group, aegis.topic, aegis.partitions) == end, "dry runs change nothing"
+
+
+def test_replay_never_skips_a_partition_without_a_chain(aegis):
+    """On a partition no consumer has chained yet, the first record read starts the chain: a
+    group offset past the log start there would leave the records before it out for good."""
+    aegis.init()
+    delivered = produce(aegis.topic, [json.dumps(make_event(i, random.Random(i))).encode() for i in range(20)], partitions=1)
+    assert {p for p, _, _ in delivered} == {0}
+    plan = json.loads(aegis.run("replay", "--to-offsets", "0:10", "--dry-run", "--json").stdout)
+    [step] = plan["steps"]
+    assert (step["target"], step["to_reprocess"]) == (0, 20) and "no chain yet" in step["note"], step
+    aegis.run("replay", "--to-offsets", "0:10")
+    assert committed_offsets(aegis.group, aegis.topic, aegis.partitions)[0] == 0
+    aegis.consume_until_idle()
+    rows = [r for r in trail.read_rows(aegis.bucket, aegis.prefix) if r["kafka_partition"] == 0]
+    assert sorted(r["kafka_offset"] for r in rows) == list(range(20))
 
 
 def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
