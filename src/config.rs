@@ -349,27 +349,25 @@ impl Config {
         if !path.exists() {
             return Err(ConfigError::MissingFile { path: path.display().to_string() });
         }
-        Self::from_figment(Figment::from(Toml::file(path)).merge(env_provider()))
+        Self::from_figment(Figment::from(Toml::file(path)).merge(env_provider()), env_properties())
     }
 
     /// Parses TOML text and validates it, without environment overrides (tests, examples).
     pub fn from_toml_str(text: &str) -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(text)))
+        Self::from_figment(Figment::from(Toml::string(text)), Vec::new())
     }
 
     /// Parses TOML text with `AEGIS_*` overrides, as [`Config::load`] does for a file.
     pub fn from_toml_str_with_env(text: &str) -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(text)).merge(env_provider()))
+        Self::from_figment(Figment::from(Toml::string(text)).merge(env_provider()), env_properties())
     }
 
-    fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+    /// `env_properties` override the file's `[kafka.properties]`. Environment variable names
+    /// cannot hold dots, so AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD arrives as `sasl_password`;
+    /// librdkafka's property names use dots, never underscores.
+    fn from_figment(figment: Figment, env_properties: Vec<(String, String)>) -> Result<Self, ConfigError> {
         let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
-        // Environment variable names cannot hold dots, so AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD
-        // arrives as `sasl_password`; librdkafka's property names use dots, never underscores.
-        config.kafka.properties = std::mem::take(&mut config.kafka.properties)
-            .into_iter()
-            .map(|(key, value)| (key.replace('_', "."), value))
-            .collect();
+        config.kafka.properties.extend(env_properties);
         config.validate()?;
         Ok(config)
     }
@@ -518,7 +516,28 @@ impl Config {
 fn env_provider() -> Env {
     // Only AEGIS_<SECTION>__<KEY> are config keys; other AEGIS_* variables (AEGIS_CONFIG,
     // AEGIS_LOG_FORMAT, scripts' own settings) are not, and must not trip deny_unknown_fields.
-    Env::prefixed("AEGIS_").filter(|key| key.as_str().contains("__")).split("__")
+    // librdkafka properties are read verbatim instead (`env_properties`).
+    Env::prefixed("AEGIS_").filter(|key| key.as_str().contains("__") && !key.starts_with(PROPERTIES_ENV)).split("__")
+}
+
+/// `AEGIS_KAFKA__PROPERTIES__<NAME>`, after the `AEGIS_` prefix.
+const PROPERTIES_ENV: &str = "KAFKA__PROPERTIES__";
+
+/// librdkafka properties from `AEGIS_KAFKA__PROPERTIES__*`, byte for byte. Through figment a
+/// value is typed first (a password `12345` became a number, and failed as one) and trimmed and
+/// unquoted: a secret must arrive as it was set.
+fn env_properties() -> Vec<(String, String)> {
+    std::env::vars_os()
+        .filter_map(|(key, value)| {
+            let key = key.into_string().ok()?;
+            let name = key.get(..6).filter(|p| p.eq_ignore_ascii_case("AEGIS_")).map(|_| &key[6..])?;
+            let name = name
+                .get(PROPERTIES_ENV.len()..)
+                .filter(|_| name.get(..PROPERTIES_ENV.len()).is_some_and(|p| p.eq_ignore_ascii_case(PROPERTIES_ENV)))?;
+            Some((name.to_ascii_lowercase().replace('_', "."), value.into_string().ok()?))
+        })
+        .filter(|(name, _)| !name.is_empty())
+        .collect()
 }
 
 fn toml_string(config: &Config) -> String {
@@ -712,8 +731,13 @@ mod tests {
         std::env::set_var("AEGIS_KAFKA__BROKERS", "broker-a:9092");
         std::env::set_var("AEGIS_BIN", "/not/a/config/key");
         std::env::set_var("AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD", "from-env");
+        // Secrets arrive verbatim: not typed as numbers, not trimmed, not unquoted.
+        std::env::set_var("AEGIS_KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "00123");
+        std::env::set_var("aegis_kafka__properties__sasl_username", " \"quoted\" ");
         let c = Config::from_toml_str_with_env(MINIMAL);
         std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD");
+        std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SSL_KEY_PASSWORD");
+        std::env::remove_var("aegis_kafka__properties__sasl_username");
         std::env::remove_var("AEGIS_BIN");
         std::env::remove_var("AEGIS_SEGMENT__MAX_RECORDS");
         std::env::remove_var("AEGIS_KAFKA__BROKERS");
@@ -721,6 +745,8 @@ mod tests {
         assert_eq!(c.segment.max_records, 42);
         assert_eq!(c.kafka.brokers, "broker-a:9092");
         assert_eq!(c.kafka.properties.get("sasl.password").map(String::as_str), Some("from-env"));
+        assert_eq!(c.kafka.properties.get("ssl.key.password").map(String::as_str), Some("00123"));
+        assert_eq!(c.kafka.properties.get("sasl.username").map(String::as_str), Some(" \"quoted\" "));
     }
 
     #[test]

@@ -27,7 +27,11 @@ pub fn ddl(
     if prefix.contains(['\'', '`']) {
         return Err(DdlError::Prefix(prefix.into()));
     }
-    let location = format!("s3://{bucket}/{}/", prefix.trim_matches('/'));
+    // An empty prefix puts the trail at the bucket's root (keys are joined without it).
+    let location = match prefix.trim_matches('/') {
+        "" => format!("s3://{bucket}/"),
+        prefix => format!("s3://{bucket}/{prefix}/"),
+    };
     Ok(TEMPLATE
         .replace("{{database}}", database)
         .replace("{{table}}", table)
@@ -42,6 +46,9 @@ mod tests {
         let sql = super::ddl("audit", "decisions", "bkt", "trail", 2000).unwrap();
         assert!(!sql.contains("{{"), "{sql}");
         assert!(sql.contains("s3://bkt/trail/"));
+        let root = super::ddl("audit", "decisions", "bkt", "", 2000).unwrap();
+        assert!(root.contains("LOCATION 's3://bkt/'") && root.contains("'s3://bkt/year=${year}/"), "{root}");
+        assert!(!root.contains("bkt//"));
         assert!(super::ddl("audit", "Bad-Name", "bkt", "trail", 2000).unwrap_err().to_string().contains("--table"));
     }
 }
