@@ -351,6 +351,12 @@ def load_segment(store, key: str) -> Segment:
     seg.footer_root = root.decode(errors="replace") if root is not None else None
     columns = table.to_pydict()
     seg.rows = [Row(*values, key) for values in zip(*(columns[c] for c in COLUMNS))]
+    # As in aegis-audit's reader (schemas/CHAIN.md): a status that is neither value makes the
+    # whole object unreadable, so both verifiers report the same code.
+    for i, row in enumerate(seg.rows):
+        if row.status not in STATUS_CODES:
+            seg.rows, seg.unreadable = [], f"not a readable segment: row {i}: unknown status {row.status!r}"
+            return seg
     try:
         seg.merkle_root = merkle_root([bytes.fromhex(r.entry_hash) for r in seg.rows]).hex()
     except (TypeError, ValueError):

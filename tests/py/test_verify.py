@@ -132,6 +132,12 @@ def tamper_change_row(bucket):
     return {"entry_hash", "object_changed"}
 
 
+def tamper_unknown_status(bucket):
+    victim = segments(bucket, 3)[0]
+    rewrite(bucket, victim, lambda t: set_column(t, "status", ["approved"] + t.column("status").to_pylist()[1:]))
+    return {"object_unreadable"}
+
+
 def tamper_swap_rows(bucket):
     """Rows 0 and 1 trade places in the file (the Merkle tree is over row order)."""
     victim = next(k for k in segments(bucket, 3) if pq.read_metadata(io.BytesIO(
@@ -281,6 +287,7 @@ def tamper_digest_folder_spelled_twice(bucket):
     tamper_delete_segment, tamper_change_row, tamper_swap_rows, tamper_swap_payloads, tamper_truncate_tail,
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
+    tamper_unknown_status,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
