@@ -42,7 +42,7 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         count: u64,
         /// Records per second (default: as fast as possible).
-        #[arg(long)]
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
         rate: Option<u64>,
         /// Produce only to these partitions, round robin (e.g. `0,2`); default: keyed by session.
         #[arg(long, value_delimiter = ',')]

@@ -61,7 +61,13 @@ async fn create_topics(config: &Config, report: &mut Report) -> Result<(), InitE
         match result {
             Ok(topic) => report.push(format!("topic {topic}: created with {} partitions", config.kafka.partitions)),
             Err((topic, RDKafkaErrorCode::TopicAlreadyExists)) => report.push(format!("topic {topic}: exists")),
-            Err((topic, code)) => return Err(InitError::Topic { topic, message: code.to_string() }),
+            Err((topic, code)) => {
+                let message = format!(
+                    "{code} (kafka.partitions = {}, kafka.replication_factor = {})",
+                    config.kafka.partitions, config.kafka.replication_factor
+                );
+                return Err(InitError::Topic { topic, message });
+            }
         }
     }
     Ok(())

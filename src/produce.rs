@@ -166,7 +166,15 @@ pub async fn run(config: &Config, options: &ProduceOptions) -> Result<BTreeMap<i
             d.last_offset = d.last_offset.max(offset);
             Ok(())
         }
-        Err((e, _)) => Err(ProduceError::Delivery { topic: topic.clone(), message: e.to_string() }),
+        Err((e, message)) => {
+            use rdkafka::message::Message;
+            let mut message_text = e.to_string();
+            if e.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::UnknownPartition) {
+                message_text +=
+                    &format!(" (--partitions names partition {}, which the topic does not have)", message.partition());
+            }
+            Err(ProduceError::Delivery { topic: topic.clone(), message: message_text })
+        }
     };
     for i in 0..options.count {
         if let Some(interval) = interval.as_mut() {
