@@ -142,10 +142,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
             let dynamo = DynamoStore::new(&sdk, &config.dynamodb);
             let members = group::members(&config, &group_id, &dynamo).await?;
-            let unchained = group::unchained_partitions(&config, &dynamo).await?;
+            let headless = group::headless_partitions(&config, &dynamo).await?;
             let (dry_run, force) = (*dry_run, *force);
             let plan = tokio::task::spawn_blocking(move || {
-                group::replay(&config, &group_id, &members, &unchained, &target, dry_run, force)
+                group::replay(&config, &group_id, &members, &headless, &target, dry_run, force)
             })
             .await??;
             if *json {

@@ -367,7 +367,11 @@ impl Config {
     /// librdkafka's property names use dots, never underscores.
     fn from_figment(figment: Figment, env_properties: Vec<(String, String)>) -> Result<Self, ConfigError> {
         let mut config: Config = figment.extract().map_err(|e| ConfigError::Parse(one_line(&e)))?;
-        config.kafka.properties.extend(env_properties);
+        config.kafka.properties = std::mem::take(&mut config.kafka.properties)
+            .into_iter()
+            .chain(env_properties)
+            .map(|(key, value)| (key.replace('_', "."), value))
+            .collect();
         config.validate()?;
         Ok(config)
     }
@@ -413,7 +417,8 @@ impl Config {
                 .map_err(|_| invalid("kafka.properties", "max.poll.interval.ms must be a number of milliseconds"))?,
             None => 300_000,
         };
-        if !(6_000..=max_poll_ms).contains(&self.kafka.session_timeout_ms) {
+        let overridden = self.kafka.properties.contains_key("session.timeout.ms");
+        if !overridden && !(6_000..=max_poll_ms).contains(&self.kafka.session_timeout_ms) {
             return Err(invalid(
                 "kafka.session_timeout_ms",
                 format!(
@@ -534,7 +539,7 @@ fn env_properties() -> Vec<(String, String)> {
             let name = name
                 .get(PROPERTIES_ENV.len()..)
                 .filter(|_| name.get(..PROPERTIES_ENV.len()).is_some_and(|p| p.eq_ignore_ascii_case(PROPERTIES_ENV)))?;
-            Some((name.to_ascii_lowercase().replace('_', "."), value.into_string().ok()?))
+            Some((name.to_ascii_lowercase(), value.into_string().ok()?))
         })
         .filter(|(name, _)| !name.is_empty())
         .collect()
@@ -734,10 +739,12 @@ mod tests {
         // Secrets arrive verbatim: not typed as numbers, not trimmed, not unquoted.
         std::env::set_var("AEGIS_KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "00123");
         std::env::set_var("aegis_kafka__properties__sasl_username", " \"quoted\" ");
+        std::env::set_var("AEGIS_KAFKA__PROPERTIES__SSL.CA.LOCATION", "/ca.pem");
         let c = Config::from_toml_str_with_env(MINIMAL);
         std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD");
         std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SSL_KEY_PASSWORD");
         std::env::remove_var("aegis_kafka__properties__sasl_username");
+        std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SSL.CA.LOCATION");
         std::env::remove_var("AEGIS_BIN");
         std::env::remove_var("AEGIS_SEGMENT__MAX_RECORDS");
         std::env::remove_var("AEGIS_KAFKA__BROKERS");
@@ -747,6 +754,15 @@ mod tests {
         assert_eq!(c.kafka.properties.get("sasl.password").map(String::as_str), Some("from-env"));
         assert_eq!(c.kafka.properties.get("ssl.key.password").map(String::as_str), Some("00123"));
         assert_eq!(c.kafka.properties.get("sasl.username").map(String::as_str), Some(" \"quoted\" "));
+        assert_eq!(c.kafka.properties.get("ssl.ca.location").map(String::as_str), Some("/ca.pem"), "dots work too");
+        // In the file, too, `_` reads as `.` in property keys.
+        let file = MINIMAL.replace(
+            "topic = \"decisions\"",
+            "topic = \"decisions\"\n[kafka.properties]\nsasl_mechanisms = \"SCRAM-SHA-512\"",
+        );
+        // This test holds ENV_LOCK already: `Config::from_toml_str`, not `parse`.
+        let from_file = Config::from_toml_str(&file).unwrap();
+        assert_eq!(from_file.kafka.properties.get("sasl.mechanisms").map(String::as_str), Some("SCRAM-SHA-512"));
     }
 
     #[test]

@@ -635,6 +635,11 @@ mod tests {
         assert_eq!(decode_value(&d).unwrap().original_action(), Some(""));
         let padded = format!("  \n{}", serde_json::to_string(&good()).unwrap());
         assert!(decode(Some(&Bytes::from(padded)), None, &rules()).is_ok(), "whitespace before the object");
+        // A field the schema defines appears once; other keys, and those in metadata, as sent.
+        let text = serde_json::to_string(&good()).unwrap();
+        let twice = |extra: &str| decode(Some(&Bytes::from(text.replacen('{', extra, 1))), None, &rules());
+        assert_eq!(twice(r#"{"user_id":"u-0","#).unwrap_err().code(), "schema");
+        assert!(twice(r#"{"x":1,"x":2,"#).is_ok());
     }
 
     #[test]

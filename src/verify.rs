@@ -29,6 +29,7 @@ use crate::chain::{entry_hash, genesis, parse_hash, Hash};
 use crate::digest::{self, DigestObject, SegmentEntry, DIGESTS_DIR};
 use crate::segment::{join_key, parse_segment_key, read_segment, Row, SegmentName};
 use crate::sinks::{ObjectStore, SinkError};
+use crate::tools::retention::{prune_marker_key, PruneMarker, PRUNE_MARKER_FORMAT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -140,7 +141,12 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
         report.partitions += 1;
         let digests = digest_keys.remove(&partition).unwrap_or_default();
         let signed = check_digests(store.as_ref(), &options.topic, partition, &digests, &keys, &mut report).await?;
-        check_partition(store.clone(), &options.topic, partition, names, &signed, options, &bar, &mut report).await;
+        let marker = match options.pruned_before {
+            Some(cutoff) => prune_marker(store.as_ref(), prefix, &options.topic, partition, cutoff, &mut report).await,
+            None => None,
+        };
+        check_partition(store.clone(), &options.topic, partition, names, &signed, marker, options, &bar, &mut report)
+            .await;
     }
     bar.finish_and_clear();
     report.seconds = started.elapsed().as_secs_f64();
@@ -345,6 +351,43 @@ async fn check_digests(
     Ok(signed)
 }
 
+/// The marker `prune` left for the partition, if it pruned it with a cutoff no later than the
+/// one the verifier was given.
+async fn prune_marker(
+    store: &dyn ObjectStore,
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    cutoff: chrono::NaiveDate,
+    report: &mut Report,
+) -> Option<PruneMarker> {
+    let key = prune_marker_key(prefix, topic, partition);
+    let body = match store.head(&key).await {
+        Ok(Some(_)) => store.get(&key).await,
+        Ok(None) => return None,
+        Err(e) => Err(e),
+    };
+    let marker = match body.map(|b| serde_json::from_slice::<PruneMarker>(&b)) {
+        Ok(Ok(m)) if m.format == PRUNE_MARKER_FORMAT && m.topic == topic && m.partition == partition => m,
+        Ok(_) => {
+            report.notes.push(format!("{key}: not a prune marker of {topic}/{partition}; ignored"));
+            return None;
+        }
+        Err(e) => {
+            report.notes.push(format!("{key}: unreadable ({e}); ignored"));
+            return None;
+        }
+    };
+    if marker.cutoff > cutoff {
+        report.notes.push(format!(
+            "partition {partition}: prune recorded cutoff {}, later than --pruned-before {cutoff}; marker not used",
+            marker.cutoff
+        ));
+        return None;
+    }
+    Some(marker)
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn check_partition(
     store: Arc<dyn ObjectStore>,
@@ -352,6 +395,7 @@ async fn check_partition(
     partition: i32,
     names: &[SegmentName],
     signed: &Signed,
+    marker: Option<PruneMarker>,
     options: &VerifyOptions,
     bar: &indicatif::ProgressBar,
     report: &mut Report,
@@ -543,21 +587,19 @@ async fn check_partition(
             // The link: this row's prev_hash is the previous entry (genesis for the first).
             let expected = match &expected_prev {
                 Some((hash, _, _)) => Some(hash.clone()),
-                None if first_flush && options.from.is_none() => match &anchor {
-                    Some(anchor) => Some(anchor.clone()),
-                    // Flushes no digest ever listed (signing off, or not yet on) were pruned:
-                    // nothing vouches for the link, so the first row is the anchor, and said so.
-                    None if options.pruned_before.is_some()
-                        && row.prev_hash != hex::encode(genesis(topic, partition)) =>
-                    {
+                None if first_flush && options.from.is_none() => match (&anchor, &marker) {
+                    (Some(anchor), _) => Some(anchor.clone()),
+                    // Flushes no digest ever listed (signing off, or not yet on) were pruned: the
+                    // marker `prune` left says which entry the rest links to.
+                    (None, Some(m)) if row.offset > m.last_offset => {
                         report.notes.push(format!(
-                            "partition {partition}: the chain starts at offset {} in {key}, linking to {}, which no \
-                             digest vouches for: the flushes before it are gone and were never signed (pruned?)",
-                            row.offset, row.prev_hash
+                            "partition {partition}: the chain starts at offset {} in {key}, after the flushes \
+                             prune deleted through offset {} (cutoff {}); no digest signed those",
+                            row.offset, m.last_offset, m.cutoff
                         ));
-                        None
+                        Some(m.last_entry_hash.clone())
                     }
-                    None => Some(hex::encode(genesis(topic, partition))),
+                    _ => Some(hex::encode(genesis(topic, partition))),
                 },
                 None => None, // --from: the first row is the anchor
             };
@@ -745,26 +787,52 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn pruned_unsigned_prefix_is_expected_only_with_pruned_before() {
+    async fn an_unsigned_prefix_counts_as_pruned_only_with_prunes_marker() {
         let objects = trail_signed_by(None).await;
-        for key in segment_keys(&objects).into_iter().filter(|k| k.contains("-00000000000000000000-")) {
-            objects.remove(&key);
+        let first_flush: Vec<String> =
+            segment_keys(&objects).into_iter().filter(|k| k.contains("-00000000000000000000-")).collect();
+        let mut last_hash = None;
+        for key in &first_flush {
+            let info = objects.head(key).await.unwrap().unwrap();
+            if info.metadata.get("aegis-last-offset").map(String::as_str) == Some("2") {
+                last_hash = info.metadata.get("aegis-last-entry-hash").cloned();
+            }
+            objects.remove(key);
         }
+        let day = |d: u32| chrono::NaiveDate::from_ymd_opt(2026, 11, d).unwrap();
+        let options =
+            VerifyOptions { topic: TOPIC.into(), pruned_before: Some(day(21)), concurrency: 4, ..Default::default() };
+        let pruned = || async { verify(objects.clone(), "trail", &options).await.unwrap() };
         assert_eq!(codes(&check(&objects).await), vec!["broken_link"]);
-        let options = VerifyOptions {
+        // Deleted by anyone but prune: nothing says where the rest starts, whatever the cutoff.
+        assert_eq!(codes(&pruned().await), vec!["broken_link"]);
+
+        let marker = |cutoff, hash: &str| PruneMarker {
+            format: PRUNE_MARKER_FORMAT.into(),
             topic: TOPIC.into(),
-            pruned_before: chrono::NaiveDate::from_ymd_opt(2026, 11, 21),
-            concurrency: 4,
-            ..Default::default()
+            partition: 0,
+            last_offset: 2,
+            last_entry_hash: hash.into(),
+            cutoff,
+            pruned_at: "2026-11-30T00:00:00Z".into(),
         };
-        let report = verify(objects.clone(), "trail", &options).await.unwrap();
+        let put = |m: PruneMarker| {
+            let objects = objects.clone();
+            async move {
+                let key = prune_marker_key("trail", TOPIC, 0);
+                objects.put(&key, Bytes::from(serde_json::to_vec(&m).unwrap()), &BTreeMap::new()).await.unwrap();
+            }
+        };
+        put(marker(day(21), &last_hash.clone().unwrap())).await;
+        let report = pruned().await;
         assert!(report.ok, "{:?}", report.problems);
         assert_eq!(report.records, 9);
         assert!(report.notes.iter().any(|n| n.contains("starts at offset 3")), "{:?}", report.notes);
-        // Past the start, links are still checked.
-        let victim = segment_keys(&objects).into_iter().find(|k| k.contains("-00000000000000000006-")).unwrap();
-        objects.remove(&victim);
-        assert!(codes(&verify(objects.clone(), "trail", &options).await.unwrap()).contains(&"broken_link"));
+        // The marker must name the entry the rest links to, from a prune no later than the cutoff.
+        put(marker(day(21), &"00".repeat(32))).await;
+        assert_eq!(codes(&pruned().await), vec!["broken_link"]);
+        put(marker(day(22), &last_hash.unwrap())).await;
+        assert_eq!(codes(&pruned().await), vec!["broken_link"]);
     }
 
     #[tokio::test]

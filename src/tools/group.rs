@@ -3,6 +3,7 @@
 //! Both use a plain librdkafka client with the group's id that never subscribes, so it reads
 //! and commits the group's offsets without joining it.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -253,11 +254,16 @@ pub struct ReplayPlan {
     pub applied: bool,
 }
 
-/// The partitions of `kafka.topic` that have no chain yet (no durable head, no interrupted
-/// flush). A worker continues a chain from its head whatever the group's offset says, but the
-/// first record it reads on such a partition starts the chain: an offset past the log start
-/// there would leave the records before it out of the trail for good.
-pub async fn unchained_partitions(config: &Config, dynamo: &DynamoStore) -> Result<Vec<i32>, GroupError> {
+/// Where a partition must be read from whatever a replay asks, for the partitions of
+/// `kafka.topic` whose chain has no durable head yet. A worker continues a chain from its head
+/// whatever the group's offset says, but without a head the first record it reads is taken as
+/// the chain's start: on a partition with no chain at all that must be the log's start (`None`:
+/// a later offset would leave the records before it out for good), and where the chain's first
+/// flush was interrupted, exactly that flush's first offset (any other would not reproduce it).
+pub async fn headless_partitions(
+    config: &Config,
+    dynamo: &DynamoStore,
+) -> Result<BTreeMap<i32, Option<i64>>, GroupError> {
     let heads: &dyn HeadStore = dynamo;
     let (config_c, topic) = (config.clone(), config.kafka.topic.clone());
     let ids = tokio::task::spawn_blocking(move || {
@@ -265,24 +271,24 @@ pub async fn unchained_partitions(config: &Config, dynamo: &DynamoStore) -> Resu
     })
     .await
     .expect("metadata task does not panic")?;
-    let mut unchained = Vec::new();
+    let mut headless = BTreeMap::new();
     for partition in ids {
         let head = heads.load(&topic, partition).await?;
-        if head.committed.is_none() && head.pending.is_none() {
-            unchained.push(partition);
+        if head.committed.is_none() {
+            headless.insert(partition, head.pending.map(|p| p.first_offset));
         }
     }
-    Ok(unchained)
+    Ok(headless)
 }
 
 /// Computes the plan and, unless `dry_run`, commits the targets for the group. `members` are
-/// the group's live members (see [`members`]); `unchained` the partitions without a chain (see
-/// [`unchained_partitions`]), which always go back to the start of the log.
+/// the group's live members (see [`members`]); `headless` the partitions whose start is fixed
+/// (see [`headless_partitions`]).
 pub fn replay(
     config: &Config,
     group: &str,
     members: &[String],
-    unchained: &[i32],
+    headless: &BTreeMap<i32, Option<i64>>,
     target: &ReplayTarget,
     dry_run: bool,
     force: bool,
@@ -334,13 +340,16 @@ pub fn replay(
         if asked > high {
             return Err(GroupError::PastTheEnd { partition, offset: asked, end: high });
         }
-        let (target, note) = if unchained.contains(&partition) && asked > low {
-            (
+        let (target, note) = match headless.get(&partition) {
+            Some(None) if asked != low => (
                 low,
                 Some(format!("no chain yet: from the start of the log ({low}), not {asked}, so no record is left out")),
-            )
-        } else {
-            (asked.max(low), None)
+            ),
+            Some(&Some(first)) if asked != first => (
+                first,
+                Some(format!("the chain's first flush was interrupted: from its first offset ({first}), not {asked}")),
+            ),
+            _ => (asked.max(low), None),
         };
         let to_reprocess = (cur.unwrap_or(high) - target).max(0);
         steps.push(ReplayStep { partition, current: cur, target, to_reprocess, note });

@@ -25,6 +25,31 @@ pub struct PruneReport {
     /// Expired but retained by Object Lock until the given time.
     pub locked: Vec<(String, String)>,
     pub kept_objects: usize,
+    /// The [`PruneMarker`] objects written.
+    pub markers: Vec<String>,
+}
+
+pub const PRUNE_MARKER_FORMAT: &str = "aegis-pruned/v1";
+
+/// What `prune` leaves for each partition it pruned: the entry the remaining chain links to.
+/// `verify --pruned-before` checks the first remaining entry against it where no digest signed
+/// the deleted flushes, so a prune is told from a deletion by anyone else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct PruneMarker {
+    pub format: String,
+    pub topic: String,
+    pub partition: i32,
+    /// The last offset of the last flush deleted, and its entry hash (hex).
+    pub last_offset: i64,
+    pub last_entry_hash: String,
+    /// The prune's cutoff: every deleted object was dated before it.
+    pub cutoff: NaiveDate,
+    pub pruned_at: String,
+}
+
+/// `<prefix>/_pruned/<topic>/p<PPPP>.json` (Athena skips names starting with `_`).
+pub fn prune_marker_key(prefix: &str, topic: &str, partition: i32) -> String {
+    crate::segment::join_key(&[prefix, "_pruned", topic, &format!("p{partition:04}.json")])
 }
 
 /// The UTC date in a key's `year=/month=/day=` directories.
@@ -70,9 +95,11 @@ pub async fn prune(
         }
     }
     let now = DateTime::from(std::time::SystemTime::now());
-    for (_, by_flush) in flushes {
+    for (partition, by_flush) in flushes {
         let mut pruning = true;
-        for (_, names) in by_flush {
+        // (last offset, entry hash) of the last flush deleted.
+        let mut pruned_through: Option<(i64, String)> = None;
+        for ((_, flush_last), names) in by_flush {
             let expired = names.iter().all(|n| key_date(&n.key).is_some_and(|d| d < cutoff));
             if !(pruning && expired) {
                 pruning = false;
@@ -81,6 +108,7 @@ pub async fn prune(
             }
             // Check every object of the flush before deleting any, so a flush is never split.
             let mut locked = Vec::new();
+            let mut last_hash = None;
             for name in &names {
                 let head = client
                     .head_object()
@@ -91,6 +119,12 @@ pub async fn prune(
                     .map_err(|e| classify_sdk_error(BACKEND, "HeadObject", &name.key, &e))?;
                 if let Some(until) = head.object_lock_retain_until_date().filter(|u| u.secs() > now.secs()) {
                     locked.push((name.key.clone(), until.to_string()));
+                }
+                // The object holding the flush's last row knows the entry the next flush links to.
+                let metadata = head.metadata();
+                let value = |key: &str| metadata.and_then(|m| m.get(key));
+                if value("aegis-last-offset") == Some(&flush_last.to_string()) {
+                    last_hash = value("aegis-last-entry-hash").cloned();
                 }
             }
             if !locked.is_empty() {
@@ -105,6 +139,30 @@ pub async fn prune(
                 }
                 report.deleted.push(name.key);
             }
+            pruned_through = last_hash.map(|hash| (flush_last, hash));
+        }
+        if let (false, Some((last_offset, last_entry_hash))) = (dry_run, pruned_through) {
+            let marker = PruneMarker {
+                format: PRUNE_MARKER_FORMAT.into(),
+                topic: topic.into(),
+                partition,
+                last_offset,
+                last_entry_hash,
+                cutoff,
+                pruned_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            };
+            let key = prune_marker_key(prefix, topic, partition);
+            let body = serde_json::to_vec_pretty(&marker).expect("a marker serialises");
+            client
+                .put_object()
+                .bucket(bucket)
+                .key(&key)
+                .body(body.into())
+                .content_type("application/json")
+                .send()
+                .await
+                .map_err(|e| classify_sdk_error(BACKEND, "PutObject", &key, &e))?;
+            report.markers.push(key);
         }
     }
     Ok(report)

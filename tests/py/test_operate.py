@@ -198,6 +198,13 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     rows = trail.read_rows(aegis.bucket, "trail/")
     assert {(r["kafka_partition"], r["kafka_offset"]) for r in rows} == {(p, o) for p, o, _ in new}, \
         "exactly the old flushes are gone"
+    # Per pruned partition, a marker naming the entry the first remaining row links to.
+    assert report["markers"], report
+    for key in report["markers"]:
+        marker = json.loads(trail.s3().get_object(Bucket=aegis.bucket, Key=key)["Body"].read())
+        first = min((r for r in rows if r["kafka_partition"] == marker["partition"]), key=lambda r: r["kafka_offset"])
+        assert (marker["format"], marker["cutoff"]) == ("aegis-pruned/v1", report["cutoff"]), marker
+        assert first["prev_hash"] == marker["last_entry_hash"] and first["kafka_offset"] > marker["last_offset"], marker
 
     # The remaining trail verifies only with the prune acknowledged.
     assert "missing_segment" in {p["code"] for p in aegis.verify(**unlocked)["problems"]}
