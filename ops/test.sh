@@ -24,8 +24,20 @@ log "lint (rustfmt, clippy)"
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 
+# A hung test must fail the run with a message, not use up CI's time: the unit tests take
+# seconds (built above), the integration tests ~10 minutes on 2 cores.
+bounded() {
+    local limit=$1; shift
+    local rc=0
+    timeout "$limit" "$@" || rc=$?
+    if [[ $rc == 124 ]]; then
+        echo "ops/test.sh: '$*' did not finish within $limit s (a hung test?)" >&2
+    fi
+    return $rc
+}
+
 log "unit tests"
-cargo test --locked --lib --bins
+bounded 900 cargo test --locked --lib --bins
 
 log "local stack"
 started_here=0
@@ -39,4 +51,4 @@ fi
 eval "$(bash ops/stack.sh env)"
 
 log "integration tests (pytest, real stack)"
-"$AEGIS_PYTHON" -m pytest -q -p no:cacheprovider tests/py "$@"
+bounded 3600 "$AEGIS_PYTHON" -m pytest -q -p no:cacheprovider tests/py "$@"
