@@ -28,8 +28,11 @@ cargo clippy --locked --all-targets -- -D warnings
 # seconds (built above), the integration tests ~10 minutes on 2 cores.
 bounded() {
     local limit=$1; shift
-    local rc=0
-    timeout "$limit" "$@" || rc=$?
+    local rc=0 foreground=()
+    # At a terminal, Ctrl-C must still reach the tests (timeout otherwise runs them in a
+    # process group of their own); in CI the whole group is killed at the limit.
+    [[ -t 0 ]] && foreground=(--foreground)
+    timeout "${foreground[@]}" "$limit" "$@" || rc=$?
     if [[ $rc == 124 ]]; then
         echo "ops/test.sh: '$*' did not finish within $limit s (a hung test?)" >&2
     fi

@@ -175,7 +175,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
             let store = S3Store::new(&sdk, &config.s3);
             let report = retention::prune(
-                store.client(),
+                &store,
                 &config.s3.bucket,
                 &config.s3.prefix,
                 &config.kafka.topic,

@@ -417,12 +417,20 @@ impl Config {
                 .map_err(|_| invalid("kafka.properties", "max.poll.interval.ms must be a number of milliseconds"))?,
             None => 300_000,
         };
-        let overridden = self.kafka.properties.contains_key("session.timeout.ms");
-        if !overridden && !(6_000..=max_poll_ms).contains(&self.kafka.session_timeout_ms) {
+        // A session.timeout.ms property is applied last, so it is the one to check.
+        let (session_key, session_ms) = match self.kafka.properties.get("session.timeout.ms") {
+            Some(v) => (
+                "kafka.properties",
+                v.parse()
+                    .map_err(|_| invalid("kafka.properties", "session.timeout.ms must be a number of milliseconds"))?,
+            ),
+            None => ("kafka.session_timeout_ms", self.kafka.session_timeout_ms),
+        };
+        if !(6_000..=max_poll_ms).contains(&session_ms) {
             return Err(invalid(
-                "kafka.session_timeout_ms",
+                session_key,
                 format!(
-                    "must be between 6000 (Kafka's default group.min.session.timeout.ms) and max.poll.interval.ms ({max_poll_ms})"
+                    "session timeout {session_ms} ms: must be between 6000 (Kafka's default group.min.session.timeout.ms) and max.poll.interval.ms ({max_poll_ms})"
                 ),
             ));
         }
@@ -718,6 +726,12 @@ mod tests {
         }
         let longer_polls = "\n[kafka.properties]\n\"max.poll.interval.ms\" = \"600000\"";
         assert!(parse(&session(400_000, longer_polls)).is_ok());
+        // A session.timeout.ms property wins over the key, so it is the one checked.
+        let property = |ms: &str| session(30_000, &format!("\n[kafka.properties]\n\"session.timeout.ms\" = \"{ms}\""));
+        assert!(parse(&property("10000")).is_ok());
+        for ms in ["3000", "abc"] {
+            assert!(parse(&property(ms)).unwrap_err().to_string().contains("kafka.properties"), "{ms}");
+        }
         let kms = MINIMAL.replace("bucket = \"audit-bucket\"", "bucket = \"audit-bucket\"\nsse = \"aws:kms\"");
         assert!(parse(&kms).unwrap_err().to_string().contains("s3.sse_kms_key_id"));
         let missing = format!("{MINIMAL}\n[digest]\nsigning_key_file = \"/nonexistent/key.pem\"\n");

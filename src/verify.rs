@@ -410,7 +410,7 @@ async fn check_partition(
     };
     // Coverage: every signed segment exists, every segment in the signed range is signed.
     let present: BTreeMap<&str, &SegmentName> = names.iter().map(|n| (n.key.as_str(), n)).collect();
-    let (pruned, anchor) = pruned_prefix(signed, &present, &options.topic, options.pruned_before);
+    let (pruned, anchor) = pruned_prefix(signed, &present, &options.topic, options.pruned_before, marker.as_ref());
     report.pruned_segments += pruned.len();
     for (key, entry) in &signed.segments {
         if pruned.contains(key.as_str()) {
@@ -665,12 +665,14 @@ async fn check_partition(
 }
 
 /// The signed flushes at the start of the partition that are gone and dated before `cutoff`
-/// (pruned on purpose), and the entry hash the first remaining entry must link to.
+/// (pruned on purpose), and the entry hash the first remaining entry must link to. Where
+/// `prune` left a marker, only flushes up to the one it names count as pruned.
 fn pruned_prefix(
     signed: &Signed,
     present: &BTreeMap<&str, &SegmentName>,
     topic: &str,
     cutoff: Option<chrono::NaiveDate>,
+    marker: Option<&PruneMarker>,
 ) -> (std::collections::BTreeSet<String>, Option<String>) {
     let mut pruned = std::collections::BTreeSet::new();
     let mut anchor = None;
@@ -681,7 +683,10 @@ fn pruned_prefix(
             by_flush.entry((name.flush_first, name.flush_last)).or_default().push(entry);
         }
     }
-    for entries in by_flush.values() {
+    for (&(_, flush_last), entries) in &by_flush {
+        if marker.is_some_and(|m| flush_last > m.last_offset) {
+            break;
+        }
         let gone = entries.iter().all(|e| {
             !present.contains_key(e.key.as_str())
                 && crate::tools::retention::key_date(&e.key).is_some_and(|d| d < cutoff)
@@ -833,6 +838,41 @@ mod tests {
         assert_eq!(codes(&pruned().await), vec!["broken_link"]);
         put(marker(day(22), &last_hash.unwrap())).await;
         assert_eq!(codes(&pruned().await), vec!["broken_link"]);
+    }
+
+    #[tokio::test]
+    async fn signed_flushes_count_as_pruned_only_up_to_prunes_marker() {
+        let objects = trail().await;
+        for key in segment_keys(&objects)
+            .into_iter()
+            .filter(|k| k.contains("-00000000000000000000-") || k.contains("-00000000000000000003-"))
+        {
+            objects.remove(&key);
+        }
+        let options = VerifyOptions {
+            topic: TOPIC.into(),
+            public_keys: vec![signer().verifying_key()],
+            pruned_before: chrono::NaiveDate::from_ymd_opt(2026, 11, 21),
+            concurrency: 4,
+            ..Default::default()
+        };
+        let report = verify(objects.clone(), "trail", &options).await.unwrap();
+        assert!(report.ok && report.pruned_segments == 4, "{:?}", report.problems);
+        // prune recorded that it stopped after offset 2: the flush 3..=5 went some other way.
+        let marker = PruneMarker {
+            format: PRUNE_MARKER_FORMAT.into(),
+            topic: TOPIC.into(),
+            partition: 0,
+            last_offset: 2,
+            last_entry_hash: "00".repeat(32),
+            cutoff: chrono::NaiveDate::from_ymd_opt(2026, 11, 21).unwrap(),
+            pruned_at: "2026-11-30T00:00:00Z".into(),
+        };
+        let key = prune_marker_key("trail", TOPIC, 0);
+        objects.put(&key, Bytes::from(serde_json::to_vec(&marker).unwrap()), &BTreeMap::new()).await.unwrap();
+        let report = verify(objects.clone(), "trail", &options).await.unwrap();
+        assert!(codes(&report).contains(&"missing_segment"), "{:?}", report.problems);
+        assert_eq!(report.pruned_segments, 2);
     }
 
     #[tokio::test]

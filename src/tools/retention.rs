@@ -13,7 +13,7 @@ use chrono::{NaiveDate, Utc};
 use serde::Serialize;
 
 use crate::segment::{parse_segment_key, SegmentName};
-use crate::sinks::{classify_sdk_error, SinkError};
+use crate::sinks::{classify_sdk_error, ObjectStore, SinkError};
 
 const BACKEND: &str = "s3";
 
@@ -61,13 +61,14 @@ pub fn key_date(key: &str) -> Option<NaiveDate> {
 }
 
 pub async fn prune(
-    client: &aws_sdk_s3::Client,
+    store: &crate::sinks::s3::S3Store,
     bucket: &str,
     prefix: &str,
     topic: &str,
     older_than_days: u32,
     dry_run: bool,
 ) -> Result<PruneReport, SinkError> {
+    let client = store.client();
     let cutoff = Utc::now().date_naive() - chrono::Days::new(older_than_days as u64);
     let mut report = PruneReport { cutoff: cutoff.to_string(), dry_run, ..Default::default() };
     // Segments by partition, then by flush.
@@ -97,8 +98,6 @@ pub async fn prune(
     let now = DateTime::from(std::time::SystemTime::now());
     for (partition, by_flush) in flushes {
         let mut pruning = true;
-        // (last offset, entry hash) of the last flush deleted.
-        let mut pruned_through: Option<(i64, String)> = None;
         for ((_, flush_last), names) in by_flush {
             let expired = names.iter().all(|n| key_date(&n.key).is_some_and(|d| d < cutoff));
             if !(pruning && expired) {
@@ -133,36 +132,33 @@ pub async fn prune(
                 pruning = false;
                 continue;
             }
+            // The marker first: a prune stopped midway (an error, Ctrl-C) then leaves a marker one
+            // flush ahead, which the next run (it deletes that flush again) makes true, never a
+            // deleted flush without one.
+            if let (false, Some(last_entry_hash)) = (dry_run, last_hash) {
+                let marker = PruneMarker {
+                    format: PRUNE_MARKER_FORMAT.into(),
+                    topic: topic.into(),
+                    partition,
+                    last_offset: flush_last,
+                    last_entry_hash,
+                    cutoff,
+                    pruned_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                };
+                let key = prune_marker_key(prefix, topic, partition);
+                let body = serde_json::to_vec_pretty(&marker).expect("a marker serialises");
+                // Through the store: the bucket's encryption and Object Lock settings apply.
+                store.put(&key, body.into(), &BTreeMap::new()).await?;
+                if !report.markers.contains(&key) {
+                    report.markers.push(key);
+                }
+            }
             for name in names {
                 if !dry_run {
                     delete_all_versions(client, bucket, &name.key).await?;
                 }
                 report.deleted.push(name.key);
             }
-            pruned_through = last_hash.map(|hash| (flush_last, hash));
-        }
-        if let (false, Some((last_offset, last_entry_hash))) = (dry_run, pruned_through) {
-            let marker = PruneMarker {
-                format: PRUNE_MARKER_FORMAT.into(),
-                topic: topic.into(),
-                partition,
-                last_offset,
-                last_entry_hash,
-                cutoff,
-                pruned_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            };
-            let key = prune_marker_key(prefix, topic, partition);
-            let body = serde_json::to_vec_pretty(&marker).expect("a marker serialises");
-            client
-                .put_object()
-                .bucket(bucket)
-                .key(&key)
-                .body(body.into())
-                .content_type("application/json")
-                .send()
-                .await
-                .map_err(|e| classify_sdk_error(BACKEND, "PutObject", &key, &e))?;
-            report.markers.push(key);
         }
     }
     Ok(report)
