@@ -30,7 +30,8 @@ bounded() {
     local limit=$1; shift
     local rc=0 foreground=()
     # At a terminal, Ctrl-C must still reach the tests (timeout otherwise runs them in a
-    # process group of their own); in CI the whole group is killed at the limit.
+    # process group of their own), at the price that a hung test's children outlive the limit
+    # there; in CI the whole group is killed at the limit.
     [[ -t 0 ]] && foreground=(--foreground)
     timeout "${foreground[@]}" "$limit" "$@" || rc=$?
     if [[ $rc == 124 ]]; then

@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 
 use aws_sdk_s3::primitives::DateTime;
+use aws_sdk_s3::types::ObjectLockLegalHoldStatus;
 use chrono::{NaiveDate, Utc};
 use serde::Serialize;
 
@@ -118,6 +119,9 @@ pub async fn prune(
                     .map_err(|e| classify_sdk_error(BACKEND, "HeadObject", &name.key, &e))?;
                 if let Some(until) = head.object_lock_retain_until_date().filter(|u| u.secs() > now.secs()) {
                     locked.push((name.key.clone(), until.to_string()));
+                } else if head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On) {
+                    // Evidence kept for an incident (RUNBOOK, Safety flags): no delete may touch it.
+                    locked.push((name.key.clone(), "legal hold".to_string()));
                 }
                 // The object holding the flush's last row knows the entry the next flush links to.
                 let metadata = head.metadata();

@@ -220,13 +220,20 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
         body = trail.s3().get_object(Bucket=aegis.bucket, Key=key)["Body"].read() if key in after else b"x"
         trail.s3().put_object(Bucket=locked_aegis_bucket, Key=key, Body=body, ObjectLockMode="COMPLIANCE",
                               ObjectLockRetainUntilDate=time.time() + 86400)
+    # An expired flush of another partition under a legal hold alone (evidence for an incident):
+    # kept and listed, not a failed delete.
+    partition_of = lambda key: re.search(r"-p(\d{4,})-", key)[1]
+    locked_partitions = {partition_of(key) for key in before[:3]}
+    held = next(k for k in report["deleted"] if partition_of(k) not in locked_partitions)
+    trail.s3().put_object(Bucket=locked_aegis_bucket, Key=held, Body=b"x", ObjectLockLegalHoldStatus="ON")
     locked_report = json.loads(aegis.run("prune", "--older-than", "2", "--json", **locked).stdout)
     assert locked_report["deleted"] == []
+    assert [held, "legal hold"] in locked_report["locked"], locked_report["locked"]
     # Pruning stops at a partition's first locked flush and names its objects: expired ones.
-    expired = set(before[:3]) & set(report["deleted"])
+    expired = (set(before[:3]) | {held}) & set(report["deleted"])
     locked_keys = {key for key, _ in locked_report["locked"]}
     assert locked_keys and locked_keys <= expired, (locked_report, expired)
-    assert len(trail.list_keys(locked_aegis_bucket, "trail/")) == 3
+    assert len(trail.list_keys(locked_aegis_bucket, "trail/")) == 4
 
     # lifecycle: the AWS CLI document, accepted by the S3 API.
     lifecycle = json.loads(aegis.run("lifecycle").stdout)
