@@ -211,34 +211,44 @@ pub trait HeadStore: Send + Sync {
 }
 
 /// Turns an AWS SDK error into a [`SinkError`], deciding retryable vs fatal in one place.
-pub(crate) fn classify_sdk_error<E, R>(
+pub(crate) fn classify_sdk_error<E>(
     backend: &'static str,
     operation: &'static str,
     target: &str,
-    err: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
+    err: &aws_smithy_runtime_api::client::result::SdkError<E, aws_smithy_runtime_api::http::Response>,
 ) -> SinkError
 where
     E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
 {
     use aws_smithy_runtime_api::client::result::SdkError;
     let message = aws_smithy_types::error::display::DisplayErrorContext(err).to_string();
     let retryable = match err {
         SdkError::ConstructionFailure(_) => false,
         SdkError::ServiceError(service) => {
-            const RETRYABLE_CODES: [&str; 9] = [
+            const RETRYABLE_CODES: [&str; 13] = [
                 "ThrottlingException",
                 "ConditionalRequestConflict", // S3: a concurrent conditional write; try again
+                "OperationAborted",           // S3: a conflicting operation on the same key or bucket
                 "Throttling",
                 "ProvisionedThroughputExceededException",
                 "RequestLimitExceeded",
                 "SlowDown",
                 "InternalError",
+                "InternalServerError",
                 "ServiceUnavailable",
+                "RequestTimeout", // S3 (a 400): the upload's socket idled; send again
+                "RequestTimeoutException",
                 "TransactionInProgressException",
             ];
             let code = service.err().code().unwrap_or_default();
-            RETRYABLE_CODES.contains(&code) || code.is_empty()
+            let status = service.raw().status().as_u16();
+            // The status settles what the code does not: any 5xx, 408 or 429 passes; a 4xx without
+            // a code (a HEAD's 403 has no body to carry one) is a refusal no retry changes.
+            RETRYABLE_CODES.contains(&code)
+                || status >= 500
+                || status == 408
+                || status == 429
+                || (code.is_empty() && !(400..500).contains(&status))
         }
         // Timeouts, connection refused/reset, truncated responses: the backend may come back.
         _ => true,
@@ -277,4 +287,43 @@ pub async fn aws_sdk_config(aws: &crate::config::AwsConfig) -> aws_config::SdkCo
         config = config.into_builder().region(aws_config::Region::new("us-east-1")).build();
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_s3::operation::head_object::HeadObjectError;
+    use aws_smithy_runtime_api::client::result::SdkError;
+    use aws_smithy_runtime_api::http::{Response, StatusCode};
+    use aws_smithy_types::body::SdkBody;
+    use aws_smithy_types::error::ErrorMetadata;
+
+    fn classify(status: u16, code: Option<&str>) -> &'static str {
+        let mut meta = ErrorMetadata::builder();
+        if let Some(code) = code {
+            meta = meta.code(code);
+        }
+        let raw = Response::new(StatusCode::try_from(status).unwrap(), SdkBody::empty());
+        let err = SdkError::service_error(HeadObjectError::generic(meta.build()), raw);
+        classify_sdk_error("s3", "HeadObject", "k", &err).kind()
+    }
+
+    #[test]
+    fn service_errors_are_retried_exactly_when_a_retry_can_help() {
+        for (status, code) in [
+            (400, Some("RequestTimeout")),
+            (500, Some("InternalServerError")),
+            (409, Some("OperationAborted")),
+            (503, Some("SlowDown")),
+            (502, None),
+            (504, Some("SomethingNew")),
+            (429, None),
+        ] {
+            assert_eq!(classify(status, code), "transient", "{status} {code:?}");
+        }
+        // A HEAD's 403 has no body, so no code: denied, and no retry will change that.
+        for (status, code) in [(403, None), (403, Some("AccessDenied")), (400, Some("ValidationException"))] {
+            assert_eq!(classify(status, code), "fatal", "{status} {code:?}");
+        }
+    }
 }
