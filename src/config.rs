@@ -540,13 +540,12 @@ const PROPERTIES_ENV: &str = "KAFKA__PROPERTIES__";
 /// value is typed first (a password `12345` became a number, and failed as one) and trimmed and
 /// unquoted: a secret must arrive as it was set.
 fn env_properties() -> Vec<(String, String)> {
+    let prefix = format!("AEGIS_{PROPERTIES_ENV}");
     std::env::vars_os()
         .filter_map(|(key, value)| {
             let key = key.into_string().ok()?;
-            let name = key.get(..6).filter(|p| p.eq_ignore_ascii_case("AEGIS_")).map(|_| &key[6..])?;
-            let name = name
-                .get(PROPERTIES_ENV.len()..)
-                .filter(|_| name.get(..PROPERTIES_ENV.len()).is_some_and(|p| p.eq_ignore_ascii_case(PROPERTIES_ENV)))?;
+            // Case-insensitive, as figment matches the rest of `AEGIS_*`.
+            let name = key.get(prefix.len()..).filter(|_| key[..prefix.len()].eq_ignore_ascii_case(&prefix))?;
             Some((name.to_ascii_lowercase(), value.into_string().ok()?))
         })
         .filter(|(name, _)| !name.is_empty())
