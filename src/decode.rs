@@ -373,12 +373,20 @@ fn parse_occurred_at(
             message: format!("year outside {MIN_YEAR}-{MAX_YEAR}"),
         });
     }
-    if let Some(reference) = kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis) {
-        let skew = (parsed - reference).num_seconds().unsigned_abs();
-        if skew > u64::from(rules.max_clock_skew_days) * 86_400 {
+    if let Some(reference_ms) = kafka_timestamp_ms {
+        // In i128 nanoseconds, not chrono: a Kafka timestamp beyond chrono's range (year
+        // ±262,000) is still a reference, and is out of range. Whole seconds, truncated toward
+        // zero, as chrono's `num_seconds` did: records judged before keep their verdict.
+        let parsed_ns = i128::from(parsed.timestamp()) * 1_000_000_000 + i128::from(parsed.timestamp_subsec_nanos());
+        let skew_seconds = ((parsed_ns - i128::from(reference_ms) * 1_000_000) / 1_000_000_000).unsigned_abs();
+        if skew_seconds > u128::from(rules.max_clock_skew_days) * 86_400 {
+            let reference = DateTime::<Utc>::from_timestamp_millis(reference_ms).map_or_else(
+                || format!("{reference_ms} ms since the Unix epoch"),
+                |reference| reference.to_rfc3339_opts(SecondsFormat::Millis, true),
+            );
             return Err(RejectReason::TimestampOutOfRange {
                 value: truncate(value, 64),
-                reference: reference.to_rfc3339_opts(SecondsFormat::Millis, true),
+                reference,
                 max_days: rules.max_clock_skew_days,
             });
         }
@@ -611,6 +619,31 @@ mod tests {
         assert_eq!(decode(Some(&Bytes::from_static(b"\xff\xfe")), None, &rules()).unwrap_err().code(), "not_utf8");
         let big = vec![b' '; rules().max_record_bytes + 1];
         assert_eq!(decode(Some(&Bytes::from(big)), None, &rules()).unwrap_err().code(), "oversize");
+    }
+
+    #[test]
+    fn clock_skew_counts_whole_seconds_and_any_kafka_timestamp_is_a_reference() {
+        let at = |occurred_at: &str, kafka_ms: i64, max_days: u32| {
+            let mut g = good();
+            g["occurred_at"] = occurred_at.into();
+            let rules = ValidationConfig { max_clock_skew_days: max_days, ..rules() };
+            decode(Some(&Bytes::from(g.to_string())), Some(kafka_ms), &rules).map(|_| ()).map_err(|e| e.to_string())
+        };
+        let day_ms = 86_400_000;
+        // 2026-11-18T00:00:00Z; one day of skew allowed.
+        let midnight = 1_794_960_000_000;
+        assert_eq!(at("2026-11-19T00:00:00.999Z", midnight, 1), Ok(()), "one day and 0.999 s is one day");
+        assert_eq!(at("2026-11-16T23:59:59.001Z", midnight, 1), Ok(()), "the same toward the past");
+        assert!(at("2026-11-19T00:00:01Z", midnight, 1).is_err());
+        assert!(at("2026-11-16T23:59:59Z", midnight, 1).is_err());
+        assert_eq!(at("2026-11-19T00:00:00Z", midnight + day_ms, 0), Ok(()));
+        // Beyond chrono's range (before, the check was skipped and the record accepted).
+        for kafka_ms in [i64::MAX, i64::MIN + 1] {
+            let message = at("2026-11-18T00:00:00Z", kafka_ms, 365).unwrap_err();
+            assert!(message.contains(&format!("{kafka_ms} ms since the Unix epoch")), "{message}");
+        }
+        let message = at("2026-11-18T00:00:00Z", midnight + 400 * day_ms, 365).unwrap_err();
+        assert!(message.contains("2027-12-23T00:00:00.000Z"), "{message}");
     }
 
     #[test]
