@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::sinks::dynamodb::DynamoStore;
-use crate::sinks::{HeadStore, SinkError};
+use crate::sinks::{ChainHead, HeadStore, SinkError};
 
 const TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -159,9 +159,9 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
         .await
         .expect("status task does not panic")?
     };
+    let chain_heads = load_heads(heads, &topic, &ids).await?;
     let mut out = Vec::new();
-    for ((&partition, committed), (low, high)) in ids.iter().zip(committed).zip(watermarks) {
-        let head = heads.load(&topic, partition).await?;
+    for (((&partition, committed), (low, high)), head) in ids.iter().zip(committed).zip(watermarks).zip(chain_heads) {
         out.push(PartitionStatus {
             partition,
             committed,
@@ -177,6 +177,15 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
     }
     let total_lag = out.iter().map(|p| p.lag).sum();
     Ok(GroupStatus { topic, group, members, partitions: out, total_lag })
+}
+
+/// Each of `ids`' chain heads, in the same order.
+async fn load_heads(heads: &dyn HeadStore, topic: &str, ids: &[i32]) -> Result<Vec<ChainHead>, GroupError> {
+    let mut out = Vec::with_capacity(ids.len());
+    for &partition in ids {
+        out.push(heads.load(topic, partition).await?);
+    }
+    Ok(out)
 }
 
 pub fn render_status(status: &GroupStatus) -> String {
@@ -271,14 +280,13 @@ pub async fn headless_partitions(
     })
     .await
     .expect("metadata task does not panic")?;
-    let mut headless = BTreeMap::new();
-    for partition in ids {
-        let head = heads.load(&topic, partition).await?;
-        if head.committed.is_none() {
-            headless.insert(partition, head.pending.map(|p| p.first_offset));
-        }
-    }
-    Ok(headless)
+    let chain_heads = load_heads(heads, &topic, &ids).await?;
+    Ok(ids
+        .into_iter()
+        .zip(chain_heads)
+        .filter(|(_, head)| head.committed.is_none())
+        .map(|(partition, head)| (partition, head.pending.map(|p| p.first_offset)))
+        .collect())
 }
 
 /// Computes the plan and, unless `dry_run`, commits the targets for the group. `members` are
