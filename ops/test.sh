@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one test command (README, .ci/run): installs what is missing, builds, starts the local
-# stack, runs the Rust unit tests and the integration tests (pytest, against the real stack,
-# checked with confluent-kafka, boto3, pyarrow and DuckDB), then stops the stack it started.
+# The one test command (README, .ci/run): installs what is missing, builds, lints, checks the
+# alert rules (promtool), runs the Rust unit tests, starts the local stack, runs the integration
+# tests (pytest, against the real stack, checked with confluent-kafka, boto3, pyarrow and
+# DuckDB), then stops the stack it started.
 #
 #   bash ops/test.sh              # everything
 #   bash ops/test.sh -k restart   # extra arguments go to pytest
@@ -23,6 +24,9 @@ export AEGIS_BIN="${CARGO_TARGET_DIR:-$REPO/target}/debug/aegis-audit"
 log "lint (rustfmt, clippy)"
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
+
+log "alert rules (promtool)"
+bash ops/check-alerts.sh
 
 # A hung test must fail the run with a message, not use up CI's time: the unit tests take
 # seconds (built above), the integration tests ~10 minutes on 2 cores.
