@@ -34,6 +34,7 @@ use crate::commit::Committer;
 use crate::config::Config;
 use crate::metrics;
 use crate::partition::{Admit, PartitionError, PartitionWriter, Sinks};
+use crate::sinks::SinkError;
 
 /// What a queued record counts as: its payload and the queue entry around it.
 fn queued_cost(payload_len: usize) -> usize {
@@ -828,6 +829,11 @@ impl Worker {
                 }
             });
             return;
+        }
+        if let PartitionError::Sink(conflict @ SinkError::Conflict { .. }) = error {
+            // Found by comparing what is stored, not by a backend call's retry loop, so counted
+            // here (AegisBackendFatalErrors).
+            metrics::backend_error(conflict);
         }
         metrics::partition_stopped(self.partition, &error.to_string());
     }

@@ -3,6 +3,7 @@ middle of a run. The consumer must retry with backoff, pause the backed-up parti
 state on /readyz and /metrics, never commit past what is durable, and recover by itself, with
 no gap, duplicate or fork. Checked with boto3/pyarrow/hashlib and confluent-kafka."""
 import contextlib
+import io
 import json
 import os
 import random
@@ -12,6 +13,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime, timezone
+
+import pyarrow.parquet as pq
 
 import trail
 from conftest import REPO, committed_offsets, free_port, make_event, produce, wait_for
@@ -289,3 +293,59 @@ def test_a_worker_that_loses_its_fence_restarts_from_the_head(aegis, tmp_path):
                 proc.wait(timeout=60)
     assert survivor is not None
     check_trail(aegis, tmp_path, delivered)
+
+
+def metric_series(aegis, name, **labels):
+    """The value of the one series of `name` with exactly these labels among its labels, or 0.0."""
+    status, text = http(aegis, "/metrics")
+    assert status == 200, f"/metrics answered {status}"
+    want = {f'{k}="{v}"' for k, v in labels.items()}
+    for line in text.splitlines():
+        if line.startswith(name + "{") and want <= set(line.split("{", 1)[1].rsplit("}", 1)[0].split(",")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_a_segment_key_holding_other_content_stops_only_that_partition(aegis, tmp_path):
+    """A fatal condition on one partition: its next segment's key already holds an object this
+    chain did not write. That partition stops (counted as a conflict, /readyz 503, nothing
+    committed, the stranger's object untouched); the process and the other partitions go on."""
+    aegis.init()
+    now = datetime.now(timezone.utc)
+    rng = random.Random(41)
+    payloads = []
+    for i in range(200):
+        event = make_event(i, rng)
+        # One placement, so each partition's first flush (offsets 0..99) is one known key.
+        event.update(environment="prod", occurred_at=now.isoformat().replace("+00:00", "Z"))
+        payloads.append(json.dumps(event).encode())
+    key = (f"trail/year={now:%Y}/month={now:%m}/day={now:%d}/environment=prod/"
+           f"{aegis.topic}-p0000-{0:020}-{99:020}.parquet")
+    stranger = b"not this chain's segment"
+    trail.s3().put_object(Bucket=aegis.bucket, Key=key, Body=stranger, ChecksumAlgorithm="SHA256")
+    delivered = produce(aegis.topic, payloads, partitions=2)
+    consumer = aegis.start("run", AEGIS_SEGMENT__MAX_RECORDS="100", AEGIS_SEGMENT__MAX_AGE_MS="600000")
+    try:
+        wait_for(lambda: http(aegis, "/healthz")[0] == 200, timeout=30, what="the metrics endpoint")
+        wait_for(lambda: metric(aegis, "aegis_partitions_stopped", required=False) == 1, timeout=90,
+                 what="partition 0 to stop")
+        assert metric_series(aegis, "aegis_backend_errors_total", backend="s3", kind="conflict") == 1
+        status, body = http(aegis, "/readyz")
+        assert status == 503 and "1 partition(s) stopped" in body, (status, body)
+        assert http(aegis, "/healthz")[0] == 200
+        # Partition 1 is unaffected: written and committed.
+        wait_for(lambda: committed_offsets(aegis.group, aegis.topic, 2)[1] == 100, timeout=60,
+                 what="partition 1's commit")
+        assert consumer.poll() is None, "the process must outlive one stopped partition"
+        assert committed_offsets(aegis.group, aegis.topic, 2)[0] < 0, "nothing of partition 0 may be committed"
+        assert trail.s3().get_object(Bucket=aegis.bucket, Key=key)["Body"].read() == stranger
+        rows = [row for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet") and k != key
+                for row in pq.read_table(io.BytesIO(trail.s3().get_object(Bucket=aegis.bucket, Key=k)["Body"].read())).to_pylist()]
+        assert sorted(r["kafka_offset"] for r in rows if r["kafka_partition"] == 1) == list(range(100))
+        assert not [r for r in rows if r["kafka_partition"] == 0]
+        log = open(aegis.logs[-1]).read()
+        assert "partition stopped" in log and key in log, log[-3000:]
+    finally:
+        consumer.send_signal(signal.SIGTERM)
+        consumer.wait(timeout=60)
+    assert len(delivered) == 200
