@@ -650,6 +650,28 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_configs_load_and_the_reference_shows_the_defaults() {
+        for text in [include_str!("../config/local.toml"), include_str!("../config/example.toml")] {
+            parse(text).unwrap();
+        }
+        // The reference claims every key is at its default except where its comment says why:
+        // those exceptions set, it must equal a config of only the required keys.
+        let example = parse(include_str!("../config/example.toml")).unwrap();
+        let defaults = parse(&format!(
+            "[kafka]\nbrokers = {:?}\ntopic = {:?}\nreplication_factor = 3\n\
+             [s3]\nbucket = {:?}\n[dynamodb]\ntable = {:?}\nchain_table = {:?}\n[metrics]\nlisten = {:?}\n",
+            example.kafka.brokers,
+            example.kafka.topic,
+            example.s3.bucket,
+            example.dynamodb.table,
+            example.dynamodb.chain_table,
+            example.metrics.listen,
+        ))
+        .unwrap();
+        assert_eq!(format!("{example:?}"), format!("{defaults:?}"));
+    }
+
+    #[test]
     fn minimal_config_gets_documented_defaults() {
         let c = parse(MINIMAL).unwrap();
         assert_eq!(c.kafka.group_id, "aegis-audit");

@@ -68,7 +68,7 @@ pub struct AuditContext {
 
 impl ClientContext for AuditContext {
     /// librdkafka's statistics (every `statistics.interval.ms`): consumer lag per partition,
-    /// from the high watermark and the committed offset.
+    /// the last stable offset (read_committed) minus the committed offset.
     fn stats(&self, statistics: rdkafka::Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else { return };
         for (&partition, p) in &topic.partitions {
