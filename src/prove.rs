@@ -159,9 +159,17 @@ pub fn verify_proof(proof: &Proof, key: &VerifyingKey) -> Result<String, ProofEr
     if decision.get("decision_id").and_then(|v| v.as_str()) != Some(proof.decision_id.as_str()) {
         return Err(bad(format!("the entry's payload is not decision {}", proof.decision_id)));
     }
+    // Only an accepted entry is a decision: a rejected one's payload failed decode (a repeated
+    // `decision_id`, say, whose last copy this JSON reading would take), and the index never
+    // points at one, so `prove` never makes such a proof.
     let status = match e.status.as_str() {
         "accepted" => EntryStatus::Accepted,
-        "rejected" => EntryStatus::Rejected,
+        "rejected" => {
+            return Err(bad(format!(
+                "entry {}/{}@{} was rejected by validation: it is in quarantine, not a decision of the trail",
+                e.topic, e.partition, e.offset
+            )))
+        }
         other => return Err(bad(format!("entry.status {other:?}"))),
     };
     let prev = parse_hash(&e.prev_hash).ok_or_else(|| bad("entry.prev_hash is not 64 hex chars".into()))?;

@@ -96,10 +96,20 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
-/// The entry hash a row should have, from its own columns.
-pub fn recompute(row: &Row) -> Option<Hash> {
-    let prev = parse_hash(&row.prev_hash)?;
-    Some(entry_hash(&prev, &row.topic, row.partition, row.offset, row.status, &row.payload))
+/// The entry hash a row should have, from its own columns, or why it has none.
+pub fn recompute(row: &Row) -> Result<Hash, String> {
+    let prev = parse_hash(&row.prev_hash)
+        .ok_or_else(|| format!("prev_hash {:?} is not 64 lowercase hex chars", row.prev_hash))?;
+    // The hash prefixes the topic's length as u16 and the payload's as u32 (CHAIN.md): a longer
+    // field has no encoding, and truncating its length would let two rows hash alike.
+    if u16::try_from(row.topic.len()).is_err() || u32::try_from(row.payload.len()).is_err() {
+        return Err(format!(
+            "a kafka_topic of {} bytes or a payload of {} bytes has no entry hash",
+            row.topic.len(),
+            row.payload.len()
+        ));
+    }
+    Ok(entry_hash(&prev, &row.topic, row.partition, row.offset, row.status, &row.payload))
 }
 
 struct Fetched {
@@ -616,19 +626,14 @@ async fn check_partition(
                 }
             }
             match recompute(row) {
-                Some(h) if hex::encode(h) == row.entry_hash => {}
-                Some(h) => problems.push(problem(
+                Ok(h) if hex::encode(h) == row.entry_hash => {}
+                Ok(h) => problems.push(problem(
                     "entry_hash",
                     key,
                     Some(row.offset),
                     format!("entry_hash {} but the row's contents hash to {}", row.entry_hash, hex::encode(h)),
                 )),
-                None => problems.push(problem(
-                    "entry_hash",
-                    key,
-                    Some(row.offset),
-                    format!("prev_hash {:?} is not 64 lowercase hex chars", row.prev_hash),
-                )),
+                Err(why) => problems.push(problem("entry_hash", key, Some(row.offset), why)),
             }
             for (anchor, digest_key) in signed.anchors.get(&row.offset).into_iter().flatten() {
                 seen_anchors.insert(row.offset);
@@ -715,7 +720,8 @@ mod tests {
         Arc::new(DigestSigner::from_text("k", &"11".repeat(32)).unwrap())
     }
 
-    /// A signed trail of 12 records in 4 flushes of 3, digests after flushes 2 and 4.
+    /// A signed trail of 12 records in 4 flushes of 3, digests after flushes 2 and 4. Offset 7
+    /// is not JSON: a rejected entry, in quarantine.
     async fn trail() -> Arc<MemoryObjectStore> {
         trail_signed_by(Some(signer())).await
     }
@@ -742,7 +748,8 @@ mod tests {
             let payload = format!(
                 r#"{{"decision_id":"d-{i}","event_type":"decision","occurred_at":"2026-11-20T08:00:00Z","environment":"{env}","user_id":"u","session_id":"s","action":"a","confidence_score":0.5,"policy_version":"p","model_version":"m","request_id":"r"}}"#
             );
-            w.admit(i, None, Some(bytes::Bytes::from(payload.clone()))).unwrap();
+            let payload = if i == 7 { "not json".to_string() } else { payload };
+            w.admit(i, Some(1_795_600_000_000), Some(bytes::Bytes::from(payload))).unwrap();
             if w.should_flush(Instant::now()) {
                 w.flush(&cancel).await.unwrap();
                 if signer.is_some() && (i == 5 || i == 11) {
@@ -789,6 +796,39 @@ mod tests {
         let report = check(&objects).await;
         assert!(codes(&report).contains(&"missing_segment"), "{:?}", report.problems);
         assert!(codes(&report).contains(&"broken_link"));
+    }
+
+    #[test]
+    fn a_field_longer_than_its_length_prefix_has_no_entry_hash() {
+        let row = Row {
+            offset: 0,
+            kafka_timestamp_ms: None,
+            topic: "t".repeat(65_536),
+            partition: 0,
+            status: crate::chain::EntryStatus::Accepted,
+            payload: Bytes::new(),
+            prev_hash: "00".repeat(32),
+            entry_hash: String::new(),
+        };
+        let why = recompute(&row).unwrap_err();
+        assert!(why.contains("kafka_topic of 65536 bytes"), "{why}");
+        assert!(recompute(&Row { topic: "t".repeat(65_535), ..row }).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_deleted_quarantine_segment_is_missing_and_breaks_the_link() {
+        let objects = trail().await;
+        let quarantined: Vec<String> =
+            segment_keys(&objects).into_iter().filter(|k| k.contains("/quarantine/")).collect();
+        assert_eq!(quarantined.len(), 1, "{quarantined:?}");
+        objects.remove(&quarantined[0]);
+        let report = check(&objects).await;
+        assert!(codes(&report).contains(&"missing_segment"), "{:?}", report.problems);
+        assert!(
+            report.problems.iter().any(|p| p.code == "broken_link" && p.offset == Some(8)),
+            "{:?}",
+            report.problems
+        );
     }
 
     #[tokio::test]
@@ -955,6 +995,10 @@ mod tests {
             .replace("\"action\":\"a\"", "\"action\":\"b\""),
         );
         assert!(crate::prove::verify_proof(&forged, &public).is_err());
+        let mut rejected = proof.clone();
+        rejected.entry.status = "rejected".into();
+        let err = crate::prove::verify_proof(&rejected, &public).unwrap_err().to_string();
+        assert!(err.contains("was rejected by validation"), "{err}");
         let other = DigestSigner::from_text("k", &"22".repeat(32)).unwrap();
         assert!(crate::prove::verify_proof(&proof, &other.verifying_key()).is_err());
     }

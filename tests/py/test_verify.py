@@ -57,13 +57,18 @@ def codes(report) -> set:
 
 @pytest.fixture(scope="module")
 def signed_trail(tmp_path_factory, signing_key):
-    """One signed trail for every scenario: 4 partitions, several flushes and digests each."""
+    """One signed trail for every scenario: 4 partitions, several flushes and digests each, and
+    rejected records (quarantine) on every partition."""
     from conftest import Aegis
     aegis = Aegis(tmp_path_factory.mktemp("signed"), signing_key)
     aegis.init()
     rng = random.Random(21)
     events = [make_event(i, rng, day_offset=i % 2) for i in range(1200)]
-    delivered = produce(aegis.topic, [json.dumps(e).encode() for e in events], partitions=aegis.partitions)
+    payloads = [json.dumps(e).encode() for e in events]
+    for i in range(0, len(payloads), 41):  # 41: spread over the 4 partitions
+        payloads[i] = b"not json " + payloads[i][:40] if i % 2 else payloads[i].replace(b'"event_type": "', b'"event_type": "x-')
+    events = [e for e, p in zip(events, payloads) if p == json.dumps(e).encode()]
+    delivered = produce(aegis.topic, payloads, partitions=aegis.partitions)
     # Three runs, so each partition has several flushes and digests (a digest on each clean stop).
     for _ in range(3):
         aegis.consume_until_idle(idle=3, AEGIS_SEGMENT__MAX_RECORDS="100")
@@ -91,6 +96,14 @@ def segments(bucket, partition=None):
     return sorted(keys, key=lambda k: k.rsplit("-", 2)[-2])  # by flush first offset
 
 
+def quarantine_segments(bucket, partition):
+    return [k for k in segments(bucket, partition) if "/quarantine/" in k]
+
+
+def accepted_segments(bucket, partition):
+    return [k for k in segments(bucket, partition) if "/quarantine/" not in k]
+
+
 def rewrite(bucket, key, change):
     """Reads a segment, applies `change(table) -> table`, writes it back with the same footer."""
     s3 = trail.s3()
@@ -113,6 +126,8 @@ def test_intact_trail_both_verifiers_ok(signed_trail):
     assert rust["records"] == python["records"] == len(delivered)
     assert rust["digests"] == python["digests"] >= 4 * 4
     assert rust["unsigned_segments"] == python["unsigned_segments"] == 0
+    rows = trail.read_rows(aegis.bucket, "trail/quarantine/")
+    assert {r["kafka_partition"] for r in rows} == {0, 1, 2, 3} and {r["status"] for r in rows} == {"rejected"}
 
 
 def tamper_delete_segment(bucket):
@@ -136,6 +151,22 @@ def tamper_unknown_status(bucket):
     victim = segments(bucket, 3)[0]
     rewrite(bucket, victim, lambda t: set_column(t, "status", ["approved"] + t.column("status").to_pylist()[1:]))
     return {"object_unreadable"}
+
+
+
+
+
+def tamper_delete_quarantine_segment(bucket):
+    """Rejected records are entries of the chain like any other."""
+    trail.s3().delete_object(Bucket=bucket, Key=quarantine_segments(bucket, 2)[0])
+    return {"missing_segment", "broken_link"}
+
+
+def tamper_rejected_row_marked_accepted(bucket):
+    """A rejected record passed off as accepted: the status is part of the entry hash."""
+    victim = quarantine_segments(bucket, 1)[0]
+    rewrite(bucket, victim, lambda t: set_column(t, "status", ["accepted"] + t.column("status").to_pylist()[1:]))
+    return {"entry_hash", "object_changed"}
 
 
 def tamper_swap_rows(bucket):
@@ -214,7 +245,7 @@ def tamper_recomputed_chain(bucket):
 def tamper_forged_stored_checksum(bucket):
     """A segment's bytes stored again with a SHA-256 checksum that is not theirs: what S3
     recorded at upload no longer matches the body."""
-    victim = segments(bucket, 1)[0]
+    victim = accepted_segments(bucket, 1)[0]  # one rebuild-index reads too
     body = trail.s3().get_object(Bucket=bucket, Key=victim)["Body"].read()
     forged = base64.b64encode(hashlib.sha256(b"not the body").digest()).decode()
 
@@ -287,7 +318,7 @@ def tamper_digest_folder_spelled_twice(bucket):
     tamper_delete_segment, tamper_change_row, tamper_swap_rows, tamper_swap_payloads, tamper_truncate_tail,
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
-    tamper_unknown_status,
+    tamper_unknown_status, tamper_delete_quarantine_segment, tamper_rejected_row_marked_accepted,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
@@ -306,7 +337,7 @@ def test_reading_a_segment_that_fails_its_stored_checksum_is_a_clear_error(signe
     aegis, _, _ = signed_trail
     bucket = copy_bucket(aegis.bucket)
     tamper_forged_stored_checksum(bucket)
-    victim = segments(bucket, 1)[0]
+    victim = accepted_segments(bucket, 1)[0]
     out = aegis.run("rebuild-index", "--checkpoint", str(tmp_path / "rebuild.checkpoint"), check=False, timeout=90,
                     AEGIS_S3__BUCKET=bucket)
     assert out.returncode != 0, out.stdout + out.stderr[-2000:]
