@@ -578,6 +578,26 @@ impl PartitionWriter {
         if listed.is_empty() || listed.len() > self.undigested.len() || listed[..] != self.undigested[..listed.len()] {
             return Err(conflict("it lists segments other than the undigested ones".into()));
         }
+        // Every other field must be what we would have written over that list, so an object
+        // planted at our next key cannot make the chain vouch for another range or head.
+        let mut expected = DigestBody::next(
+            &self.topic,
+            self.partition,
+            self.digest.map(|d| (d.seq, d.hash)),
+            &found.key_id,
+            listed.clone(),
+        );
+        expected.created_at.clone_from(&found.body.created_at);
+        if found.body != expected || found.body.key_id != found.key_id {
+            return Err(conflict("its fields are not the ones these segments make".into()));
+        }
+        // Signed with our key id, the signature must verify; another key id is an earlier
+        // owner's key from before a rotation, which `verify` checks against the trusted keys.
+        if let Some(signer) = self.sinks.signer.as_ref().filter(|s| s.key_id == found.key_id) {
+            if !found.verify(&signer.verifying_key()) {
+                return Err(conflict(format!("its signature does not verify with key {}", found.key_id)));
+            }
+        }
         tracing::warn!(key, segments = listed.len(), "adopting a digest an earlier owner wrote but did not record");
         Ok((found.body_sha256(), listed.len()))
     }
@@ -987,6 +1007,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn only_a_digest_this_chain_would_have_written_is_adopted() {
+        /// Digest 0 planted over the right segments, changed by `edit`, signed by `signer`;
+        /// then the writer's own attempt at digest 0.
+        async fn planted(edit: fn(&mut DigestBody), signer: DigestSigner) -> Result<Option<u64>, PartitionError> {
+            let s = Stack::new();
+            let cancel = CancellationToken::new();
+            let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
+            feed(&mut w, 0..3).await;
+            let mut body = DigestBody::next("t", 0, None, &signer.key_id, s.heads.get("t", 0).undigested);
+            edit(&mut body);
+            let key = digest_key("trail", "t", 0, 0);
+            s.objects.put(&key, Bytes::from(signer.encode(&body)), &BTreeMap::new()).await.unwrap();
+            w.write_digest(&cancel).await
+        }
+        let own_key = || DigestSigner::from_text("digest.signing_key", &"11".repeat(32)).unwrap();
+        let conflict = |result: Result<Option<u64>, PartitionError>| {
+            matches!(result, Err(PartitionError::Sink(SinkError::Conflict { .. })))
+        };
+        assert_eq!(planted(|_| {}, own_key()).await.unwrap(), Some(0), "the writer's own digest is adopted");
+        assert!(conflict(planted(|b| b.last_entry_hash = "00".repeat(32), own_key()).await));
+        assert!(conflict(planted(|b| b.last_offset += 1, own_key()).await));
+        // Our key id, another key's signature.
+        let mut impostor = DigestSigner::from_text("x", &"33".repeat(32)).unwrap();
+        impostor.key_id = own_key().key_id;
+        assert!(conflict(planted(|_| {}, impostor).await));
+        // An earlier owner's digest, signed with the key from before a rotation, is adopted.
+        let before_rotation = DigestSigner::from_text("old", &"44".repeat(32)).unwrap();
+        assert_eq!(planted(|_| {}, before_rotation).await.unwrap(), Some(0));
+    }
+
+    #[tokio::test]
     async fn a_stale_writers_digest_behind_a_newer_owners_is_a_lost_fence() {
         let s = Stack::new();
         let cancel = CancellationToken::new();
@@ -1123,6 +1174,55 @@ mod tests {
         assert_eq!(s.heads.get("t", 0), clean.heads.get("t", 0));
         assert_eq!(s.index.items().len(), 6);
         assert_eq!(w2.resume_offset(), Some(6), "after the durable head");
+    }
+
+    /// Crash between the objects of one flush: it spans two Hive directories, and only one of
+    /// its objects was written. The next owner writes the other, keeps the first, and the store
+    /// ends as an uninterrupted run's.
+    #[tokio::test]
+    async fn a_flush_interrupted_between_its_objects_is_completed_identically() {
+        let payload =
+            |i: i64| Bytes::from(event(i).replace("\"prod\"", if i % 2 == 0 { "\"prod\"" } else { "\"dev\"" }));
+        let admit = |w: &mut PartitionWriter, range: std::ops::Range<i64>| {
+            for i in range {
+                w.admit(i, None, Some(payload(i))).unwrap();
+            }
+        };
+        let clean = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), clean.sinks(), &CancellationToken::new()).await.unwrap();
+        for range in [0..3, 3..6] {
+            admit(&mut w, range);
+            w.flush(&CancellationToken::new()).await.unwrap();
+        }
+        let second: Vec<String> =
+            clean.objects.keys().into_iter().filter(|k| k.contains("-00000000000000000003-")).collect();
+        assert_eq!(second.len(), 2, "the flush of 3..=5 spans prod and dev: {second:?}");
+
+        let s = Stack::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        admit(&mut w, 0..3);
+        w.flush(&CancellationToken::new()).await.unwrap();
+        admit(&mut w, 3..6);
+        s.objects.down.store(true, Ordering::SeqCst);
+        crash_after_intent(&mut w, &s).await;
+        s.objects.down.store(false, Ordering::SeqCst);
+        drop(w);
+        // What the crashed owner got out before it died: the first of the two objects.
+        let info = clean.objects.head(&second[0]).await.unwrap().unwrap();
+        s.objects.put(&second[0], clean.objects.body(&second[0]).unwrap(), &info.metadata).await.unwrap();
+
+        let mut w2 =
+            PartitionWriter::open("t", 0, config_flushing_at(100), s.sinks(), &CancellationToken::new()).await.unwrap();
+        assert_eq!(w2.resume_offset(), Some(3));
+        admit(&mut w2, 3..6);
+        assert!(w2.should_flush(Instant::now()), "the recorded range is re-read in full");
+        assert_eq!(w2.flush(&CancellationToken::new()).await.unwrap().unwrap().objects, second);
+        assert_eq!(s.objects.keys(), clean.objects.keys());
+        for key in s.objects.keys() {
+            assert_eq!(s.objects.body(&key), clean.objects.body(&key), "{key}");
+        }
+        assert_eq!(s.heads.get("t", 0), clean.heads.get("t", 0));
+        assert_eq!(s.index.items(), clean.index.items());
     }
 
     #[tokio::test]

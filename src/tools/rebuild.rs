@@ -89,8 +89,9 @@ pub async fn rebuild(
     let prefix = config.s3.prefix.clone();
     let done = read_checkpoint(&options.checkpoint)?;
     let mut report = RebuildReport::default();
-    let keys: Vec<String> = objects
-        .list(&format!("{}/year=", prefix.trim_end_matches('/')))
+    let trail = format!("{}/year=", prefix.trim_end_matches('/'));
+    let never = tokio_util::sync::CancellationToken::new();
+    let keys: Vec<String> = retry(&trail, &config.retry, &never, |_| {}, || objects.list(&trail))
         .await?
         .into_iter()
         .filter_map(|o| {

@@ -30,8 +30,12 @@ def end_offsets(delivered):
 
 
 def snapshot_objects(bucket):
-    s3 = trail.s3()
-    return {k: s3.head_object(Bucket=bucket, Key=k)["ETag"] for k in trail.list_keys(bucket)}
+    """Every version and delete marker of every key: a rewrite with the same bytes still adds one."""
+    seen = set()
+    for page in trail.s3().get_paginator("list_object_versions").paginate(Bucket=bucket):
+        seen |= {(v["Key"], v["VersionId"], v["ETag"]) for v in page.get("Versions", [])}
+        seen |= {(m["Key"], m["VersionId"], "delete marker") for m in page.get("DeleteMarkers", [])}
+    return seen
 
 
 def snapshot_index(table):
