@@ -10,7 +10,8 @@ What it checks, per partition of one topic:
   * segments `<topic>-p<PPPP>-<first:020>-<last:020>.parquet` anywhere under the prefix
     (accepted rows and quarantine/), one flush (first, last) at a time in ascending order, rows of
     a flush merged by kafka_offset: offsets (segment_range, duplicate_offset), placement
-    (misplaced_row), links from genesis (broken_link), entry hashes (entry_hash), the footer
+    (misplaced_row), the columns derived from the payload (derived_column), links from genesis
+    (broken_link), entry hashes (entry_hash), the footer
     Merkle root (merkle_root), the SHA-256 checksum S3 stored at upload (object_checksum);
   * signed digests `<prefix>/_digests/<topic>/p<PPPP>/<seq:012>.digest`: presence from seq 0
     (digest_missing), format (digest_malformed), Ed25519 signature (digest_signature), chaining
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import datetime
 import hashlib
 import io
 import json
@@ -71,6 +73,17 @@ COLUMNS = {
     "status": _is_text, "payload": _is_bytes, "prev_hash": _is_text, "entry_hash": _is_text,
 }
 NULLABLE = {"payload"}
+# The columns the writer derives from the payload and verdict, which the chain does not hash
+# (CHAIN.md, "Derived columns"), with their Arrow types; any may be null.
+DERIVED_TEXT = ("decision_id", "event_type", "user_id", "session_id", "action", "policy_version", "model_version",
+                "request_id", "reviewer_id", "override_reason", "original_action", "safety_category", "severity",
+                "metadata")
+DERIVED = {name: _is_text for name in DERIVED_TEXT} | {
+    "confidence_score": pa.types.is_float64,
+    "occurred_at": lambda t: pa.types.is_timestamp(t) and t.unit == "us",
+    "reject_code": _is_text,
+    "kafka_timestamp": lambda t: pa.types.is_timestamp(t) and t.unit == "ms",
+}
 HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 SIGNATURE_LINE = re.compile(r"ed25519:([0-9a-f]{16}):([0-9a-f]{128})\Z")
 DIGEST_DIR = re.compile(r"p([0-9]{4,})/(.+)\Z", re.S)  # under <prefix>/_digests/<topic>/
@@ -303,7 +316,7 @@ def digest_key(prefix: str, topic: str, partition: int, seq: int) -> str:
 
 # ------------------------------------------------------------------ reading one segment object
 
-class Row(NamedTuple):  # the fields of COLUMNS, in that order, and the object's key
+class Row(NamedTuple):  # the fields of COLUMNS, in that order, the object's key, DERIVED's values
     topic: str
     partition: int
     offset: int
@@ -312,6 +325,7 @@ class Row(NamedTuple):  # the fields of COLUMNS, in that order, and the object's
     prev_hash: str
     entry_hash: str
     key: str
+    derived: dict
 
 
 @dataclass
@@ -347,10 +361,21 @@ def load_segment(store, key: str) -> Segment:
     seg.unreadable = column_problem(table)
     if seg.unreadable:
         return seg
+    try:
+        derived = parquet.read(columns=[c for c in DERIVED if c in parquet.schema_arrow.names])
+    except Exception as e:
+        seg.unreadable = f"not a readable segment: {e}"
+        return seg
+    seg.unreadable = derived_column_problem(derived)
+    if seg.unreadable:
+        return seg
     root = meta.get(b"aegis.merkle_root")
     seg.footer_root = root.decode(errors="replace") if root is not None else None
     columns = table.to_pydict()
-    seg.rows = [Row(*values, key) for values in zip(*(columns[c] for c in COLUMNS))]
+    # Timestamps as plain integers: a year past 9999 is no Python datetime.
+    derived = pa.table({name: derived.column(name).cast(pa.int64()) if pa.types.is_timestamp(derived.column(name).type)
+                        else derived.column(name) for name in DERIVED}).to_pylist()
+    seg.rows = [Row(*values, key, extra) for values, extra in zip(zip(*(columns[c] for c in COLUMNS)), derived)]
     # As in aegis-audit's reader (schemas/CHAIN.md): a status that is neither value makes the
     # whole object unreadable, so both verifiers report the same code.
     for i, row in enumerate(seg.rows):
@@ -375,6 +400,123 @@ def column_problem(table: pa.Table) -> str | None:
         if column.null_count and name not in NULLABLE:
             return f"not a readable segment: column {name} has nulls"
     return None
+
+
+def derived_column_problem(table: pa.Table) -> str | None:
+    for name, type_ok in DERIVED.items():
+        if name not in table.column_names:
+            return f"not a readable segment: column {name} missing"
+        if not type_ok(table.column(name).type):
+            return f"not a readable segment: column {name} is {table.column(name).type}"
+    return None
+
+
+# ------------------------------------------------------------------ derived columns (CHAIN.md)
+
+RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
+                     r"([Zz]|[+-][0-9]{2}:[0-9]{2})\Z")
+
+
+def parse_rfc3339(text: str) -> tuple[int, tuple[int, int, int]] | None:
+    """(µs since the epoch, sub-µs digits dropped; the UTC date), or None if not RFC 3339. A leap
+    second (:60) counts as the next second but keeps its own date."""
+    m = RFC3339.match(text)
+    if not m:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    micros = int(((m[7] or ".")[1:] + "000000")[:6])
+    zone = m[8]
+    offset = 0
+    if zone not in ("Z", "z"):
+        if int(zone[1:3]) > 23 or int(zone[4:6]) > 59:
+            return None
+        offset = (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    if second > 60 or hour > 23 or minute > 59:
+        return None
+    try:
+        local = datetime.datetime(year, month, day, hour, minute, min(second, 59))
+    except ValueError:
+        return None
+    utc = local - datetime.timedelta(seconds=offset)
+    since = utc - datetime.datetime(1970, 1, 1)
+    total = (since.days * 86400 + since.seconds + (1 if second == 60 else 0)) * 1_000_000 + micros
+    return total, (utc.year, utc.month, utc.day)
+
+
+def civil_from_days(days: int) -> tuple[int, int, int]:
+    """The proleptic Gregorian date `days` after 1970-01-01, for any year (H. Hinnant's algorithm)."""
+    z = days + 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    day = doy - (153 * mp + 2) // 5 + 1
+    month = mp + 3 if mp < 10 else mp - 9
+    return yoe + era * 400 + (month <= 2), month, day
+
+
+def quarantine_directory(kafka_timestamp_ms: int | None) -> str:
+    year, month, day = 1970, 1, 1
+    if kafka_timestamp_ms is not None:
+        date = civil_from_days(kafka_timestamp_ms // 86_400_000)
+        if -262_144 <= date[0] <= 262_143:  # beyond the writer's calendar: 1970-01-01
+            year, month, day = date
+    return f"quarantine/year={year:04d}/month={month:02d}/day={day:02d}"
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def derived_check(row: Row) -> tuple[list[str], str | None]:
+    """The derived columns that disagree with the payload and verdict, and the directory the row
+    belongs in (None when an accepted row's payload gives no date or environment)."""
+    d = row.derived
+    if row.status == "rejected":
+        wrong = [name for name in DERIVED_TEXT if d[name] is not None]
+        wrong += [name for name in ("confidence_score", "occurred_at") if d[name] is not None]
+        if d["reject_code"] is None:
+            wrong.append("reject_code")
+        return wrong, quarantine_directory(d["kafka_timestamp"])
+    try:
+        event = json.loads((row.payload or b"").decode("utf-8"), parse_constant=_no_constants)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        event = None
+    if not isinstance(event, dict):
+        return ["payload (not a JSON object)"], None
+    wrong = []
+    for name in DERIVED_TEXT:
+        sent = event.get(name)
+        if name == "metadata":
+            sent = sent if isinstance(sent, dict) else None
+            try:
+                stored = json.loads(d[name]) if d[name] is not None else None
+            except ValueError:
+                stored = ValueError
+            same = sent == stored
+        else:
+            same = (sent if isinstance(sent, str) else None) == d[name]
+        if not same:
+            wrong.append(name)
+    score = event.get("confidence_score")
+    try:
+        score = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
+    except OverflowError:
+        score = None
+    if score != d["confidence_score"]:
+        wrong.append("confidence_score")
+    text = event.get("occurred_at")
+    parsed = parse_rfc3339(text) if isinstance(text, str) else None
+    if (parsed[0] if parsed else None) != d["occurred_at"]:
+        wrong.append("occurred_at")
+    if d["reject_code"] is not None:
+        wrong.append("reject_code")
+    environment = event.get("environment")
+    if parsed is None or not isinstance(environment, str):
+        return wrong, None
+    year, month, day = parsed[1]
+    return wrong, f"year={year:04d}/month={month:02d}/day={day:02d}/environment={environment}"
 
 
 def checksum_problem(blob: Blob) -> str | None:
@@ -666,10 +808,21 @@ class Verifier:
         if row.topic != self.topic or row.partition != partition:
             self.problem("misplaced_row", partition, row.key, row.offset,
                          f"row is {row.topic!r} partition {row.partition}, the key says {self.topic!r} p{partition}")
+        self.check_derived(partition, row)
         self.check_entry_hash(partition, row)
         self.check_order(partition, row, chain)
         self.check_signed_head(partition, row, signed)
         self.check_link(partition, row, chain)
+
+    def check_derived(self, partition: int, row: Row) -> None:
+        wrong, directory = derived_check(row)
+        if wrong:
+            self.problem("derived_column", partition, row.key, row.offset,
+                         f"{', '.join(wrong)} do not match the payload")
+        base = self.prefix.strip("/")
+        rest = row.key[len(base) + 1:] if base else row.key
+        if directory is not None and rest.rsplit("/", 1)[0] != directory:
+            self.problem("misplaced_row", partition, row.key, row.offset, f"the row belongs under {directory}/")
 
     def check_order(self, partition: int, row: Row, chain: "ChainState") -> None:
         # Offsets are unique across the trail and increase along the chain; overlapping flushes

@@ -582,6 +582,72 @@ pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
     Ok(SegmentRead { rows, metadata })
 }
 
+/// The event's text columns, each derived from the payload field of the same name.
+pub const DERIVED_TEXT_COLUMNS: [&str; 14] = [
+    "decision_id",
+    "event_type",
+    "user_id",
+    "session_id",
+    "action",
+    "policy_version",
+    "model_version",
+    "request_id",
+    "reviewer_id",
+    "override_reason",
+    "original_action",
+    "safety_category",
+    "severity",
+    "metadata",
+];
+
+/// A row's columns that the writer derives from its payload (and its verdict), which the chain
+/// does not hash: what `verify` holds against the payload (`schemas/CHAIN.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DerivedColumns {
+    /// In the order of [`DERIVED_TEXT_COLUMNS`].
+    pub texts: [Option<String>; 14],
+    pub confidence_score: Option<f64>,
+    pub occurred_at_us: Option<i64>,
+    pub reject_code: Option<String>,
+}
+
+/// The derived columns of every row of a segment, in file order (as [`read_segment`]'s rows).
+pub fn read_derived_columns(body: Bytes) -> Result<Vec<DerivedColumns>, String> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
+    let wanted = DERIVED_TEXT_COLUMNS.iter().copied().chain(["confidence_score", "occurred_at", "reject_code"]);
+    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
+    let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
+        let text = |name: &str| -> Result<StringArray, String> {
+            Ok(col(name)?.as_string_opt::<i32>().ok_or_else(|| format!("{name} is not a string"))?.clone())
+        };
+        let texts = DERIVED_TEXT_COLUMNS.map(text);
+        let texts: Vec<StringArray> = texts.into_iter().collect::<Result<_, _>>()?;
+        let score = col("confidence_score")?
+            .as_primitive_opt::<arrow_array::types::Float64Type>()
+            .ok_or("confidence_score type")?
+            .clone();
+        let occurred = col("occurred_at")?
+            .as_primitive_opt::<arrow_array::types::TimestampMicrosecondType>()
+            .ok_or("occurred_at type")?
+            .clone();
+        let reject_code = text("reject_code")?;
+        let opt_text = |a: &StringArray, i: usize| a.is_valid(i).then(|| a.value(i).to_string());
+        for i in 0..batch.num_rows() {
+            out.push(DerivedColumns {
+                texts: std::array::from_fn(|c| opt_text(&texts[c], i)),
+                confidence_score: score.is_valid(i).then(|| score.value(i)),
+                occurred_at_us: occurred.is_valid(i).then(|| occurred.value(i)),
+                reject_code: opt_text(&reject_code, i),
+            });
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

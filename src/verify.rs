@@ -9,7 +9,8 @@
 //! - every flush (the objects named `<topic>-pPPPP-<first>-<last>.parquet`, in every Hive
 //!   directory and quarantine): rows merged by offset cover exactly `first..=last`; every
 //!   entry hash recomputes; every row links to the one before, across flushes and directories;
-//!   each object's Merkle root and stored checksum match its bytes;
+//!   each object's Merkle root and stored checksum match its bytes; every row's derived columns
+//!   agree with its payload, and it lies in the directory its payload (or verdict) names;
 //! - coverage: every segment a digest lists exists with the SHA-256 and Merkle root the digest
 //!   signed (deletion, replacement and tail truncation show here), and every segment inside the
 //!   signed range is listed.
@@ -20,6 +21,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use chrono::Datelike;
 use ed25519_dalek::VerifyingKey;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
@@ -27,7 +29,10 @@ use sha2::{Digest, Sha256};
 
 use crate::chain::{entry_hash, genesis, parse_hash, Hash};
 use crate::digest::{self, DigestObject, SegmentEntry, DIGESTS_DIR};
-use crate::segment::{join_key, parse_segment_key, read_segment, Row, SegmentName};
+use crate::segment::{
+    join_key, parse_segment_key, read_derived_columns, read_segment, DerivedColumns, Placement, Row, SegmentName,
+    DERIVED_TEXT_COLUMNS,
+};
 use crate::sinks::{ObjectStore, SinkError};
 use crate::tools::retention::{prune_marker_key, PruneMarker, PRUNE_MARKER_FORMAT};
 
@@ -96,6 +101,79 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
+/// The directory of a segment `key` under `prefix` (`year=…/environment=…` or `quarantine/…`).
+fn key_directory<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
+    let prefix = prefix.trim_matches('/');
+    let rest = if prefix.is_empty() { Some(key) } else { key.strip_prefix(prefix)?.strip_prefix('/') };
+    rest?.rsplit_once('/').map(|(directory, _)| directory)
+}
+
+/// Holds a row's derived columns against its payload and verdict (`schemas/CHAIN.md`, "Derived
+/// columns"): the columns that disagree, and the directory the row belongs in, when the payload
+/// says (an accepted row whose payload gives no date or environment says nowhere).
+pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>, Option<String>) {
+    let mut wrong = Vec::new();
+    if row.status == crate::chain::EntryStatus::Rejected {
+        for (name, value) in DERIVED_TEXT_COLUMNS.iter().zip(&columns.texts) {
+            if value.is_some() {
+                wrong.push(*name);
+            }
+        }
+        if columns.confidence_score.is_some() {
+            wrong.push("confidence_score");
+        }
+        if columns.occurred_at_us.is_some() {
+            wrong.push("occurred_at");
+        }
+        if columns.reject_code.is_none() {
+            wrong.push("reject_code");
+        }
+        let at =
+            row.kafka_timestamp_ms.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis).unwrap_or_default();
+        let placement = Placement::Quarantine { year: at.year(), month: at.month(), day: at.day() };
+        return (wrong, Some(placement.directory()));
+    }
+    let Ok(serde_json::Value::Object(event)) = serde_json::from_slice::<serde_json::Value>(&row.payload) else {
+        return (vec!["payload (not a JSON object)"], None);
+    };
+    for (name, value) in DERIVED_TEXT_COLUMNS.iter().zip(&columns.texts) {
+        let same = if *name == "metadata" {
+            let sent = event.get("metadata").filter(|m| m.is_object());
+            let stored = value.as_deref().map(serde_json::from_str::<serde_json::Value>);
+            match (sent, stored) {
+                (None, None) => true,
+                (Some(sent), Some(Ok(stored))) => *sent == stored,
+                _ => false,
+            }
+        } else {
+            event.get(*name).and_then(|v| v.as_str()) == value.as_deref()
+        };
+        if !same {
+            wrong.push(*name);
+        }
+    }
+    if event.get("confidence_score").and_then(|v| v.as_f64()) != columns.confidence_score {
+        wrong.push("confidence_score");
+    }
+    let occurred = event
+        .get("occurred_at")
+        .and_then(|v| v.as_str())
+        .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
+        .map(|at| at.with_timezone(&chrono::Utc));
+    if occurred.map(|at| at.timestamp_micros()) != columns.occurred_at_us {
+        wrong.push("occurred_at");
+    }
+    if columns.reject_code.is_some() {
+        wrong.push("reject_code");
+    }
+    let environment = event.get("environment").and_then(|v| v.as_str());
+    let directory = occurred.zip(environment).map(|(at, environment)| {
+        Placement::Trail { year: at.year(), month: at.month(), day: at.day(), environment: environment.into() }
+            .directory()
+    });
+    (wrong, directory)
+}
+
 /// The entry hash a row should have, from its own columns, or why it has none.
 pub fn recompute(row: &Row) -> Result<Hash, String> {
     let prev = parse_hash(&row.prev_hash)
@@ -155,8 +233,19 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             Some(cutoff) => prune_marker(store.as_ref(), prefix, &options.topic, partition, cutoff, &mut report).await,
             None => None,
         };
-        check_partition(store.clone(), &options.topic, partition, names, &signed, marker, options, &bar, &mut report)
-            .await;
+        check_partition(
+            store.clone(),
+            prefix,
+            &options.topic,
+            partition,
+            names,
+            &signed,
+            marker,
+            options,
+            &bar,
+            &mut report,
+        )
+        .await;
     }
     bar.finish_and_clear();
     report.seconds = started.elapsed().as_secs_f64();
@@ -401,6 +490,7 @@ async fn prune_marker(
 #[allow(clippy::too_many_arguments)]
 async fn check_partition(
     store: Arc<dyn ObjectStore>,
+    prefix: &str,
     topic: &str,
     partition: i32,
     names: &[SegmentName],
@@ -526,13 +616,34 @@ async fn check_partition(
                     ));
                 }
             }
-            let segment = match read_segment(body) {
+            let segment = match read_segment(body.clone()) {
                 Ok(s) => s,
                 Err(e) => {
                     problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
                     continue;
                 }
             };
+            match read_derived_columns(body.clone()) {
+                Ok(derived) if derived.len() == segment.rows.len() => {
+                    let directory = key_directory(prefix, &key);
+                    for (row, columns) in segment.rows.iter().zip(&derived) {
+                        let (wrong, expected_directory) = derived_check(row, columns);
+                        if !wrong.is_empty() {
+                            let detail = format!("{} do not match the payload", wrong.join(", "));
+                            problems.push(problem("derived_column", &key, Some(row.offset), detail));
+                        }
+                        if let Some(expected) = expected_directory.filter(|e| Some(e.as_str()) != directory) {
+                            let detail = format!("the row belongs under {expected}/");
+                            problems.push(problem("misplaced_row", &key, Some(row.offset), detail));
+                        }
+                    }
+                }
+                Ok(_) => problems.push(problem("object_unreadable", &key, None, "column lengths differ".into())),
+                Err(e) => {
+                    problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
+                    continue;
+                }
+            }
             let entries: Vec<Hash> = segment.rows.iter().filter_map(|r| parse_hash(&r.entry_hash)).collect();
             let root = crate::merkle::root(&entries).map(hex::encode).unwrap_or_default();
             let footer = segment.metadata.get("aegis.merkle_root").cloned().unwrap_or_default();
@@ -813,6 +924,63 @@ mod tests {
         let why = recompute(&row).unwrap_err();
         assert!(why.contains("kafka_topic of 65536 bytes"), "{why}");
         assert!(recompute(&Row { topic: "t".repeat(65_535), ..row }).is_ok());
+    }
+
+    /// `body` with column `name` replaced by `values` (nulls for `None`), footer kept.
+    fn with_text_column(body: Bytes, name: &str, values: &[Option<&str>]) -> Bytes {
+        use arrow_array::{ArrayRef, RecordBatch, StringArray};
+        let builder = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(body).unwrap();
+        let footer = builder.metadata().file_metadata().key_value_metadata().cloned();
+        let batch = builder.build().unwrap().next().unwrap().unwrap();
+        let index = batch.schema().index_of(name).unwrap();
+        let mut columns = batch.columns().to_vec();
+        columns[index] = Arc::new(StringArray::from(values.to_vec())) as ArrayRef;
+        let batch = RecordBatch::try_new(batch.schema(), columns).unwrap();
+        let props = parquet::file::properties::WriterProperties::builder().set_key_value_metadata(footer).build();
+        let mut out = Vec::new();
+        let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        Bytes::from(out)
+    }
+
+    #[tokio::test]
+    async fn derived_columns_and_directories_are_held_to_the_payload() {
+        let objects = trail_signed_by(None).await;
+        assert!(check(&objects).await.ok);
+        let first_flush = |env: &str| {
+            segment_keys(&objects)
+                .into_iter()
+                .find(|k| k.contains(env) && k.contains("-00000000000000000000-"))
+                .unwrap()
+        };
+        // An analyst-visible column edited, the payload left alone: the chain cannot see it.
+        let prod = first_flush("environment=prod");
+        let edited = with_text_column(objects.body(&prod).unwrap(), "action", &[Some("a"), Some("b")]);
+        objects.put(&prod, edited, &BTreeMap::new()).await.unwrap();
+        let report = check(&objects).await;
+        let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.offset)).collect();
+        assert_eq!(found, vec![("derived_column", Some(2))], "{:?}", report.problems);
+        assert!(report.problems[0].detail.starts_with("action do not match"), "{:?}", report.problems);
+
+        // An object moved to another environment's directory.
+        let objects = trail_signed_by(None).await;
+        let dev = first_flush("environment=dev");
+        let body = objects.remove(&dev).unwrap();
+        objects.put(&dev.replace("environment=dev", "environment=staging"), body, &BTreeMap::new()).await.unwrap();
+        let report = check(&objects).await;
+        let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.offset)).collect();
+        assert_eq!(found, vec![("misplaced_row", Some(1))], "{:?}", report.problems);
+        assert!(report.problems[0].detail.contains("environment=dev/"), "{:?}", report.problems);
+
+        // A rejected row given an event's columns.
+        let objects = trail_signed_by(None).await;
+        let quarantined = segment_keys(&objects).into_iter().find(|k| k.contains("/quarantine/")).unwrap();
+        let edited = with_text_column(objects.body(&quarantined).unwrap(), "decision_id", &[Some("d-7")]);
+        objects.put(&quarantined, edited, &BTreeMap::new()).await.unwrap();
+        let report = check(&objects).await;
+        let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.offset)).collect();
+        assert_eq!(found, vec![("derived_column", Some(7))], "{:?}", report.problems);
     }
 
     #[tokio::test]

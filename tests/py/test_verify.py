@@ -169,6 +169,24 @@ def tamper_rejected_row_marked_accepted(bucket):
     return {"entry_hash", "object_changed"}
 
 
+def tamper_edit_derived_column(bucket):
+    """An analyst-visible column edited, the payload left alone: the chain does not hash it, the
+    digest's SHA-256 of the object and the check against the payload see it."""
+    victim = accepted_segments(bucket, 0)[1]
+    rewrite(bucket, victim, lambda t: set_column(t, "action", ["approve-edited"] + t.column("action").to_pylist()[1:]))
+    return {"derived_column", "object_changed"}
+
+
+def tamper_move_to_another_environment(bucket):
+    """A segment moved to another environment's directory: Athena would file its rows there."""
+    s3 = trail.s3()
+    victim = next(k for k in accepted_segments(bucket, 3) if "environment=prod/" in k)
+    target = victim.replace("environment=prod/", "environment=qa/")
+    s3.copy_object(Bucket=bucket, Key=target, CopySource={"Bucket": bucket, "Key": victim})
+    s3.delete_object(Bucket=bucket, Key=victim)
+    return {"misplaced_row", "missing_segment", "unsigned_segment"}
+
+
 def tamper_swap_rows(bucket):
     """Rows 0 and 1 trade places in the file (the Merkle tree is over row order)."""
     victim = next(k for k in segments(bucket, 3) if pq.read_metadata(io.BytesIO(
@@ -319,6 +337,7 @@ def tamper_digest_folder_spelled_twice(bucket):
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
     tamper_unknown_status, tamper_delete_quarantine_segment, tamper_rejected_row_marked_accepted,
+    tamper_edit_derived_column, tamper_move_to_another_environment,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
