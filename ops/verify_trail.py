@@ -82,6 +82,7 @@ DERIVED = {name: _is_text for name in DERIVED_TEXT} | {
     "confidence_score": pa.types.is_float64,
     "occurred_at": lambda t: pa.types.is_timestamp(t) and t.unit == "us",
     "reject_code": _is_text,
+    "reject_reason": _is_text,
     "kafka_timestamp": lambda t: pa.types.is_timestamp(t) and t.unit == "ms",
 }
 HEX64 = re.compile(r"[0-9a-f]{64}\Z")
@@ -291,7 +292,8 @@ def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
     wanted = lambda partition: only_partition is None or partition == only_partition  # noqa: E731
     for key in store.keys(base):
         if key.startswith(digests_root):
-            if key.startswith(f"{digests_root}keys/") and key.endswith(".pem"):
+            # Only <key_id>.pem side by side: a topic named `keys` has its digests below them.
+            if key.startswith(f"{digests_root}keys/") and key.endswith(".pem") and "/" not in key[len(digests_root) + 5:]:
                 key_files.append(key)
             elif key.startswith(topic_digests) and (m := DIGEST_DIR.match(key[len(topic_digests):])):
                 if (partition := int(m[1])) > I32_MAX or not wanted(partition):
@@ -413,34 +415,18 @@ def derived_column_problem(table: pa.Table) -> str | None:
 
 # ------------------------------------------------------------------ derived columns (CHAIN.md)
 
-RFC3339 = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]+)?"
-                     r"([Zz]|[+-][0-9]{2}:[0-9]{2})\Z")
+RFC3339 = re.compile("([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})(\\.[0-9]+)?"
+                     "([Zz]|[+\\-\u2212][0-9]{2}:[0-9]{2})\\Z")
 
 
-def parse_rfc3339(text: str) -> tuple[int, tuple[int, int, int]] | None:
-    """(µs since the epoch, sub-µs digits dropped; the UTC date), or None if not RFC 3339. A leap
-    second (:60) counts as the next second but keeps its own date."""
-    m = RFC3339.match(text)
-    if not m:
-        return None
-    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
-    micros = int(((m[7] or ".")[1:] + "000000")[:6])
-    zone = m[8]
-    offset = 0
-    if zone not in ("Z", "z"):
-        if int(zone[1:3]) > 23 or int(zone[4:6]) > 59:
-            return None
-        offset = (1 if zone[0] == "+" else -1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
-    if second > 60 or hour > 23 or minute > 59:
-        return None
-    try:
-        local = datetime.datetime(year, month, day, hour, minute, min(second, 59))
-    except ValueError:
-        return None
-    utc = local - datetime.timedelta(seconds=offset)
-    since = utc - datetime.datetime(1970, 1, 1)
-    total = (since.days * 86400 + since.seconds + (1 if second == 60 else 0)) * 1_000_000 + micros
-    return total, (utc.year, utc.month, utc.day)
+def days_from_civil(year: int, month: int, day: int) -> int:
+    """Days from 1970-01-01 to a proleptic Gregorian date, for any year (H. Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    yoe = year - era * 400
+    doy = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
 
 
 def civil_from_days(days: int) -> tuple[int, int, int]:
@@ -456,13 +442,159 @@ def civil_from_days(days: int) -> tuple[int, int, int]:
     return yoe + era * 400 + (month <= 2), month, day
 
 
+def parse_rfc3339(text: str) -> tuple[int, tuple[int, int, int]] | None:
+    """(µs since the epoch, sub-µs digits dropped; the UTC date), or None where chrono's
+    parse_from_rfc3339 refuses the text. A leap second (:60) counts as the next second but keeps
+    its own date."""
+    m = RFC3339.match(text)
+    if not m:
+        return None
+    year, month, day, hour, minute, second = (int(g) for g in m.groups()[:6])
+    if not 1 <= month <= 12 or hour > 23 or minute > 59 or second > 60:
+        return None
+    if not 1 <= day <= (days_from_civil(year + (month == 12), month % 12 + 1, 1) - days_from_civil(year, month, 1)):
+        return None
+    micros = int(((m[7] or ".")[1:] + "000000")[:6])
+    zone = m[8]
+    offset = 0
+    if zone not in ("Z", "z"):
+        if int(zone[1:3]) > 23 or int(zone[4:6]) > 59:
+            return None
+        offset = (-1 if zone[0] in "-\u2212" else 1) * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    utc = days_from_civil(year, month, day) * 86400 + hour * 3600 + minute * 60 + min(second, 59) - offset
+    return (utc + (second == 60)) * 1_000_000 + micros, civil_from_days(utc // 86400)
+
+
 def quarantine_directory(kafka_timestamp_ms: int | None) -> str:
     year, month, day = 1970, 1, 1
     if kafka_timestamp_ms is not None:
         date = civil_from_days(kafka_timestamp_ms // 86_400_000)
-        if -262_144 <= date[0] <= 262_143:  # beyond the writer's calendar: 1970-01-01
+        if -262_143 <= date[0] <= 262_142:  # beyond the writer's calendar (chrono's): 1970-01-01
             year, month, day = date
     return f"quarantine/year={year:04d}/month={month:02d}/day={day:02d}"
+
+
+def compact_json(raw: str) -> str:
+    """JSON text without the whitespace between tokens (what the writer stores as metadata)."""
+    out, in_string, escaped = [], False, False
+    for c in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+        elif c == '"':
+            in_string = True
+        elif c in " \t\n\r":
+            continue
+        out.append(c)
+    return "".join(out)
+
+
+WS = " \t\n\r"
+
+
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in WS:
+        i += 1
+    return i
+
+
+def _string_end(text: str, i: int) -> int:
+    """Index past the JSON string starting at text[i] == '"'."""
+    i += 1
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == '"':
+            return i + 1
+        i += 1
+    raise ValueError("unterminated string")
+
+
+def _value_end(text: str, i: int) -> int:
+    """Index past the JSON value starting at text[i]: nested values without recursion."""
+    if i >= len(text):
+        raise ValueError("value expected")
+    if text[i] == '"':
+        return _string_end(text, i)
+    if text[i] in "{[":
+        depth = 0
+        while i < len(text):
+            c = text[i]
+            if c == '"':
+                i = _string_end(text, i)
+                continue
+            if c in "{[":
+                depth += 1
+            elif c in "}]":
+                depth -= 1
+                if depth == 0:
+                    return i + 1
+            i += 1
+        raise ValueError("unterminated value")
+    j = i
+    while j < len(text) and text[j] not in WS + ",}]":
+        j += 1
+    if j == i:
+        raise ValueError("value expected")
+    return j
+
+
+def json_members(payload: bytes) -> dict[str, str] | None:
+    """A JSON object's members as raw text (the last of a repeated key), or None if the payload is
+    not one. Only the fields asked for are ever parsed, as the writer reads them."""
+    try:
+        text = payload.decode("utf-8")
+        i = _skip_ws(text, 0)
+        if text[i:i + 1] != "{":
+            return None
+        members, i = {}, _skip_ws(text, i + 1)
+        if text[i:i + 1] == "}":
+            return members if _skip_ws(text, i + 1) == len(text) else None
+        while True:
+            if text[i:i + 1] != '"':
+                return None
+            end = _string_end(text, i)
+            name = json.loads(text[i:end])
+            i = _skip_ws(text, end)
+            if text[i:i + 1] != ":":
+                return None
+            start = _skip_ws(text, i + 1)
+            end = _value_end(text, start)
+            members[name] = text[start:end]
+            i = _skip_ws(text, end)
+            if text[i:i + 1] == ",":
+                i = _skip_ws(text, i + 1)
+                continue
+            if text[i:i + 1] == "}" and _skip_ws(text, i + 1) == len(text):
+                return members
+            return None
+    except (UnicodeDecodeError, ValueError):
+        return None
+
+
+def _member(members: dict[str, str], name: str, kind: type):
+    raw = members.get(name)
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw, parse_constant=_no_constants)
+    except (ValueError, RecursionError):
+        return None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        try:
+            value = float(value)
+        except OverflowError:
+            return None
+        return value if value not in (float("inf"), float("-inf")) else None
+    return value if isinstance(value, kind) else None
 
 
 def _no_constants(name: str):
@@ -476,44 +608,29 @@ def derived_check(row: Row) -> tuple[list[str], str | None]:
     if row.status == "rejected":
         wrong = [name for name in DERIVED_TEXT if d[name] is not None]
         wrong += [name for name in ("confidence_score", "occurred_at") if d[name] is not None]
-        if d["reject_code"] is None:
-            wrong.append("reject_code")
+        wrong += [name for name in ("reject_code", "reject_reason") if d[name] is None]
         return wrong, quarantine_directory(d["kafka_timestamp"])
-    try:
-        event = json.loads((row.payload or b"").decode("utf-8"), parse_constant=_no_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        event = None
-    if not isinstance(event, dict):
+    members = json_members(row.payload or b"")
+    if members is None:
         return ["payload (not a JSON object)"], None
     wrong = []
     for name in DERIVED_TEXT:
-        sent = event.get(name)
         if name == "metadata":
-            sent = sent if isinstance(sent, dict) else None
-            try:
-                stored = json.loads(d[name]) if d[name] is not None else None
-            except ValueError:
-                stored = ValueError
-            same = sent == stored
+            raw = members.get("metadata")
+            expected = compact_json(raw) if raw is not None and raw.startswith("{") else None
         else:
-            same = (sent if isinstance(sent, str) else None) == d[name]
-        if not same:
+            expected = _member(members, name, str)
+        if expected != d[name]:
             wrong.append(name)
-    score = event.get("confidence_score")
-    try:
-        score = float(score) if isinstance(score, (int, float)) and not isinstance(score, bool) else None
-    except OverflowError:
-        score = None
-    if score != d["confidence_score"]:
+    if _member(members, "confidence_score", float) != d["confidence_score"]:
         wrong.append("confidence_score")
-    text = event.get("occurred_at")
-    parsed = parse_rfc3339(text) if isinstance(text, str) else None
+    text = _member(members, "occurred_at", str)
+    parsed = parse_rfc3339(text) if text is not None else None
     if (parsed[0] if parsed else None) != d["occurred_at"]:
         wrong.append("occurred_at")
-    if d["reject_code"] is not None:
-        wrong.append("reject_code")
-    environment = event.get("environment")
-    if parsed is None or not isinstance(environment, str):
+    wrong += [name for name in ("reject_code", "reject_reason") if d[name] is not None]
+    environment = _member(members, "environment", str)
+    if parsed is None or environment is None:
         return wrong, None
     year, month, day = parsed[1]
     return wrong, f"year={year:04d}/month={month:02d}/day={day:02d}/environment={environment}"

@@ -75,6 +75,10 @@ pub enum Command {
         /// Objects fetched concurrently.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Also check that the bucket holds what the chain table (dynamodb.chain_table) recorded:
+        /// each partition's newest entry and digest. Needs dynamodb:Scan on that table.
+        #[arg(long)]
+        against_chain_table: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,

@@ -46,7 +46,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 serde_json::to_string(&serde_json::json!({ "topic": config.kafka.topic, "partitions": delivered }))?
             );
         }
-        Command::Verify { topic, partition, from, to, pruned_before, public_key, concurrency, json } => {
+        Command::Verify {
+            topic,
+            partition,
+            from,
+            to,
+            pruned_before,
+            public_key,
+            concurrency,
+            against_chain_table,
+            json,
+        } => {
             let config = load(&cli)?;
             let public_keys = public_key
                 .iter()
@@ -56,8 +66,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     Ok(aegis_audit::digest::parse_public_key(&format!("--public-key {}", path.display()), &text)?)
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
+            let topic = topic.clone().unwrap_or_else(|| config.kafka.topic.clone());
+            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
+            // Read before the bucket is listed: a live writer then only adds to what must be there.
+            let chain_heads = match against_chain_table {
+                true => Some(DynamoStore::new(&sdk, &config.dynamodb).chain_heads(&topic).await?),
+                false => None,
+            };
             let options = VerifyOptions {
-                topic: topic.clone().unwrap_or_else(|| config.kafka.topic.clone()),
+                topic,
                 partition: *partition,
                 from: *from,
                 to: *to,
@@ -65,8 +82,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 public_keys,
                 concurrency: *concurrency,
                 progress: !json,
+                chain_heads,
             };
-            let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
             let store: Arc<dyn ObjectStore> = Arc::new(S3Store::new(&sdk, &config.s3));
             let report = aegis_audit::verify::verify(store, &config.s3.prefix, &options).await?;
             print_report(&report, *json, &config.s3.bucket)?;

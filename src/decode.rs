@@ -444,7 +444,7 @@ fn require(field: &'static str, value: &Option<Cow<'_, str>>, what: &str) -> Res
 /// Drops the whitespace between JSON tokens of already-validated JSON text, keeping everything
 /// else (key order, escapes, number spelling) byte for byte. A scan, not a re-parse: re-building a
 /// `serde_json::Value` for every record cost a tenth of the hot path.
-fn compact_json(raw: &str) -> Cow<'_, str> {
+pub(crate) fn compact_json(raw: &str) -> Cow<'_, str> {
     let bytes = raw.as_bytes();
     // Whitespace nowhere, not even inside strings: compact, and this scan vectorises.
     if !bytes.iter().any(|&b| matches!(b, b' ' | b'\t' | b'\n' | b'\r')) {

@@ -561,6 +561,18 @@ pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
         let payload = col("payload")?.as_binary_opt::<i32>().ok_or("payload type")?.clone();
         let prev = col("prev_hash")?.as_string_opt::<i32>().ok_or("prev_hash type")?.clone();
         let entry = col("entry_hash")?.as_string_opt::<i32>().ok_or("entry_hash type")?.clone();
+        // A null would read as "" or 0 and could pass as a real value (partition 0, say).
+        let required: [(&str, &dyn Array); 6] = [
+            ("kafka_topic", &topic),
+            ("kafka_partition", &partition),
+            ("kafka_offset", &offset),
+            ("status", &status),
+            ("prev_hash", &prev),
+            ("entry_hash", &entry),
+        ];
+        if let Some((name, _)) = required.iter().find(|(_, column)| column.null_count() > 0) {
+            return Err(format!("column {name} has nulls"));
+        }
         for i in 0..batch.num_rows() {
             let status = match status.value(i) {
                 "accepted" => EntryStatus::Accepted,
@@ -609,12 +621,14 @@ pub struct DerivedColumns {
     pub confidence_score: Option<f64>,
     pub occurred_at_us: Option<i64>,
     pub reject_code: Option<String>,
+    pub reject_reason: Option<String>,
 }
 
 /// The derived columns of every row of a segment, in file order (as [`read_segment`]'s rows).
 pub fn read_derived_columns(body: Bytes) -> Result<Vec<DerivedColumns>, String> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
-    let wanted = DERIVED_TEXT_COLUMNS.iter().copied().chain(["confidence_score", "occurred_at", "reject_code"]);
+    let wanted =
+        DERIVED_TEXT_COLUMNS.iter().copied().chain(["confidence_score", "occurred_at", "reject_code", "reject_reason"]);
     let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
     let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
     let mut out = Vec::new();
@@ -635,6 +649,7 @@ pub fn read_derived_columns(body: Bytes) -> Result<Vec<DerivedColumns>, String> 
             .ok_or("occurred_at type")?
             .clone();
         let reject_code = text("reject_code")?;
+        let reject_reason = text("reject_reason")?;
         let opt_text = |a: &StringArray, i: usize| a.is_valid(i).then(|| a.value(i).to_string());
         for i in 0..batch.num_rows() {
             out.push(DerivedColumns {
@@ -642,6 +657,7 @@ pub fn read_derived_columns(body: Bytes) -> Result<Vec<DerivedColumns>, String> 
                 confidence_score: score.is_valid(i).then(|| score.value(i)),
                 occurred_at_us: occurred.is_valid(i).then(|| occurred.value(i)),
                 reject_code: opt_text(&reject_code, i),
+                reject_reason: opt_text(&reject_reason, i),
             });
         }
     }

@@ -33,7 +33,7 @@ use crate::segment::{
     join_key, parse_segment_key, read_derived_columns, read_segment, DerivedColumns, Placement, Row, SegmentName,
     DERIVED_TEXT_COLUMNS,
 };
-use crate::sinks::{ObjectStore, SinkError};
+use crate::sinks::{ChainHead, ObjectStore, SinkError};
 use crate::tools::retention::{prune_marker_key, PruneMarker, PRUNE_MARKER_FORMAT};
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,9 @@ pub struct VerifyOptions {
     /// Objects fetched concurrently.
     pub concurrency: usize,
     pub progress: bool,
+    /// The chain table's heads, read before the bucket is listed: the bucket must hold at least
+    /// what they record (its newest entry and digest). `None`: not checked.
+    pub chain_heads: Option<BTreeMap<i32, ChainHead>>,
 }
 
 /// One finding. `code` is shared with `ops/verify_trail.py`.
@@ -128,37 +131,41 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
         if columns.reject_code.is_none() {
             wrong.push("reject_code");
         }
+        if columns.reject_reason.is_none() {
+            wrong.push("reject_reason");
+        }
         let at =
             row.kafka_timestamp_ms.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis).unwrap_or_default();
         let placement = Placement::Quarantine { year: at.year(), month: at.month(), day: at.day() };
         return (wrong, Some(placement.directory()));
     }
-    let Ok(serde_json::Value::Object(event)) = serde_json::from_slice::<serde_json::Value>(&row.payload) else {
+    // Each member's raw text, read as decode reads the payload: no limits on what the writer
+    // never parsed (nesting, number range), the last of a repeated key.
+    type Members<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>;
+    let Ok(event) = serde_json::from_slice::<Members>(&row.payload) else {
         return (vec!["payload (not a JSON object)"], None);
     };
+    let text = |name: &str| event.get(name).and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
     for (name, value) in DERIVED_TEXT_COLUMNS.iter().zip(&columns.texts) {
-        let same = if *name == "metadata" {
-            let sent = event.get("metadata").filter(|m| m.is_object());
-            let stored = value.as_deref().map(serde_json::from_str::<serde_json::Value>);
-            match (sent, stored) {
-                (None, None) => true,
-                (Some(sent), Some(Ok(stored))) => *sent == stored,
-                _ => false,
-            }
+        let expected = if *name == "metadata" {
+            // As the writer stores it: the object's text minus whitespace between tokens.
+            event
+                .get("metadata")
+                .filter(|raw| raw.get().trim_start().starts_with('{'))
+                .map(|raw| crate::decode::compact_json(raw.get()).into_owned())
         } else {
-            event.get(*name).and_then(|v| v.as_str()) == value.as_deref()
+            text(name)
         };
-        if !same {
+        if expected != *value {
             wrong.push(*name);
         }
     }
-    if event.get("confidence_score").and_then(|v| v.as_f64()) != columns.confidence_score {
+    let score = event.get("confidence_score").and_then(|raw| serde_json::from_str::<f64>(raw.get()).ok());
+    if score != columns.confidence_score {
         wrong.push("confidence_score");
     }
-    let occurred = event
-        .get("occurred_at")
-        .and_then(|v| v.as_str())
-        .and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok())
+    let occurred = text("occurred_at")
+        .and_then(|text| chrono::DateTime::parse_from_rfc3339(&text).ok())
         .map(|at| at.with_timezone(&chrono::Utc));
     if occurred.map(|at| at.timestamp_micros()) != columns.occurred_at_us {
         wrong.push("occurred_at");
@@ -166,8 +173,10 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
     if columns.reject_code.is_some() {
         wrong.push("reject_code");
     }
-    let environment = event.get("environment").and_then(|v| v.as_str());
-    let directory = occurred.zip(environment).map(|(at, environment)| {
+    if columns.reject_reason.is_some() {
+        wrong.push("reject_reason");
+    }
+    let directory = occurred.zip(text("environment")).map(|(at, environment)| {
         Placement::Trail { year: at.year(), month: at.month(), day: at.day(), environment: environment.into() }
             .directory()
     });
@@ -223,6 +232,12 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             segments.entry(p).or_default();
         }
     }
+    // A partition the chain table knows is checked even when the bucket has nothing of it.
+    for &partition in options.chain_heads.iter().flat_map(|heads| heads.keys()) {
+        if options.partition.is_none_or(|p| p == partition) {
+            segments.entry(partition).or_default();
+        }
+    }
     let total_objects: usize = segments.values().map(Vec::len).sum();
     let bar = progress_bar(options.progress, total_objects as u64, "verifying");
     for (&partition, names) in &segments {
@@ -233,7 +248,8 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             Some(cutoff) => prune_marker(store.as_ref(), prefix, &options.topic, partition, cutoff, &mut report).await,
             None => None,
         };
-        check_partition(
+        let head = options.chain_heads.as_ref().and_then(|heads| heads.get(&partition));
+        let row_at_head = check_partition(
             store.clone(),
             prefix,
             &options.topic,
@@ -241,11 +257,15 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             names,
             &signed,
             marker,
+            head.and_then(|h| h.committed).map(|h| h.last_offset),
             options,
             &bar,
             &mut report,
         )
         .await;
+        if let Some(head) = head {
+            check_against_head(prefix, &options.topic, partition, head, &signed, row_at_head, options, &mut report);
+        }
     }
     bar.finish_and_clear();
     report.seconds = started.elapsed().as_secs_f64();
@@ -275,11 +295,23 @@ async fn trusted_keys(
     if keys.is_empty() {
         let dir = join_key(&[prefix, DIGESTS_DIR, "keys"]) + "/";
         for object in store.list(&dir).await? {
+            // Only `<key_id>.pem` beside each other: below them live the digests of a topic
+            // that happens to be named `keys`.
+            let name = &object.key[dir.len()..];
+            if name.contains('/') || !name.ends_with(".pem") {
+                continue;
+            }
             // Unchecked against S3's stored checksum: the key's own parse decides (as for digests).
             let (bytes, _) = store.get_checked(&object.key).await?;
             let text = String::from_utf8_lossy(&bytes).to_string();
-            let key = digest::parse_public_key(&object.key, &text)?;
-            keys.insert(digest::key_id(&key), key);
+            match digest::parse_public_key(&object.key, &text) {
+                Ok(key) => {
+                    keys.insert(digest::key_id(&key), key);
+                }
+                // One unusable file must not hide the others (or stop the run): digests signed
+                // by its key, if any, show as signed by an unknown key.
+                Err(e) => report.notes.push(format!("skipped a published key: {e}")),
+            }
         }
         if !keys.is_empty() {
             report.notes.push(format!(
@@ -303,6 +335,8 @@ struct Signed {
     through: Option<i64>,
     /// Lowest offset covered by a digest.
     from: Option<i64>,
+    /// Body SHA-256 of each digest that parsed, by seq.
+    bodies: BTreeMap<u64, Hash>,
 }
 
 /// An object in a partition's digest folder: `seq` when it is named `<seq:012>.digest`.
@@ -445,6 +479,7 @@ async fn check_digests(
         signed.anchors.entry(body.last_offset).or_default().push((body.last_entry_hash.clone(), key.clone()));
         signed.through = signed.through.max(Some(body.last_offset));
         signed.from = Some(signed.from.map_or(body.first_offset, |f: i64| f.min(body.first_offset)));
+        signed.bodies.insert(seq, object.body_sha256());
         previous = Some(object);
     }
     Ok(signed)
@@ -487,6 +522,61 @@ async fn prune_marker(
     Some(marker)
 }
 
+/// What the chain table recorded and the bucket must therefore hold (`--against-chain-table`):
+/// the row at the head's offset with the head's entry hash, and the digest it last recorded.
+/// Read before the listing, so a live writer only adds to what is checked here.
+#[allow(clippy::too_many_arguments)]
+fn check_against_head(
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    head: &ChainHead,
+    signed: &Signed,
+    row_at_head: Option<String>,
+    options: &VerifyOptions,
+    report: &mut Report,
+) {
+    let item = format!("chain table item CHAIN#{topic}#{partition}");
+    let mut problem = |offset, detail: String| {
+        report.problems.push(Problem { code: "chain_head", partition, key: item.clone(), offset, detail })
+    };
+    // A range check (--from/--to) reads only part of the trail: the head may lie outside it.
+    if let (Some(committed), None, None) = (head.committed, options.from, options.to) {
+        let want = hex::encode(committed.last_hash);
+        match row_at_head {
+            Some(found) if found == want => {}
+            Some(found) => problem(
+                Some(committed.last_offset),
+                format!("the chain table's head is entry {want}, the row at its offset has {found}"),
+            ),
+            None => problem(
+                Some(committed.last_offset),
+                format!("the chain table's head (entry {want}) has no row in the bucket: the newest flushes are gone"),
+            ),
+        }
+    }
+    if let Some(recorded) = head.digest {
+        let key = digest::digest_key(prefix, topic, partition, recorded.seq);
+        match signed.bodies.get(&recorded.seq) {
+            Some(found) if *found == recorded.hash => {}
+            Some(found) => problem(
+                None,
+                format!(
+                    "the chain table recorded digest {} with body SHA-256 {}, {key} has {}",
+                    recorded.seq,
+                    hex::encode(recorded.hash),
+                    hex::encode(found)
+                ),
+            ),
+            None => problem(
+                None,
+                format!("the chain table recorded digest {}, the bucket has no readable {key}", recorded.seq),
+            ),
+        }
+    }
+}
+
+/// Checks one partition's flushes; returns the entry hash of the row at `head_offset`, if any.
 #[allow(clippy::too_many_arguments)]
 async fn check_partition(
     store: Arc<dyn ObjectStore>,
@@ -496,10 +586,12 @@ async fn check_partition(
     names: &[SegmentName],
     signed: &Signed,
     marker: Option<PruneMarker>,
+    head_offset: Option<i64>,
     options: &VerifyOptions,
     bar: &indicatif::ProgressBar,
     report: &mut Report,
-) {
+) -> Option<String> {
+    let mut row_at_head = None;
     let mut problems: Vec<Problem> = Vec::new();
     let problem = |code, key: &str, offset: Option<i64>, detail: String| Problem {
         code,
@@ -697,6 +789,9 @@ async fn check_partition(
                 )),
                 _ => highest = Some(row.offset),
             }
+            if Some(row.offset) == head_offset {
+                row_at_head = Some(row.entry_hash.clone());
+            }
             if row.topic != topic || row.partition != partition {
                 problems.push(problem(
                     "misplaced_row",
@@ -778,6 +873,7 @@ async fn check_partition(
         }
     }
     report.problems.extend(problems);
+    row_at_head
 }
 
 /// The signed flushes at the start of the partition that are gone and dated before `cutoff`
@@ -838,16 +934,21 @@ mod tests {
     }
 
     async fn trail_signed_by(signer: Option<Arc<DigestSigner>>) -> Arc<MemoryObjectStore> {
+        trail_and_heads(signer).await.0
+    }
+
+    async fn trail_and_heads(signer: Option<Arc<DigestSigner>>) -> (Arc<MemoryObjectStore>, Arc<MemoryHeads>) {
         let mut config = Config::from_toml_str(
             "[kafka]\nbrokers = \"x:1\"\ntopic = \"t\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n",
         )
         .unwrap();
         config.segment.max_records = 3;
         let objects = Arc::new(MemoryObjectStore::default());
+        let heads = Arc::new(MemoryHeads::default());
         let sinks = Sinks {
             objects: objects.clone(),
             index: Some(Arc::new(MemoryIndex::default())),
-            heads: Arc::new(MemoryHeads::default()),
+            heads: heads.clone(),
             dead_letters: None,
             signer: signer.clone(),
             memory: crate::budget::MemoryBudget::new(1 << 30),
@@ -868,7 +969,7 @@ mod tests {
                 }
             }
         }
-        objects
+        (objects, heads)
     }
 
     async fn check(objects: &Arc<MemoryObjectStore>) -> Report {
@@ -981,6 +1082,34 @@ mod tests {
         let report = check(&objects).await;
         let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.offset)).collect();
         assert_eq!(found, vec![("derived_column", Some(7))], "{:?}", report.problems);
+    }
+
+    #[tokio::test]
+    async fn the_chain_table_reveals_a_tail_removed_with_its_digest() {
+        let (objects, heads) = trail_and_heads(Some(signer())).await;
+        let against = |heads: BTreeMap<i32, ChainHead>| VerifyOptions {
+            topic: TOPIC.into(),
+            public_keys: vec![signer().verifying_key()],
+            concurrency: 4,
+            chain_heads: Some(heads),
+            ..Default::default()
+        };
+        let recorded = BTreeMap::from([(0, heads.get(TOPIC, 0))]);
+        let report = verify(objects.clone(), "trail", &against(recorded.clone())).await.unwrap();
+        assert!(report.ok, "{:?}", report.problems);
+        // The newest flush (9..=11) and the digest that signed it (seq 1) removed together.
+        for key in segment_keys(&objects).into_iter().filter(|k| k.contains("-00000000000000000009-")) {
+            objects.remove(&key);
+        }
+        objects.remove(&crate::digest::digest_key("trail", TOPIC, 0, 1));
+        assert!(check(&objects).await.ok, "the bucket alone cannot tell (CHAIN.md)");
+        let report = verify(objects.clone(), "trail", &against(recorded)).await.unwrap();
+        let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.offset)).collect();
+        assert_eq!(found, vec![("chain_head", Some(11)), ("chain_head", None)], "{:?}", report.problems);
+        // A partition the chain table knows and the bucket has nothing of.
+        let elsewhere = BTreeMap::from([(3, heads.get(TOPIC, 0))]);
+        let report = verify(objects.clone(), "trail", &against(elsewhere)).await.unwrap();
+        assert!(report.problems.iter().any(|p| p.code == "chain_head" && p.partition == 3), "{:?}", report.problems);
     }
 
     #[tokio::test]

@@ -279,6 +279,35 @@ impl DynamoStore {
         Ok(members)
     }
 
+    /// Every partition of `topic` the chain table holds a head for (`verify --against-chain-table`).
+    pub async fn chain_heads(&self, topic: &str) -> Result<std::collections::BTreeMap<i32, ChainHead>, SinkError> {
+        let prefix = format!("CHAIN#{topic}#");
+        let mut heads = std::collections::BTreeMap::new();
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.chain_table)
+            .filter_expression("begins_with(PK, :chain)")
+            .expression_attribute_values(":chain", AttributeValue::S(prefix.clone()))
+            .consistent_read(true)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| classify_sdk_error(BACKEND, "Scan", &self.chain_table, &e))?;
+            for item in page.items() {
+                let partition = item
+                    .get("PK")
+                    .and_then(|v| v.as_s().ok())
+                    .and_then(|pk| pk.strip_prefix(&prefix))
+                    .and_then(|p| p.parse::<i32>().ok());
+                if let Some(partition) = partition {
+                    heads.insert(partition, parse_head(item));
+                }
+            }
+        }
+        Ok(heads)
+    }
+
     /// Where the index says decision `id`'s winning record is: (segment key, partition, offset).
     pub async fn locate_decision(&self, id: &str) -> Result<Option<(String, i32, i64)>, SinkError> {
         let out = self

@@ -162,12 +162,14 @@ def test_sse_kms_encrypts_every_object_with_the_configured_key(aegis, tmp_path):
 def test_restart_mid_stream_continues_chain_without_gap_or_duplicate(aegis, tmp_path):
     aegis.init()
     _, first = produce_events(aegis, 900, seed=2)
-    consumer = aegis.start("run")
+    # Small flushes (about 22 per partition), so the kill lands with most of them still to come.
+    consumer = aegis.start("run", AEGIS_SEGMENT__MAX_RECORDS="10")
     # Kill it hard once some, but not all, segments are durable.
     wait_for(lambda: len([k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")]) >= 2,
-             timeout=90, what="first segments")
+             timeout=90, interval=0.05, what="first segments")
     consumer.send_signal(signal.SIGKILL)
     consumer.wait(timeout=30)
+    assert len(trail.read_rows(aegis.bucket, "trail/")) < 900, "the kill came after everything was durable"
     # A killed member holds its partitions until its session times out (config/local.toml: 10 s).
     # tansu 0.6.0 never reassigns them if another member joins and leaves meanwhile, so wait
     # until `status` no longer lists it (on tansu: its last heartbeat in the chain table is 20 s

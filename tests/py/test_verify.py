@@ -187,6 +187,13 @@ def tamper_move_to_another_environment(bucket):
     return {"misplaced_row", "missing_segment", "unsigned_segment"}
 
 
+def tamper_null_partition(bucket):
+    """A row's kafka_partition made null: no value at all, not partition 0."""
+    victim = accepted_segments(bucket, 0)[0]
+    rewrite(bucket, victim, lambda t: set_column(t, "kafka_partition", [None] + t.column("kafka_partition").to_pylist()[1:]))
+    return {"object_unreadable"}
+
+
 def tamper_swap_rows(bucket):
     """Rows 0 and 1 trade places in the file (the Merkle tree is over row order)."""
     victim = next(k for k in segments(bucket, 3) if pq.read_metadata(io.BytesIO(
@@ -337,7 +344,7 @@ def tamper_digest_folder_spelled_twice(bucket):
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
     tamper_unknown_status, tamper_delete_quarantine_segment, tamper_rejected_row_marked_accepted,
-    tamper_edit_derived_column, tamper_move_to_another_environment,
+    tamper_edit_derived_column, tamper_move_to_another_environment, tamper_null_partition,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
@@ -396,3 +403,63 @@ def test_inclusion_proof_checks_offline(signed_trail, tmp_path):
 def aegis_bin():
     from conftest import BIN
     return BIN
+
+
+def test_unusual_but_valid_events_verify_in_both(aegis):
+    """Events the consumer accepts, written in every spelling the schema allows that a verifier
+    re-deriving the columns could misread: both verifiers must find the trail intact."""
+    from datetime import datetime, timedelta, timezone
+    aegis.init()
+    rng = random.Random(5)
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    day = (now - timedelta(days=1)).strftime("%Y-%m-%d")
+    stamp = now.strftime("%Y-%m-%dT%H:%M:%S")
+    times = [
+        stamp.replace("T", "t") + "z", stamp.replace("T", " ") + "+00:00", stamp + "\u221201:00",
+        f"{day}T23:59:60Z", f"{day}T23:30:00-01:00", stamp + ".123456789123Z", stamp + "+23:59",
+    ]
+    texts = []
+    for i, when in enumerate(times):
+        event = make_event(i, rng, kind="decision")
+        event["occurred_at"] = when
+        texts.append(json.dumps(event, ensure_ascii=i % 2 == 0))
+    base = make_event(100, rng, kind="decision")
+    base["occurred_at"] = stamp + "Z"
+    plain = json.dumps(base)
+    # Raw JSON the writer never parses: huge numbers, a lone surrogate, deep nesting, spaced
+    # metadata, a confidence score written as an integer, an unknown member with 5000 digits.
+    texts.append(plain.replace('"metadata": {', '"metadata": {"n": 1e400, "s": "\\ud800", "deep": '
+                               + "[" * 200 + "]" * 200 + ', '))
+    texts.append(plain.replace('"metadata": {', '"metadata" :  {  "spaced" : [ 1 , "a b" ] , '))
+    texts.append(plain.replace('"confidence_score": ', '"extra": ' + "9" * 5000 + ', "confidence_score": ')
+                 .replace('"confidence_score": 0', '"confidence_score": 0'))
+    score_int = dict(base, confidence_score=1, metadata=None, decision_id="dec-int")
+    texts.append(json.dumps(score_int))
+    produce(aegis.topic, [t.encode() for t in texts], partitions=aegis.partitions)
+    aegis.consume_until_idle()
+    rows = trail.read_rows(aegis.bucket, "trail/")
+    rejected = [(r["reject_code"], r["reject_reason"]) for r in rows if r["status"] != "accepted"]
+    assert len(rows) == len(texts) and not rejected, rejected
+    rust, python = both(aegis, aegis.bucket)
+    assert rust["ok"] and python["ok"], (rust["problems"], python["problems"])
+
+
+def test_a_tail_removed_with_its_digest_shows_only_against_the_chain_table(signed_trail):
+    """CHAIN.md's one blind spot of the bucket alone: the newest digest and everything after the
+    previous one, removed together. The chain table still records them."""
+    aegis, _, _ = signed_trail
+    assert aegis.verify("--against-chain-table")["ok"]
+    bucket = copy_bucket(aegis.bucket)
+    s3 = trail.s3()
+    digests = sorted(k for k in trail.list_keys(bucket, "trail/_digests/") if "/p0000/" in k)
+    previous = json.loads(s3.get_object(Bucket=bucket, Key=digests[-2])["Body"].read().decode().split("\n")[0])
+    s3.delete_object(Bucket=bucket, Key=digests[-1])
+    removed = [k for k in segments(bucket, 0) if int(k.rsplit("-", 2)[-2]) > previous["last_offset"]]
+    assert removed
+    for key in removed:
+        s3.delete_object(Bucket=bucket, Key=key)
+    rust, python = both(aegis, bucket)
+    assert rust["ok"] and python["ok"], "the bucket alone cannot tell"
+    report = aegis.verify("--against-chain-table", AEGIS_S3__BUCKET=bucket)
+    assert not report["ok"]
+    assert {(p["code"], p["partition"]) for p in report["problems"]} == {("chain_head", 0)}, report["problems"]
