@@ -254,58 +254,54 @@ impl DynamoStore {
         Ok(())
     }
 
-    /// Members of `group` whose heartbeat is younger than `max_age`.
-    pub async fn live_members(&self, group: &str, max_age: Duration) -> Result<Vec<String>, SinkError> {
-        let oldest = chrono::Utc::now().timestamp() - max_age.as_secs() as i64;
-        let mut members = Vec::new();
-        let mut pages = self
+    /// The chain table's items whose PK starts with `prefix` and that pass `filter` (a condition
+    /// on `:v`, if any): a Scan, for tools and the rare fallback, never the data path.
+    async fn scan_chain_table(
+        &self,
+        prefix: String,
+        filter: Option<(&str, AttributeValue)>,
+    ) -> Result<Vec<HashMap<String, AttributeValue>>, SinkError> {
+        let mut request = self
             .client
             .scan()
             .table_name(&self.chain_table)
-            .filter_expression("begins_with(PK, :member) AND seen_at >= :oldest")
-            .expression_attribute_values(":member", AttributeValue::S(format!("MEMBER#{group}#")))
-            .expression_attribute_values(":oldest", n(oldest))
-            .consistent_read(true)
-            .into_paginator()
-            .send();
+            .filter_expression(match filter {
+                Some((condition, _)) => format!("begins_with(PK, :prefix) AND {condition}"),
+                None => "begins_with(PK, :prefix)".to_string(),
+            })
+            .expression_attribute_values(":prefix", AttributeValue::S(prefix))
+            .consistent_read(true);
+        if let Some((_, value)) = filter {
+            request = request.expression_attribute_values(":v", value);
+        }
+        let mut pages = request.into_paginator().send();
+        let mut items = Vec::new();
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| classify_sdk_error(BACKEND, "Scan", &self.chain_table, &e))?;
-            for item in page.items() {
-                if let Some(detail) = item.get("detail").and_then(|v| v.as_s().ok()) {
-                    members.push(detail.clone());
-                }
-            }
+            items.extend(page.items().iter().cloned());
         }
-        Ok(members)
+        Ok(items)
+    }
+
+    /// Members of `group` whose heartbeat is younger than `max_age`.
+    pub async fn live_members(&self, group: &str, max_age: Duration) -> Result<Vec<String>, SinkError> {
+        let oldest = chrono::Utc::now().timestamp() - max_age.as_secs() as i64;
+        let items = self.scan_chain_table(format!("MEMBER#{group}#"), Some(("seen_at >= :v", n(oldest)))).await?;
+        Ok(items.iter().filter_map(|item| item.get("detail").and_then(|v| v.as_s().ok()).cloned()).collect())
     }
 
     /// Every partition of `topic` the chain table holds a head for (`verify --against-chain-table`).
     pub async fn chain_heads(&self, topic: &str) -> Result<std::collections::BTreeMap<i32, ChainHead>, SinkError> {
         let prefix = format!("CHAIN#{topic}#");
-        let mut heads = std::collections::BTreeMap::new();
-        let mut pages = self
-            .client
-            .scan()
-            .table_name(&self.chain_table)
-            .filter_expression("begins_with(PK, :chain)")
-            .expression_attribute_values(":chain", AttributeValue::S(prefix.clone()))
-            .consistent_read(true)
-            .into_paginator()
-            .send();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| classify_sdk_error(BACKEND, "Scan", &self.chain_table, &e))?;
-            for item in page.items() {
-                let partition = item
-                    .get("PK")
-                    .and_then(|v| v.as_s().ok())
-                    .and_then(|pk| pk.strip_prefix(&prefix))
-                    .and_then(|p| p.parse::<i32>().ok());
-                if let Some(partition) = partition {
-                    heads.insert(partition, parse_head(item));
-                }
-            }
-        }
-        Ok(heads)
+        let items = self.scan_chain_table(prefix.clone(), None).await?;
+        Ok(items
+            .iter()
+            .filter_map(|item| {
+                let pk = item.get("PK")?.as_s().ok()?;
+                let partition = pk.strip_prefix(&prefix)?.parse::<i32>().ok()?;
+                Some((partition, parse_head(item)))
+            })
+            .collect())
     }
 
     /// Where the index says decision `id`'s winning record is: (segment key, partition, offset).
