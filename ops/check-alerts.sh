@@ -12,25 +12,40 @@ REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS_DIR=${AEGIS_TOOLS_DIR:-$HOME/.cache/aegis-audit/tools}
 PROMTOOL=$TOOLS_DIR/promtool/promtool
 
-as_root() { if [[ $(id -u) == 0 ]]; then "$@"; else sudo "$@"; fi; }
+die() { echo "check-alerts: $*" >&2; exit 1; }
+
+# A cached promtool counts only if it runs (a half-written copy does not).
+promtool_ok() { [[ -x $PROMTOOL ]] && "$PROMTOOL" --version >/dev/null 2>&1; }
 
 fetch_promtool() {
     local tmp
-    tmp=$(mktemp -d)
-    # An unpacked package only: the download needs apt's package lists, which a fresh image
-    # may not have yet.
+    tmp=$(mktemp -d "$TOOLS_DIR/promtool/.fetch.XXXXXX")
+    # shellcheck disable=SC2064  # this $tmp, now
+    trap "rm -rf '$tmp'" EXIT
+    # The download needs apt's package lists, which a fresh image may not have yet.
     if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
-        as_root apt-get update -qq
-        (cd "$tmp" && apt-get download prometheus >/dev/null)
+        local sudo=()
+        if [[ $(id -u) != 0 ]]; then
+            command -v sudo >/dev/null || die "need root or sudo to run apt-get update (for Debian's prometheus package)"
+            sudo=(sudo -n)
+        fi
+        "${sudo[@]}" apt-get update -qq || die "apt-get update failed (as root, or with passwordless sudo)"
+        (cd "$tmp" && apt-get download prometheus >/dev/null) || die "apt-get download prometheus failed"
     fi
     dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/unpacked"
-    mkdir -p "$TOOLS_DIR/promtool"
-    install -m 0755 "$tmp/unpacked/usr/bin/promtool" "$PROMTOOL.partial"
-    mv "$PROMTOOL.partial" "$PROMTOOL"
+    install -m 0755 "$tmp/unpacked/usr/bin/promtool" "$tmp/promtool"
+    mv -f "$tmp/promtool" "$PROMTOOL"  # the same file system: the swap is atomic
     rm -rf "$tmp"
 }
 
-[[ -x $PROMTOOL ]] || fetch_promtool
+mkdir -p "$TOOLS_DIR/promtool"
+if ! promtool_ok; then
+    # One fetch at a time (two CI runs on one machine); the second finds it done.
+    exec 9>"$TOOLS_DIR/promtool/.lock"
+    flock -w 600 9 || die "another ops/check-alerts.sh holds $TOOLS_DIR/promtool/.lock"
+    promtool_ok || fetch_promtool
+    promtool_ok || die "$PROMTOOL does not run"
+fi
 "$PROMTOOL" --version 2>&1 | head -1
 cd "$REPO/ops/prometheus"
 "$PROMTOOL" check rules alerts.yml

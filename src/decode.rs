@@ -444,6 +444,21 @@ fn require(field: &'static str, value: &Option<Cow<'_, str>>, what: &str) -> Res
 /// Drops the whitespace between JSON tokens of already-validated JSON text, keeping everything
 /// else (key order, escapes, number spelling) byte for byte. A scan, not a re-parse: re-building a
 /// `serde_json::Value` for every record cost a tenth of the hot path.
+/// A JSON object's members as raw text, read as [`decode`] reads a payload: no limits on what
+/// it never parses (nesting, number range), the last of a repeated name. For the tools that
+/// re-derive fields from a stored payload (`verify`, `verify-proof`).
+pub type JsonMembers<'a> = std::collections::BTreeMap<Cow<'a, str>, &'a RawValue>;
+
+/// `payload`'s members, or `None` if it is not a JSON object.
+pub fn json_members(payload: &[u8]) -> Option<JsonMembers<'_>> {
+    serde_json::from_slice(payload).ok()
+}
+
+/// Member `name` when it is a JSON string.
+pub fn member_str(members: &JsonMembers, name: &str) -> Option<String> {
+    members.get(name).and_then(|raw| serde_json::from_str(raw.get()).ok())
+}
+
 pub(crate) fn compact_json(raw: &str) -> Cow<'_, str> {
     let bytes = raw.as_bytes();
     // Whitespace nowhere, not even inside strings: compact, and this scan vectorises.

@@ -151,14 +151,6 @@ pub fn verify_proof(proof: &Proof, key: &VerifyingKey) -> Result<String, ProofEr
         return Err(bad(format!("format {:?}, expected {PROOF_FORMAT}", proof.format)));
     }
     let e = &proof.entry;
-    let payload = base64::engine::general_purpose::STANDARD
-        .decode(&e.payload_base64)
-        .map_err(|err| bad(format!("entry.payload_base64: {err}")))?;
-    let decision: serde_json::Value =
-        serde_json::from_slice(&payload).map_err(|err| bad(format!("entry payload is not JSON: {err}")))?;
-    if decision.get("decision_id").and_then(|v| v.as_str()) != Some(proof.decision_id.as_str()) {
-        return Err(bad(format!("the entry's payload is not decision {}", proof.decision_id)));
-    }
     // Only an accepted entry is a decision: a rejected one's payload failed decode (a repeated
     // `decision_id`, say, whose last copy this JSON reading would take), and the index never
     // points at one, so `prove` never makes such a proof.
@@ -172,6 +164,16 @@ pub fn verify_proof(proof: &Proof, key: &VerifyingKey) -> Result<String, ProofEr
         }
         other => return Err(bad(format!("entry.status {other:?}"))),
     };
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(&e.payload_base64)
+        .map_err(|err| bad(format!("entry.payload_base64: {err}")))?;
+    // Read as the writer reads it: a valid event may hold numbers or nesting in `metadata` that
+    // a full parse refuses.
+    let decision =
+        crate::decode::json_members(&payload).ok_or_else(|| bad("entry payload is not a JSON object".into()))?;
+    if crate::decode::member_str(&decision, "decision_id").as_deref() != Some(proof.decision_id.as_str()) {
+        return Err(bad(format!("the entry's payload is not decision {}", proof.decision_id)));
+    }
     let prev = parse_hash(&e.prev_hash).ok_or_else(|| bad("entry.prev_hash is not 64 hex chars".into()))?;
     let computed = entry_hash(&prev, &e.topic, e.partition, e.offset, status, &payload);
     if hex::encode(computed) != e.entry_hash {

@@ -139,13 +139,10 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
         let placement = Placement::Quarantine { year: at.year(), month: at.month(), day: at.day() };
         return (wrong, Some(placement.directory()));
     }
-    // Each member's raw text, read as decode reads the payload: no limits on what the writer
-    // never parsed (nesting, number range), the last of a repeated key.
-    type Members<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>;
-    let Ok(event) = serde_json::from_slice::<Members>(&row.payload) else {
+    let Some(event) = crate::decode::json_members(&row.payload) else {
         return (vec!["payload (not a JSON object)"], None);
     };
-    let text = |name: &str| event.get(name).and_then(|raw| serde_json::from_str::<String>(raw.get()).ok());
+    let text = |name: &str| crate::decode::member_str(&event, name);
     for (name, value) in DERIVED_TEXT_COLUMNS.iter().zip(&columns.texts) {
         let expected = if *name == "metadata" {
             // As the writer stores it: the object's text minus whitespace between tokens.
@@ -249,7 +246,7 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             None => None,
         };
         let head = options.chain_heads.as_ref().and_then(|heads| heads.get(&partition));
-        let row_at_head = check_partition(
+        let seen = check_partition(
             store.clone(),
             prefix,
             &options.topic,
@@ -264,7 +261,7 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
         )
         .await;
         if let Some(head) = head {
-            check_against_head(prefix, &options.topic, partition, head, &signed, row_at_head, options, &mut report);
+            check_against_head(prefix, &options.topic, partition, head, &signed, seen, options, &mut report);
         }
     }
     bar.finish_and_clear();
@@ -294,6 +291,7 @@ async fn trusted_keys(
     let mut keys: HashMap<String, VerifyingKey> = options.public_keys.iter().map(|k| (digest::key_id(k), *k)).collect();
     if keys.is_empty() {
         let dir = join_key(&[prefix, DIGESTS_DIR, "keys"]) + "/";
+        let mut unusable = None;
         for object in store.list(&dir).await? {
             // Only `<key_id>.pem` beside each other: below them live the digests of a topic
             // that happens to be named `keys`.
@@ -310,8 +308,15 @@ async fn trusted_keys(
                 }
                 // One unusable file must not hide the others (or stop the run): digests signed
                 // by its key, if any, show as signed by an unknown key.
-                Err(e) => report.notes.push(format!("skipped a published key: {e}")),
+                Err(e) => {
+                    report.notes.push(format!("skipped a published key: {e}"));
+                    unusable.get_or_insert(e);
+                }
             }
+        }
+        // None usable at all: say why rather than that none was published.
+        if let (true, Some(e)) = (keys.is_empty(), unusable) {
+            return Err(e.into());
         }
         if !keys.is_empty() {
             report.notes.push(format!(
@@ -522,6 +527,17 @@ async fn prune_marker(
     Some(marker)
 }
 
+/// What a partition's check saw of the offset the chain table names as its head.
+#[derive(Debug, Default)]
+struct HeadSeen {
+    /// The entry hash of the row at that offset.
+    row: Option<String>,
+    /// Objects of the flush holding that offset that could not be read.
+    unreadable: Vec<String>,
+    /// The highest offset pruned on purpose (digests and prune marker, with `--pruned-before`).
+    pruned_through: Option<i64>,
+}
+
 /// What the chain table recorded and the bucket must therefore hold (`--against-chain-table`):
 /// the row at the head's offset with the head's entry hash, and the digest it last recorded.
 /// Read before the listing, so a live writer only adds to what is checked here.
@@ -532,7 +548,7 @@ fn check_against_head(
     partition: i32,
     head: &ChainHead,
     signed: &Signed,
-    row_at_head: Option<String>,
+    seen: HeadSeen,
     options: &VerifyOptions,
     report: &mut Report,
 ) {
@@ -543,11 +559,20 @@ fn check_against_head(
     // A range check (--from/--to) reads only part of the trail: the head may lie outside it.
     if let (Some(committed), None, None) = (head.committed, options.from, options.to) {
         let want = hex::encode(committed.last_hash);
-        match row_at_head {
+        match seen.row {
             Some(found) if found == want => {}
             Some(found) => problem(
                 Some(committed.last_offset),
                 format!("the chain table's head is entry {want}, the row at its offset has {found}"),
+            ),
+            // Everything up to there was pruned on purpose, and checked as such.
+            None if seen.pruned_through.is_some_and(|p| p >= committed.last_offset) => {}
+            None if !seen.unreadable.is_empty() => problem(
+                Some(committed.last_offset),
+                format!(
+                    "the chain table's head (entry {want}) was not checked: {} could not be read",
+                    seen.unreadable.join(", ")
+                ),
             ),
             None => problem(
                 Some(committed.last_offset),
@@ -576,7 +601,7 @@ fn check_against_head(
     }
 }
 
-/// Checks one partition's flushes; returns the entry hash of the row at `head_offset`, if any.
+/// Checks one partition's flushes; returns what it saw of `head_offset`.
 #[allow(clippy::too_many_arguments)]
 async fn check_partition(
     store: Arc<dyn ObjectStore>,
@@ -590,8 +615,8 @@ async fn check_partition(
     options: &VerifyOptions,
     bar: &indicatif::ProgressBar,
     report: &mut Report,
-) -> Option<String> {
-    let mut row_at_head = None;
+) -> HeadSeen {
+    let mut seen = HeadSeen::default();
     let mut problems: Vec<Problem> = Vec::new();
     let problem = |code, key: &str, offset: Option<i64>, detail: String| Problem {
         code,
@@ -684,6 +709,9 @@ async fn check_partition(
                 Ok(v) => v,
                 Err(e) => {
                     problems.push(problem("object_unreadable", &key, None, e.to_string()));
+                    if head_offset.is_some_and(|h| (first..=last).contains(&h)) {
+                        seen.unreadable.push(key.clone());
+                    }
                     continue;
                 }
             };
@@ -712,6 +740,9 @@ async fn check_partition(
                 Ok(s) => s,
                 Err(e) => {
                     problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
+                    if head_offset.is_some_and(|h| (first..=last).contains(&h)) {
+                        seen.unreadable.push(key.clone());
+                    }
                     continue;
                 }
             };
@@ -733,6 +764,9 @@ async fn check_partition(
                 Ok(_) => problems.push(problem("object_unreadable", &key, None, "column lengths differ".into())),
                 Err(e) => {
                     problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
+                    if head_offset.is_some_and(|h| (first..=last).contains(&h)) {
+                        seen.unreadable.push(key.clone());
+                    }
                     continue;
                 }
             }
@@ -790,7 +824,7 @@ async fn check_partition(
                 _ => highest = Some(row.offset),
             }
             if Some(row.offset) == head_offset {
-                row_at_head = Some(row.entry_hash.clone());
+                seen.row = Some(row.entry_hash.clone());
             }
             if row.topic != topic || row.partition != partition {
                 problems.push(problem(
@@ -873,7 +907,8 @@ async fn check_partition(
         }
     }
     report.problems.extend(problems);
-    row_at_head
+    seen.pruned_through = pruned_through.max(marker.map(|m| m.last_offset));
+    seen
 }
 
 /// The signed flushes at the start of the partition that are gone and dated before `cutoff`
@@ -1110,6 +1145,18 @@ mod tests {
         let elsewhere = BTreeMap::from([(3, heads.get(TOPIC, 0))]);
         let report = verify(objects.clone(), "trail", &against(elsewhere)).await.unwrap();
         assert!(report.problems.iter().any(|p| p.code == "chain_head" && p.partition == 3), "{:?}", report.problems);
+
+        // A partition pruned to its head: every flush older than the cutoff, gone on purpose.
+        let (objects, heads) = trail_and_heads(Some(signer())).await;
+        for key in segment_keys(&objects) {
+            objects.remove(&key);
+        }
+        let pruned = VerifyOptions {
+            pruned_before: chrono::NaiveDate::from_ymd_opt(2026, 11, 26),
+            ..against(BTreeMap::from([(0, heads.get(TOPIC, 0))]))
+        };
+        let report = verify(objects.clone(), "trail", &pruned).await.unwrap();
+        assert!(report.ok && report.pruned_segments == 8, "{:?}", report.problems);
     }
 
     #[tokio::test]

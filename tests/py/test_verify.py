@@ -428,11 +428,13 @@ def test_unusual_but_valid_events_verify_in_both(aegis):
     plain = json.dumps(base)
     # Raw JSON the writer never parses: huge numbers, a lone surrogate, deep nesting, spaced
     # metadata, a confidence score written as an integer, an unknown member with 5000 digits.
-    texts.append(plain.replace('"metadata": {', '"metadata": {"n": 1e400, "s": "\\ud800", "deep": '
-                               + "[" * 200 + "]" * 200 + ', '))
-    texts.append(plain.replace('"metadata": {', '"metadata" :  {  "spaced" : [ 1 , "a b" ] , '))
-    texts.append(plain.replace('"confidence_score": ', '"extra": ' + "9" * 5000 + ', "confidence_score": ')
-                 .replace('"confidence_score": 0', '"confidence_score": 0'))
+    def variant(decision_id):
+        return plain.replace('"decision_id": "dec-000100"', f'"decision_id": "{decision_id}"')
+    texts.append(variant("dec-huge").replace('"metadata": {', '"metadata": {"n": 1e400, "s": "\\ud800", "deep": '
+                                             + "[" * 200 + "]" * 200 + ', '))
+    texts.append(variant("dec-spaced").replace('"metadata": {', '"metadata" :  {  "spaced" : [ 1 , "a b" ] , '))
+    texts.append(variant("dec-long").replace('"confidence_score": ', '"extra": ' + "9" * 5000 + ', "confidence_score": '))
+    assert all(f'"decision_id": "dec-{name}"' in t for name, t in zip(["huge", "spaced", "long"], texts[-3:]))
     score_int = dict(base, confidence_score=1, metadata=None, decision_id="dec-int")
     texts.append(json.dumps(score_int))
     produce(aegis.topic, [t.encode() for t in texts], partitions=aegis.partitions)
@@ -442,6 +444,11 @@ def test_unusual_but_valid_events_verify_in_both(aegis):
     assert len(rows) == len(texts) and not rejected, rejected
     rust, python = both(aegis, aegis.bucket)
     assert rust["ok"] and python["ok"], (rust["problems"], python["problems"])
+    # And its inclusion proof checks offline.
+    proof = aegis.tmp / "huge.proof.json"
+    aegis.run("prove", "dec-huge", "--out", str(proof))
+    checked = aegis.run("verify-proof", str(proof), "--public-key", aegis.public_key)
+    assert checked.stdout.startswith("proof OK: decision dec-huge"), checked.stdout
 
 
 def test_a_tail_removed_with_its_digest_shows_only_against_the_chain_table(signed_trail):
