@@ -551,10 +551,7 @@ impl PartitionWriter {
         conflict: PartitionError,
         cancel: &CancellationToken,
     ) -> Result<PartitionError, PartitionError> {
-        let heads = &self.sinks.heads;
-        let stored =
-            retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || heads.load(&self.topic, self.partition))
-                .await?;
+        let stored = self.stored_head(ctx, cancel).await?;
         if stored.committed == Some(head) && stored.digest == self.digest {
             return Ok(conflict);
         }
@@ -620,15 +617,18 @@ impl PartitionWriter {
         let Err(RetryError::Sink(SinkError::FenceLost { .. })) = &result else {
             return Ok(result?);
         };
-        let heads = &self.sinks.heads;
-        let head =
-            retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || heads.load(&self.topic, self.partition))
-                .await?;
-        if landed(&head) {
+        if landed(&self.stored_head(ctx, cancel).await?) {
             Ok(())
         } else {
             Ok(result?)
         }
+    }
+
+    /// The chain head as stored now, read again after a write was refused.
+    async fn stored_head(&self, ctx: &str, cancel: &CancellationToken) -> Result<ChainHead, PartitionError> {
+        let heads = &self.sinks.heads;
+        Ok(retry(ctx, &self.config.retry, cancel, metrics::set_backend_up, || heads.load(&self.topic, self.partition))
+            .await?)
     }
 
     async fn begin(&self, pending: PendingFlush, ctx: &str, cancel: &CancellationToken) -> Result<(), PartitionError> {
@@ -1068,12 +1068,7 @@ mod tests {
         let cancel = CancellationToken::new();
         let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
         feed(&mut w, 0..3).await;
-        for i in 3..6 {
-            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
-        }
-        s.index.down.store(true, Ordering::SeqCst);
-        crash_after_intent(&mut w, &s).await;
-        s.index.down.store(false, Ordering::SeqCst);
+        interrupt_after_intent(&mut w, &s, 3..6).await;
         // The next owner holds a segment to sign but writes no digest until the range is re-read:
         // a deadline now would be one the worker's timer wakes for at once, again and again.
         let mut w2 = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
@@ -1145,14 +1140,9 @@ mod tests {
         let s = Stack::new();
         let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         feed(&mut w, 0..3).await;
-        for i in 3..6 {
-            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
-        }
         // Crash during step 3: the index is down, the intent and the segment are already written.
-        s.index.down.store(true, Ordering::SeqCst);
-        crash_after_intent(&mut w, &s).await;
+        interrupt_after_intent(&mut w, &s, 3..6).await;
         assert!(s.heads.get("t", 0).pending.is_some());
-        s.index.down.store(false, Ordering::SeqCst);
         drop(w);
         let written: Vec<String> =
             s.objects.keys().into_iter().filter(|k| k.contains("-00000000000000000003-")).collect();
@@ -1230,13 +1220,8 @@ mod tests {
         let s = Stack::new();
         let cancel = CancellationToken::new();
         let mut w = PartitionWriter::open("t", 0, config(), signed(&s), &cancel).await.unwrap();
-        for i in 0..3 {
-            w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
-        }
         // The intent and the segment are written, then the worker dies (index down, cancelled).
-        s.index.down.store(true, Ordering::SeqCst);
-        crash_after_intent(&mut w, &s).await;
-        s.index.down.store(false, Ordering::SeqCst);
+        interrupt_after_intent(&mut w, &s, 0..3).await;
         drop(w);
         // The object as another build would have encoded it, written before objects carried
         // their hash in metadata: same rows, other bytes.
@@ -1314,11 +1299,17 @@ mod tests {
     /// was down), as a crashed owner leaves it.
     async fn interrupted_after_intent(s: &Stack) {
         let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
-        for i in 0..3 {
+        interrupt_after_intent(&mut w, s, 0..3).await;
+    }
+
+    /// `w` admits `range` and flushes it, and dies once the intent is recorded and its segments
+    /// written (the index is down meanwhile), as a crashed owner leaves it.
+    async fn interrupt_after_intent(w: &mut PartitionWriter, s: &Stack, range: std::ops::Range<i64>) {
+        for i in range {
             w.admit(i, None, Some(Bytes::from(event(i)))).unwrap();
         }
         s.index.down.store(true, Ordering::SeqCst);
-        crash_after_intent(&mut w, s).await;
+        crash_after_intent(w, s).await;
         s.index.down.store(false, Ordering::SeqCst);
     }
 
