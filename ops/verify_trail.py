@@ -419,6 +419,20 @@ RFC3339 = re.compile("([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2})
                      "([Zz]|[+\\-\u2212][0-9]{2}:[0-9]{2})\\Z")
 
 
+# The same vectors as src/verify.rs's tests and CHAIN.md's table.
+OCCURRED_AT_VECTORS = [
+    ("2026-11-18T10:00:00.5+01:00", (1794992400500000, (2026, 11, 18))),
+    ("2026-12-31T23:59:60.25Z", (1798761600250000, (2026, 12, 31))),
+    ("2026-11-18t10:00:00z", (1794996000000000, (2026, 11, 18))),
+    ("2026-11-18T10:00:00.1234567\u221200:30", (1794997800123456, (2026, 11, 18))),
+    ("2026-11-18 00:30:00+01:00", (1794958200000000, (2026, 11, 17))),
+    ("2026-02-29T00:00:00Z", None),
+    ("2026-11-18T24:00:00Z", None),
+    ("2026-11-18T10:00:00+24:00", None),
+    ("2026-11-18T10:00Z", None),
+]
+
+
 def days_from_civil(year: int, month: int, day: int) -> int:
     """Days from 1970-01-01 to a proleptic Gregorian date, for any year (H. Hinnant's algorithm)."""
     year -= month <= 2
@@ -1124,6 +1138,10 @@ def self_test() -> bool:
         ("ed25519 signature", seed_key.sign(message).hex(), signature.hex()),
         ("ed25519 verify", verified, "verifies"),
     ]
+    # occurred_at as chrono reads it (CHAIN.md, "Derived columns"): (µs, UTC date) or None.
+    for text, want in OCCURRED_AT_VECTORS:
+        checks.append((f"occurred_at {text!r}", repr(parse_rfc3339(text)), repr(want)))
+    checks.append(("metadata compacted", compact_json(r'{ "a" : [ 1 , "b c\\" ] ,"d":{}}'), r'{"a":[1,"b c\\"],"d":{}}'))
     ok = True
     for name, got, want in checks:
         good = got == want

@@ -1045,6 +1045,29 @@ mod tests {
         assert!(codes(&report).contains(&"broken_link"));
     }
 
+    /// CHAIN.md's occurred_at vectors, also checked by `ops/verify_trail.py --self-test`.
+    #[test]
+    fn occurred_at_vectors() {
+        let vectors: [(&str, Option<(i64, (i32, u32, u32))>); 9] = [
+            ("2026-11-18T10:00:00.5+01:00", Some((1794992400500000, (2026, 11, 18)))),
+            ("2026-12-31T23:59:60.25Z", Some((1798761600250000, (2026, 12, 31)))),
+            ("2026-11-18t10:00:00z", Some((1794996000000000, (2026, 11, 18)))),
+            ("2026-11-18T10:00:00.1234567\u{2212}00:30", Some((1794997800123456, (2026, 11, 18)))),
+            ("2026-11-18 00:30:00+01:00", Some((1794958200000000, (2026, 11, 17)))),
+            ("2026-02-29T00:00:00Z", None),
+            ("2026-11-18T24:00:00Z", None),
+            ("2026-11-18T10:00:00+24:00", None),
+            ("2026-11-18T10:00Z", None),
+        ];
+        for (text, want) in vectors {
+            let got = chrono::DateTime::parse_from_rfc3339(text)
+                .ok()
+                .map(|at| at.with_timezone(&chrono::Utc))
+                .map(|at| (at.timestamp_micros(), (at.year(), at.month(), at.day())));
+            assert_eq!(got, want, "{text}");
+        }
+    }
+
     #[test]
     fn a_field_longer_than_its_length_prefix_has_no_entry_hash() {
         let row = Row {

@@ -470,3 +470,10 @@ def test_a_tail_removed_with_its_digest_shows_only_against_the_chain_table(signe
     report = aegis.verify("--against-chain-table", AEGIS_S3__BUCKET=bucket)
     assert not report["ok"]
     assert {(p["code"], p["partition"]) for p in report["problems"]} == {("chain_head", 0)}, report["problems"]
+
+
+def test_independent_verifier_self_test():
+    """CHAIN.md's test vectors (hashes, Merkle roots, Ed25519, occurred_at), in the Python verifier."""
+    out = subprocess.run([sys.executable, PY_VERIFIER, "--self-test"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.rstrip().endswith("self-test OK"), out.stdout + out.stderr
+    assert "FAIL" not in out.stdout and out.stdout.count("ok   occurred_at") == 9, out.stdout
