@@ -7,7 +7,8 @@
 #   bash ops/install-deps.sh --check  # only report; exit 1 if something is missing
 set -euo pipefail
 
-PKGS=(cmake libcurl4-openssl-dev pkg-config libssl-dev zlib1g-dev)
+# build-essential: librdkafka's CMake project needs a C++ compiler; python3-venv: the test venv.
+PKGS=(cmake build-essential libcurl4-openssl-dev pkg-config libssl-dev zlib1g-dev python3-venv)
 
 installed() {
     [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == "install ok installed" ]]

@@ -40,7 +40,13 @@ step "aegis-audit produce --count $EVENTS"
 "$BIN" produce --count "$EVENTS"
 
 step "aegis-audit run (until caught up: exits after 5 s without new records)"
-"$BIN" run --exit-when-idle 5 2>&1 | grep -E "assigned|flushed|left the consumer group|ERROR|WARN" | tail -n 20
+RUN_LOG=.stack/quickstart-run.log
+if ! "$BIN" run --exit-when-idle 5 >"$RUN_LOG" 2>&1; then
+    tail -n 30 "$RUN_LOG" >&2
+    echo "quickstart: aegis-audit run failed; its whole log is $RUN_LOG" >&2
+    exit 1
+fi
+grep -iE "assigned|flushed|left the consumer group|error|warn" "$RUN_LOG" | tail -n 20 || true
 
 step "where the audit trail landed"
 "$AEGIS_PYTHON" ops/show_trail.py
@@ -51,7 +57,7 @@ step "aegis-audit verify (every hash, link, Merkle root, checksum and signed dig
 step "aegis-audit prove <decision_id> | verify-proof (offline, public key only)"
 DECISION=$("$AEGIS_PYTHON" - <<'PY'
 import json, os, boto3
-ddb = boto3.client("dynamodb", endpoint_url="http://127.0.0.1:5000", region_name="us-east-1",
+ddb = boto3.client("dynamodb", endpoint_url=os.environ["AEGIS_DYNAMODB__ENDPOINT_URL"], region_name="us-east-1",
                    aws_access_key_id="testing", aws_secret_access_key="testing")
 item = ddb.scan(TableName="aegis-audit-index", FilterExpression="SK = :d",
                 ExpressionAttributeValues={":d": {"S": "DECISION"}}, Limit=200)["Items"][0]

@@ -35,7 +35,7 @@
 #                        but tansu 0.6 then answers a fetch from inside a record batch with the
 #                        next batch, skipping records: benchmarks only, never the tests)
 #   AEGIS_READY_TIMEOUT  seconds to wait for readiness       (default 60)
-#   AEGIS_BASE_PYTHON    python used to create the venv      (default python3, needs >= 3.10)
+#   AEGIS_BASE_PYTHON    python used to create the venv      (default python3, needs >= 3.11)
 #   AEGIS_SKIP_APT=1     do not run ops/install-deps.sh
 set -euo pipefail
 shopt -s inherit_errexit
@@ -94,6 +94,9 @@ ensure_venv() {
     VENV=$(venv_dir)
     PY=$VENV/bin/python
     [[ -f $VENV/.aegis-complete ]] && return 0
+    # The pins (networkx 3.6, say) need 3.11: say so, not "pip install failed".
+    "$BASE_PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+        || die "'$BASE_PYTHON' is Python $(py_version); the test tools need 3.11 or newer (set AEGIS_BASE_PYTHON)"
     mkdir -p "$TOOLS_DIR"
     (
         flock 9
@@ -202,7 +205,7 @@ launch() {
     mkdir -p "$RUN_DIR" "$LOG_DIR" "$cwd"
     rm -f "$tmp"
     printf '\n=== %s start %s: %s\n' "$name" "$(date -u +%FT%TZ)" "$*" >>"$log"
-    (cd "$cwd" && exec setsid bash -c 'echo $$ >"$0"; exec "$@"' "$tmp" "$@" </dev/null >>"$log" 2>&1 8>&- 9>&-) &
+    (cd "$cwd" && exec setsid bash -c 'echo $$ >"$0"; exec "$@"' "$tmp" "$@" </dev/null >>"$log" 2>&1 7>&- 8>&- 9>&-) &
     for _ in $(seq 1 50); do
         [[ -s $tmp ]] && pid=$(<"$tmp") && [[ -n $pid ]] && break
         sleep 0.05
@@ -295,6 +298,12 @@ wait_ready() {  # wait_ready NAME CHECK_FN
 start_broker() {
     local pid
     if pid=$(our_pid broker); then
+        # memory:// mis-serves fetches from inside a batch: the tests must never run on it by
+        # accident (a benchmark's broker left running), nor a benchmark on sqlite://.
+        local running
+        running=$(tr '\0' ' ' <"/proc/$pid/cmdline" | grep -o 'storage-engine [a-z]*://' | cut -d' ' -f2 || true)
+        [[ -z $running || $running == "${KAFKA_STORAGE_URL%%//*}//" ]] \
+            || die "the running broker uses ${running} storage, not $KAFKA_STORAGE (AEGIS_KAFKA_STORAGE): run 'bash ops/stack.sh down' first"
         broker_metadata_ok || wait_ready broker broker_metadata_ok
         log "broker already up (pid $pid, $HOST:$KAFKA_PORT)"
         return 0
@@ -442,7 +451,9 @@ cmd_env() {
         AEGIS_S3__ENDPOINT_URL "http://$HOST:$AWS_PORT" \
         AEGIS_DYNAMODB__ENDPOINT_URL "http://$HOST:$AWS_PORT" \
         AEGIS_PYTHON "$venv/bin/python" \
-        AEGIS_STACK_DIR "$STACK_DIR"
+        AEGIS_STACK_DIR "$STACK_DIR" \
+        AEGIS_TEST_BROKERS "$HOST:$KAFKA_PORT" \
+        AEGIS_TEST_AWS_ENDPOINT "http://$HOST:$AWS_PORT"
 }
 
 need_running_tools() { ensure_venv; tansu_ok || ensure_tansu; }

@@ -70,9 +70,11 @@ async def main() -> None:
         loop.add_signal_handler(sig, stop.set)
     async with server:
         await stop.wait()
-    # Outage semantics: drop every open connection at once.
-    for w in list(conns):
-        w.transport.abort()
+        # Outage semantics: drop every open connection at once. Inside the block: leaving it
+        # waits for open connections to close (Python 3.12.1 and later).
+        server.close()
+        for w in list(conns):
+            w.transport.abort()
     print("tcp_proxy: stopped", flush=True)
 
 

@@ -24,16 +24,10 @@ while (($#)); do
     esac
 done
 
-if [[ -x $REPO_ROOT/target/release/aegis-audit ]]; then
-    BIN=$REPO_ROOT/target/release/aegis-audit BUILD=release
-elif [[ -x $REPO_ROOT/target/debug/aegis-audit ]]; then
-    BIN=$REPO_ROOT/target/debug/aegis-audit BUILD=debug
-else
-    echo "e2e.sh: no aegis-audit binary under target/ (run: cargo build --release)" >&2
-    exit 2
-fi
+# Built here, so the figures are always this tree's code (a stale binary measures nothing).
+(cd "$REPO_ROOT" && cargo build --release --locked --bin aegis-audit)
+BIN=${CARGO_TARGET_DIR:-$REPO_ROOT/target}/release/aegis-audit BUILD=release
 echo "[e2e] binary: $BIN ($BUILD build)"
-[[ $BUILD == release ]] || echo "[e2e] WARNING: debug build; run 'cargo build --release' for representative figures"
 
 # The broker's storage decides whose ceiling the s3-only row shows (ops/bench/README.md): tansu
 # with memory storage serves ~115k records/s here, with SQLite ~10k. Memory is the default for
