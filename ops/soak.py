@@ -91,6 +91,18 @@ class Soak:
             time.sleep(0.2)
 
     def run(self):
+        try:
+            return self.soak()
+        finally:
+            # Whatever failed: no consumer left running, no outage left in place.
+            self.stop.set()
+            for p in list(self.consumers):
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+            subprocess.run(["bash", str(REPO / "ops" / "stack.sh"), "start-aws"], capture_output=True, timeout=180)
+
+    def soak(self):
         a = self.aegis
         a.run("init")
         threading.Thread(target=self.producer, daemon=True).start()
