@@ -49,14 +49,20 @@ pub const REBALANCES: &str = "aegis_rebalances_total";
 struct Health {
     in_group: AtomicBool,
     failing_backends: AtomicI64,
-    stopped_partitions: AtomicI64,
+    /// Partitions this process owns whose worker stopped: a set, so a partition that moves to
+    /// another instance, or gets a new worker here, stops counting.
+    stopped_partitions: std::sync::Mutex<std::collections::BTreeSet<i32>>,
 }
 
 static HEALTH: Health = Health {
     in_group: AtomicBool::new(false),
     failing_backends: AtomicI64::new(0),
-    stopped_partitions: AtomicI64::new(0),
+    stopped_partitions: std::sync::Mutex::new(std::collections::BTreeSet::new()),
 };
+
+fn stopped_partitions() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<i32>> {
+    HEALTH.stopped_partitions.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 pub fn set_in_group(joined: bool) {
     HEALTH.in_group.store(joined, Ordering::SeqCst);
@@ -72,10 +78,25 @@ pub fn set_backend_up(up: bool) {
     gauge!(BACKEND_UP).set(if failing <= 0 { 1.0 } else { 0.0 });
 }
 
+/// A partition's worker stopped (fatal error, or a panic): logged by the worker at once, counted
+/// by the dispatcher with [`mark_stopped`] while the partition is still that worker's.
 pub fn partition_stopped(partition: i32, reason: &str) {
-    HEALTH.stopped_partitions.fetch_add(1, Ordering::SeqCst);
-    gauge!(PARTITIONS_STOPPED).increment(1.0);
     tracing::error!(partition, reason, "partition stopped; operator action needed (see ops/RUNBOOK.md)");
+}
+
+pub fn mark_stopped(partition: i32) {
+    let mut stopped = stopped_partitions();
+    stopped.insert(partition);
+    gauge!(PARTITIONS_STOPPED).set(stopped.len() as f64);
+}
+
+/// The partition was revoked, or got a new worker: whatever stopped it is no longer this
+/// process's to report.
+pub fn partition_released(partition: i32) {
+    let mut stopped = stopped_partitions();
+    if stopped.remove(&partition) {
+        gauge!(PARTITIONS_STOPPED).set(stopped.len() as f64);
+    }
 }
 
 pub fn is_ready() -> Result<(), String> {
@@ -86,7 +107,7 @@ pub fn is_ready() -> Result<(), String> {
     if failing > 0 {
         return Err(format!("{failing} backend operation(s) failing and being retried"));
     }
-    let stopped = HEALTH.stopped_partitions.load(Ordering::SeqCst);
+    let stopped = stopped_partitions().len();
     if stopped > 0 {
         return Err(format!("{stopped} partition(s) stopped"));
     }
@@ -247,4 +268,20 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
     axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_partition_counts_once_until_it_is_released() {
+        let partition = 990_001; // a number no other test uses: the set is process-wide
+        let count = || stopped_partitions().iter().filter(|&&p| p == partition).count();
+        mark_stopped(partition);
+        mark_stopped(partition);
+        assert_eq!(count(), 1);
+        partition_released(partition);
+        assert_eq!(count(), 0);
+    }
 }

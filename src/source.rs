@@ -125,6 +125,12 @@ enum Command {
         partition: i32,
         worker: Arc<AtomicUsize>,
     },
+    /// The worker stopped for good (a fatal error, or a panic): counted while it is still this
+    /// partition's worker (`/readyz`, `aegis_partitions_stopped`).
+    Stopped {
+        partition: i32,
+        worker: Arc<AtomicUsize>,
+    },
 }
 
 /// Copies payloads out of librdkafka's buffers into shared chunks, one partition's records in
@@ -188,6 +194,11 @@ impl WorkerHandle {
 /// stop every partition.
 fn queued_flowing(workers: &BTreeMap<i32, WorkerHandle>) -> usize {
     workers.values().filter(|w| !w.paused).map(WorkerHandle::queued).sum()
+}
+
+/// Bytes queued to every worker, paused or not.
+fn queued_total(workers: &BTreeMap<i32, WorkerHandle>) -> usize {
+    workers.values().map(WorkerHandle::queued).sum()
 }
 
 /// librdkafka settings: the brokers, then `defaults`, then `kafka.properties` last so an
@@ -294,7 +305,10 @@ pub async fn run(
 
     loop {
         // Backpressure: over the budget, read nothing until the workers have taken some back.
-        let blocked = queued_flowing(&workers) > queue_limit;
+        // Paused queues do not count toward the budget (one stalled worker must not stop the
+        // rest), but all queues together stay under twice it: a skewed outage that pauses one
+        // partition after another would otherwise hold the budget once per partition.
+        let blocked = queued_flowing(&workers) > queue_limit || queued_total(&workers) > 2 * queue_limit;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -314,6 +328,7 @@ pub async fn run(
                             let _ = consumer.resume(&tpl);
                         }
                         for p in parts {
+                            metrics::partition_released(p);
                             let handle = env.spawn(p, false);
                             if let Some(old) = workers.insert(p, handle) {
                                 old.revoke.cancel();
@@ -325,6 +340,7 @@ pub async fn run(
                     }
                     RebalanceEvent::Revoked(parts) => {
                         for p in parts {
+                            metrics::partition_released(p);
                             if let Some(w) = workers.remove(&p) {
                                 w.revoke.cancel();
                                 if w.paused { metrics::paused(-1.0); }
@@ -346,6 +362,11 @@ pub async fn run(
                             tracing::error!(partition, offset, error = %e, "seek failed; the worker will ask again when records arrive past the head");
                             metrics::kafka_error("seek");
                         }
+                    }
+                }
+                Command::Stopped { partition, worker } => {
+                    if workers.get(&partition).is_some_and(|w| Arc::ptr_eq(&w.queued, &worker)) {
+                        metrics::mark_stopped(partition);
                     }
                 }
                 Command::Restart { partition, worker } => {
@@ -582,7 +603,22 @@ impl WorkerEnv {
             restarted,
         };
         let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
-        let task = tokio::spawn(worker.run(rx).instrument(span));
+        // A panic (a bug) must stop the partition visibly, not leave it paused without a word.
+        let (commands, worker_queued) = (self.commands.clone(), queued.clone());
+        let task = tokio::spawn(
+            async move {
+                if let Err(panic) = std::panic::AssertUnwindSafe(worker.run(rx)).catch_unwind().await {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    metrics::partition_stopped(partition, &format!("the worker panicked: {what}"));
+                    let _ = commands.send(Command::Stopped { partition, worker: worker_queued });
+                }
+            }
+            .instrument(span),
+        );
         WorkerHandle {
             tx,
             payloads: PayloadArena::default(),
@@ -836,6 +872,7 @@ impl Worker {
             metrics::backend_error(conflict);
         }
         metrics::partition_stopped(self.partition, &error.to_string());
+        let _ = self.commands.send(Command::Stopped { partition: self.partition, worker: self.queued.clone() });
     }
 }
 

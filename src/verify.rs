@@ -1048,7 +1048,9 @@ mod tests {
     /// CHAIN.md's occurred_at vectors, also checked by `ops/verify_trail.py --self-test`.
     #[test]
     fn occurred_at_vectors() {
-        let vectors: [(&str, Option<(i64, (i32, u32, u32))>); 9] = [
+        /// Microseconds since the epoch, and the UTC date.
+        type Read = Option<(i64, (i32, u32, u32))>;
+        let vectors: [(&str, Read); 9] = [
             ("2026-11-18T10:00:00.5+01:00", Some((1794992400500000, (2026, 11, 18)))),
             ("2026-12-31T23:59:60.25Z", Some((1798761600250000, (2026, 12, 31)))),
             ("2026-11-18t10:00:00z", Some((1794996000000000, (2026, 11, 18)))),
