@@ -196,11 +196,6 @@ fn queued_flowing(workers: &BTreeMap<i32, WorkerHandle>) -> usize {
     workers.values().filter(|w| !w.paused).map(WorkerHandle::queued).sum()
 }
 
-/// Bytes queued to every worker, paused or not.
-fn queued_total(workers: &BTreeMap<i32, WorkerHandle>) -> usize {
-    workers.values().map(WorkerHandle::queued).sum()
-}
-
 /// librdkafka settings: the brokers, then `defaults`, then `kafka.properties` last so an
 /// operator can override any default (security, timeouts, ...).
 pub fn client_config<'a>(config: &Config, defaults: impl IntoIterator<Item = (&'a str, String)>) -> ClientConfig {
@@ -305,10 +300,7 @@ pub async fn run(
 
     loop {
         // Backpressure: over the budget, read nothing until the workers have taken some back.
-        // Paused queues do not count toward the budget (one stalled worker must not stop the
-        // rest), but all queues together stay under twice it: a skewed outage that pauses one
-        // partition after another would otherwise hold the budget once per partition.
-        let blocked = queued_flowing(&workers) > queue_limit || queued_total(&workers) > 2 * queue_limit;
+        let blocked = queued_flowing(&workers) > queue_limit;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
