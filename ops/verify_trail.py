@@ -384,6 +384,8 @@ def load_segment(store, key: str) -> Segment:
         if row.status not in STATUS_CODES:
             seg.rows, seg.unreadable = [], f"not a readable segment: row {i}: unknown status {row.status!r}"
             return seg
+    if not seg.rows:
+        return seg  # no tree: reported as segment_range (CHAIN.md)
     try:
         seg.merkle_root = merkle_root([bytes.fromhex(r.entry_hash) for r in seg.rows]).hex()
     except (TypeError, ValueError):
@@ -894,6 +896,8 @@ class Verifier:
             self.problem("object_unreadable", partition, key, first, seg.unreadable)
         if seg.checksum_problem:
             self.problem("object_checksum", partition, key, first, seg.checksum_problem)
+        if not seg.unreadable and not seg.rows:
+            self.problem("segment_range", partition, key, first, "the object has no rows")
         self.no_checksum += seg.no_checksum
         self.check_footer_root(partition, seg, first)
         claim = signed.listed.pop(key, None)

@@ -775,6 +775,11 @@ async fn check_partition(
                     continue;
                 }
             }
+            if segment.rows.is_empty() {
+                // The writer never makes one (CHAIN.md): no tree to compare, and nothing to link.
+                problems.push(problem("segment_range", &key, Some(first), "the object has no rows".into()));
+                continue;
+            }
             let entries: Vec<Hash> = segment.rows.iter().filter_map(|r| parse_hash(&r.entry_hash)).collect();
             let root = crate::merkle::root(&entries).map(hex::encode).unwrap_or_default();
             let footer = segment.metadata.get("aegis.merkle_root").cloned().unwrap_or_default();

@@ -194,6 +194,13 @@ def tamper_null_partition(bucket):
     return {"object_unreadable"}
 
 
+def tamper_empty_segment(bucket):
+    """A segment's rows all removed, its file still there: the writer never makes one."""
+    victim = accepted_segments(bucket, 2)[1]
+    rewrite(bucket, victim, lambda t: t.slice(0, 0))
+    return {"segment_range", "object_changed"}
+
+
 def tamper_swap_rows(bucket):
     """Rows 0 and 1 trade places in the file (the Merkle tree is over row order)."""
     victim = next(k for k in segments(bucket, 3) if pq.read_metadata(io.BytesIO(
@@ -344,7 +351,7 @@ def tamper_digest_folder_spelled_twice(bucket):
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
     tamper_unknown_status, tamper_delete_quarantine_segment, tamper_rejected_row_marked_accepted,
-    tamper_edit_derived_column, tamper_move_to_another_environment, tamper_null_partition,
+    tamper_edit_derived_column, tamper_move_to_another_environment, tamper_null_partition, tamper_empty_segment,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
