@@ -23,7 +23,7 @@ use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use bytes::Bytes;
 use chrono::{DateTime, Datelike, Utc};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
@@ -526,7 +526,23 @@ pub struct SegmentRead {
     pub metadata: BTreeMap<String, String>,
 }
 
-pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
+/// The columns [`read_segment`] reads.
+const CHAIN_COLUMNS: [&str; 8] = [
+    "kafka_topic",
+    "kafka_partition",
+    "kafka_offset",
+    "kafka_timestamp",
+    "status",
+    "payload",
+    "prev_hash",
+    "entry_hash",
+];
+
+/// A segment's footer key-value metadata and a reader of `columns`.
+fn open_segment<'c>(
+    body: Bytes,
+    columns: impl IntoIterator<Item = &'c str>,
+) -> Result<(BTreeMap<String, String>, ParquetRecordBatchReader), String> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
     let metadata = builder
         .metadata()
@@ -534,64 +550,74 @@ pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
         .key_value_metadata()
         .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
         .unwrap_or_default();
-    let wanted = [
-        "kafka_topic",
-        "kafka_partition",
-        "kafka_offset",
-        "kafka_timestamp",
-        "status",
-        "payload",
-        "prev_hash",
-        "entry_hash",
-    ];
-    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
-    let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
+    let mask = ProjectionMask::columns(builder.parquet_schema(), columns);
+    Ok((metadata, builder.with_projection(mask).build().map_err(|e| e.to_string())?))
+}
+
+pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
+    let (metadata, reader) = open_segment(body, CHAIN_COLUMNS)?;
     let mut rows = Vec::new();
     for batch in reader {
-        let batch = batch.map_err(|e| e.to_string())?;
-        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
-        let topic = col("kafka_topic")?.as_string_opt::<i32>().ok_or("kafka_topic is not a string")?.clone();
-        let partition = col("kafka_partition")?.as_primitive_opt::<Int32Type>().ok_or("kafka_partition type")?.clone();
-        let offset = col("kafka_offset")?.as_primitive_opt::<Int64Type>().ok_or("kafka_offset type")?.clone();
-        let timestamp = col("kafka_timestamp")?
-            .as_primitive_opt::<TimestampMillisecondType>()
-            .ok_or("kafka_timestamp type")?
-            .clone();
-        let status = col("status")?.as_string_opt::<i32>().ok_or("status type")?.clone();
-        let payload = col("payload")?.as_binary_opt::<i32>().ok_or("payload type")?.clone();
-        let prev = col("prev_hash")?.as_string_opt::<i32>().ok_or("prev_hash type")?.clone();
-        let entry = col("entry_hash")?.as_string_opt::<i32>().ok_or("entry_hash type")?.clone();
-        // A null would read as "" or 0 and could pass as a real value (partition 0, say).
-        let required: [(&str, &dyn Array); 6] = [
-            ("kafka_topic", &topic),
-            ("kafka_partition", &partition),
-            ("kafka_offset", &offset),
-            ("status", &status),
-            ("prev_hash", &prev),
-            ("entry_hash", &entry),
-        ];
-        if let Some((name, _)) = required.iter().find(|(_, column)| column.null_count() > 0) {
-            return Err(format!("column {name} has nulls"));
-        }
-        for i in 0..batch.num_rows() {
-            let status = match status.value(i) {
-                "accepted" => EntryStatus::Accepted,
-                "rejected" => EntryStatus::Rejected,
-                other => return Err(format!("row {i}: unknown status {other:?}")),
-            };
-            rows.push(Row {
-                offset: offset.value(i),
-                kafka_timestamp_ms: timestamp.is_valid(i).then(|| timestamp.value(i)),
-                topic: topic.value(i).to_string(),
-                partition: partition.value(i),
-                status,
-                payload: Bytes::copy_from_slice(payload.value(i)),
-                prev_hash: prev.value(i).to_string(),
-                entry_hash: entry.value(i).to_string(),
-            });
-        }
+        chain_rows(&batch.map_err(|e| e.to_string())?, &mut rows)?;
     }
     Ok(SegmentRead { rows, metadata })
+}
+
+/// [`read_segment`] and the rows' [`DerivedColumns`], in one pass over the object (`verify`).
+pub fn read_segment_with_derived(body: Bytes) -> Result<(SegmentRead, Vec<DerivedColumns>), String> {
+    let columns = CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS).chain(DERIVED_OTHER_COLUMNS);
+    let (metadata, reader) = open_segment(body, columns)?;
+    let (mut rows, mut derived) = (Vec::new(), Vec::new());
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        chain_rows(&batch, &mut rows)?;
+        derived_rows(&batch, &mut derived)?;
+    }
+    Ok((SegmentRead { rows, metadata }, derived))
+}
+
+/// Appends `batch`'s rows (their chain columns) to `rows`.
+fn chain_rows(batch: &RecordBatch, rows: &mut Vec<Row>) -> Result<(), String> {
+    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
+    let topic = col("kafka_topic")?.as_string_opt::<i32>().ok_or("kafka_topic is not a string")?.clone();
+    let partition = col("kafka_partition")?.as_primitive_opt::<Int32Type>().ok_or("kafka_partition type")?.clone();
+    let offset = col("kafka_offset")?.as_primitive_opt::<Int64Type>().ok_or("kafka_offset type")?.clone();
+    let timestamp =
+        col("kafka_timestamp")?.as_primitive_opt::<TimestampMillisecondType>().ok_or("kafka_timestamp type")?.clone();
+    let status = col("status")?.as_string_opt::<i32>().ok_or("status type")?.clone();
+    let payload = col("payload")?.as_binary_opt::<i32>().ok_or("payload type")?.clone();
+    let prev = col("prev_hash")?.as_string_opt::<i32>().ok_or("prev_hash type")?.clone();
+    let entry = col("entry_hash")?.as_string_opt::<i32>().ok_or("entry_hash type")?.clone();
+    // A null would read as "" or 0 and could pass as a real value (partition 0, say).
+    let required: [(&str, &dyn Array); 6] = [
+        ("kafka_topic", &topic),
+        ("kafka_partition", &partition),
+        ("kafka_offset", &offset),
+        ("status", &status),
+        ("prev_hash", &prev),
+        ("entry_hash", &entry),
+    ];
+    if let Some((name, _)) = required.iter().find(|(_, column)| column.null_count() > 0) {
+        return Err(format!("column {name} has nulls"));
+    }
+    for i in 0..batch.num_rows() {
+        let status = match status.value(i) {
+            "accepted" => EntryStatus::Accepted,
+            "rejected" => EntryStatus::Rejected,
+            other => return Err(format!("row {i}: unknown status {other:?}")),
+        };
+        rows.push(Row {
+            offset: offset.value(i),
+            kafka_timestamp_ms: timestamp.is_valid(i).then(|| timestamp.value(i)),
+            topic: topic.value(i).to_string(),
+            partition: partition.value(i),
+            status,
+            payload: Bytes::copy_from_slice(payload.value(i)),
+            prev_hash: prev.value(i).to_string(),
+            entry_hash: entry.value(i).to_string(),
+        });
+    }
+    Ok(())
 }
 
 /// The event's text columns, each derived from the payload field of the same name.
@@ -624,44 +650,38 @@ pub struct DerivedColumns {
     pub reject_reason: Option<String>,
 }
 
-/// The derived columns of every row of a segment, in file order (as [`read_segment`]'s rows).
-pub fn read_derived_columns(body: Bytes) -> Result<Vec<DerivedColumns>, String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
-    let wanted =
-        DERIVED_TEXT_COLUMNS.iter().copied().chain(["confidence_score", "occurred_at", "reject_code", "reject_reason"]);
-    let mask = ProjectionMask::columns(builder.parquet_schema(), wanted);
-    let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
-    let mut out = Vec::new();
-    for batch in reader {
-        let batch = batch.map_err(|e| e.to_string())?;
-        let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
-        let text = |name: &str| -> Result<StringArray, String> {
-            Ok(col(name)?.as_string_opt::<i32>().ok_or_else(|| format!("{name} is not a string"))?.clone())
-        };
-        let texts = DERIVED_TEXT_COLUMNS.map(text);
-        let texts: Vec<StringArray> = texts.into_iter().collect::<Result<_, _>>()?;
-        let score = col("confidence_score")?
-            .as_primitive_opt::<arrow_array::types::Float64Type>()
-            .ok_or("confidence_score type")?
-            .clone();
-        let occurred = col("occurred_at")?
-            .as_primitive_opt::<arrow_array::types::TimestampMicrosecondType>()
-            .ok_or("occurred_at type")?
-            .clone();
-        let reject_code = text("reject_code")?;
-        let reject_reason = text("reject_reason")?;
-        let opt_text = |a: &StringArray, i: usize| a.is_valid(i).then(|| a.value(i).to_string());
-        for i in 0..batch.num_rows() {
-            out.push(DerivedColumns {
-                texts: std::array::from_fn(|c| opt_text(&texts[c], i)),
-                confidence_score: score.is_valid(i).then(|| score.value(i)),
-                occurred_at_us: occurred.is_valid(i).then(|| occurred.value(i)),
-                reject_code: opt_text(&reject_code, i),
-                reject_reason: opt_text(&reject_reason, i),
-            });
-        }
+/// The derived columns besides [`DERIVED_TEXT_COLUMNS`].
+const DERIVED_OTHER_COLUMNS: [&str; 4] = ["confidence_score", "occurred_at", "reject_code", "reject_reason"];
+
+/// Appends `batch`'s rows' derived columns to `out`.
+fn derived_rows(batch: &RecordBatch, out: &mut Vec<DerivedColumns>) -> Result<(), String> {
+    let col = |name: &str| batch.column_by_name(name).ok_or_else(|| format!("column {name} missing"));
+    let text = |name: &str| -> Result<StringArray, String> {
+        Ok(col(name)?.as_string_opt::<i32>().ok_or_else(|| format!("{name} is not a string"))?.clone())
+    };
+    let texts = DERIVED_TEXT_COLUMNS.map(text);
+    let texts: Vec<StringArray> = texts.into_iter().collect::<Result<_, _>>()?;
+    let score = col("confidence_score")?
+        .as_primitive_opt::<arrow_array::types::Float64Type>()
+        .ok_or("confidence_score type")?
+        .clone();
+    let occurred = col("occurred_at")?
+        .as_primitive_opt::<arrow_array::types::TimestampMicrosecondType>()
+        .ok_or("occurred_at type")?
+        .clone();
+    let reject_code = text("reject_code")?;
+    let reject_reason = text("reject_reason")?;
+    let opt_text = |a: &StringArray, i: usize| a.is_valid(i).then(|| a.value(i).to_string());
+    for i in 0..batch.num_rows() {
+        out.push(DerivedColumns {
+            texts: std::array::from_fn(|c| opt_text(&texts[c], i)),
+            confidence_score: score.is_valid(i).then(|| score.value(i)),
+            occurred_at_us: occurred.is_valid(i).then(|| occurred.value(i)),
+            reject_code: opt_text(&reject_code, i),
+            reject_reason: opt_text(&reject_reason, i),
+        });
     }
-    Ok(out)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ use sha2::{Digest, Sha256};
 use crate::chain::{entry_hash, genesis, parse_hash, Hash};
 use crate::digest::{self, DigestObject, SegmentEntry, DIGESTS_DIR};
 use crate::segment::{
-    join_key, parse_segment_key, read_derived_columns, read_segment, DerivedColumns, Placement, Row, SegmentName,
+    join_key, parse_segment_key, read_segment_with_derived, DerivedColumns, Placement, Row, SegmentName,
     DERIVED_TEXT_COLUMNS,
 };
 use crate::sinks::{ChainHead, ObjectStore, SinkError};
@@ -741,8 +741,8 @@ async fn check_partition(
                     ));
                 }
             }
-            let segment = match read_segment(body.clone()) {
-                Ok(s) => s,
+            let (segment, derived) = match read_segment_with_derived(body) {
+                Ok(read) => read,
                 Err(e) => {
                     problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
                     if head_offset.is_some_and(|h| (first..=last).contains(&h)) {
@@ -751,28 +751,16 @@ async fn check_partition(
                     continue;
                 }
             };
-            match read_derived_columns(body.clone()) {
-                Ok(derived) if derived.len() == segment.rows.len() => {
-                    let directory = key_directory(prefix, &key);
-                    for (row, columns) in segment.rows.iter().zip(&derived) {
-                        let (wrong, expected_directory) = derived_check(row, columns);
-                        if !wrong.is_empty() {
-                            let detail = format!("{} do not match the payload", wrong.join(", "));
-                            problems.push(problem("derived_column", &key, Some(row.offset), detail));
-                        }
-                        if let Some(expected) = expected_directory.filter(|e| Some(e.as_str()) != directory) {
-                            let detail = format!("the row belongs under {expected}/");
-                            problems.push(problem("misplaced_row", &key, Some(row.offset), detail));
-                        }
-                    }
+            let directory = key_directory(prefix, &key);
+            for (row, columns) in segment.rows.iter().zip(&derived) {
+                let (wrong, expected_directory) = derived_check(row, columns);
+                if !wrong.is_empty() {
+                    let detail = format!("{} do not match the payload", wrong.join(", "));
+                    problems.push(problem("derived_column", &key, Some(row.offset), detail));
                 }
-                Ok(_) => problems.push(problem("object_unreadable", &key, None, "column lengths differ".into())),
-                Err(e) => {
-                    problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
-                    if head_offset.is_some_and(|h| (first..=last).contains(&h)) {
-                        seen.unreadable.push(key.clone());
-                    }
-                    continue;
+                if let Some(expected) = expected_directory.filter(|e| Some(e.as_str()) != directory) {
+                    let detail = format!("the row belongs under {expected}/");
+                    problems.push(problem("misplaced_row", &key, Some(row.offset), detail));
                 }
             }
             if segment.rows.is_empty() {
