@@ -313,10 +313,10 @@ pub fn decode(
         require("safety_category", &wire.safety_category, "a safety_flag")?;
         require("severity", &wire.severity, "a safety_flag")?;
     }
-    let metadata = match wire.metadata {
+    let metadata = match wire.metadata.map(|raw| (raw, stored_metadata(raw.get()))) {
         None => None,
-        Some(raw) if raw.get().trim_start().starts_with('{') => Some(compact_json(raw.get())),
-        Some(raw) if raw.get() == "null" => None,
+        Some((_, Some(text))) => Some(text),
+        Some((raw, None)) if raw.get() == "null" => None,
         Some(_) => {
             return Err(RejectReason::InvalidField { field: "metadata", message: "must be a JSON object".into() })
         }
@@ -364,9 +364,8 @@ fn parse_occurred_at(
     kafka_timestamp_ms: Option<i64>,
     rules: &ValidationConfig,
 ) -> Result<DateTime<Utc>, RejectReason> {
-    let parsed = DateTime::parse_from_rfc3339(value)
-        .map_err(|e| RejectReason::BadTimestamp { value: truncate(value, 64), message: e.to_string() })?
-        .with_timezone(&Utc);
+    let parsed = parse_rfc3339_utc(value)
+        .map_err(|e| RejectReason::BadTimestamp { value: truncate(value, 64), message: e.to_string() })?;
     if !(MIN_YEAR..=MAX_YEAR).contains(&parsed.year()) {
         return Err(RejectReason::BadTimestamp {
             value: truncate(value, 64),
@@ -457,6 +456,17 @@ pub fn json_members(payload: &[u8]) -> Option<JsonMembers<'_>> {
 /// Member `name` when it is a JSON string.
 pub fn member_str(members: &JsonMembers, name: &str) -> Option<String> {
     members.get(name).and_then(|raw| serde_json::from_str(raw.get()).ok())
+}
+
+/// `occurred_at` as the event's time: RFC 3339 (chrono's reading), in UTC.
+pub fn parse_rfc3339_utc(text: &str) -> Result<DateTime<Utc>, chrono::ParseError> {
+    DateTime::parse_from_rfc3339(text).map(|at| at.with_timezone(&Utc))
+}
+
+/// The `metadata` column's text for a member's raw JSON: an object's text minus whitespace
+/// between tokens; `None` for anything else.
+pub fn stored_metadata(raw: &str) -> Option<Cow<'_, str>> {
+    raw.trim_start().starts_with('{').then(|| compact_json(raw))
 }
 
 pub(crate) fn compact_json(raw: &str) -> Cow<'_, str> {

@@ -672,9 +672,9 @@ impl PartitionWriter {
         let metadata = BTreeMap::from([
             ("aegis-format".to_string(), crate::segment::SEGMENT_FORMAT.to_string()),
             ("aegis-first-offset".to_string(), segment.first_offset.to_string()),
-            ("aegis-last-offset".to_string(), segment.last_offset.to_string()),
-            ("aegis-rows".to_string(), segment.rows.to_string()),
-            ("aegis-last-entry-hash".to_string(), segment.last_entry_hash.clone()),
+            (crate::sinks::LAST_OFFSET_METADATA.to_string(), segment.last_offset.to_string()),
+            (crate::sinks::ROWS_METADATA.to_string(), segment.rows.to_string()),
+            (crate::sinks::LAST_ENTRY_HASH_METADATA.to_string(), segment.last_entry_hash.clone()),
             (crate::sinks::SHA256_METADATA.to_string(), segment.sha256.clone()),
         ]);
         let objects = &self.sinks.objects;
@@ -696,8 +696,8 @@ impl PartitionWriter {
                 key: segment.key.clone(),
                 detail: "a conditional PUT found an object that a HEAD then did not".into(),
             })?;
-        let same = info.metadata.get("aegis-last-entry-hash") == Some(&segment.last_entry_hash)
-            && info.metadata.get("aegis-rows") == Some(&segment.rows.to_string());
+        let same = info.metadata.get(crate::sinks::LAST_ENTRY_HASH_METADATA) == Some(&segment.last_entry_hash)
+            && info.metadata.get(crate::sinks::ROWS_METADATA) == Some(&segment.rows.to_string());
         if !same {
             return Err(SinkError::Conflict {
                 key: segment.key.clone(),

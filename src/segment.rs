@@ -81,11 +81,20 @@ impl Placement {
                 let (year, month, day) = event.date();
                 Placement::Trail { year, month, day, environment: event.environment_shared() }
             }
-            Err(_) => {
-                let ts = quarantine_time(record);
-                Placement::Quarantine { year: ts.year(), month: ts.month(), day: ts.day() }
-            }
+            Err(_) => Placement::quarantine(record.kafka_timestamp_ms),
         }
+    }
+
+    /// Where a rejected record with this Kafka timestamp lies: its UTC date, 1970-01-01
+    /// without a usable one (the payload may have no date at all).
+    pub fn quarantine(kafka_timestamp_ms: Option<i64>) -> Self {
+        let ts = quarantine_time(kafka_timestamp_ms);
+        Placement::Quarantine { year: ts.year(), month: ts.month(), day: ts.day() }
+    }
+
+    /// Where an accepted event that occurred at `at` in `environment` lies.
+    pub fn trail(at: DateTime<Utc>, environment: bytestring::ByteString) -> Self {
+        Placement::Trail { year: at.year(), month: at.month(), day: at.day(), environment }
     }
 
     /// The Hive-style directory, relative to the trail prefix. `environment` here is always a
@@ -103,8 +112,8 @@ impl Placement {
 }
 
 /// A rejected record's date is its Kafka timestamp's: the payload may have no usable one.
-fn quarantine_time(record: &ChainedRecord) -> DateTime<Utc> {
-    record.kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis).unwrap_or_default()
+fn quarantine_time(kafka_timestamp_ms: Option<i64>) -> DateTime<Utc> {
+    kafka_timestamp_ms.and_then(DateTime::<Utc>::from_timestamp_millis).unwrap_or_default()
 }
 
 /// What decides a record's placement, in a form that compares in a few instructions: equal keys
@@ -122,7 +131,7 @@ impl<'a> PlacementKey<'a> {
         let day = |time: DateTime<Utc>| time.timestamp().div_euclid(86_400);
         match &record.outcome {
             Ok(event) => PlacementKey { environment: Some(event.environment()), day: day(event.occurred_at) },
-            Err(_) => PlacementKey { environment: None, day: day(quarantine_time(record)) },
+            Err(_) => PlacementKey { environment: None, day: day(quarantine_time(record.kafka_timestamp_ms)) },
         }
     }
 }

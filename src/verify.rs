@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use chrono::Datelike;
 use ed25519_dalek::VerifyingKey;
 use futures::stream::{self, StreamExt};
 use serde::Serialize;
@@ -134,10 +133,7 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
         if columns.reject_reason.is_none() {
             wrong.push("reject_reason");
         }
-        let at =
-            row.kafka_timestamp_ms.and_then(chrono::DateTime::<chrono::Utc>::from_timestamp_millis).unwrap_or_default();
-        let placement = Placement::Quarantine { year: at.year(), month: at.month(), day: at.day() };
-        return (wrong, Some(placement.directory()));
+        return (wrong, Some(Placement::quarantine(row.kafka_timestamp_ms).directory()));
     }
     let Some(event) = crate::decode::json_members(&row.payload) else {
         return (vec!["payload (not a JSON object)"], None);
@@ -145,11 +141,7 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
     let text = |name: &str| crate::decode::member_str(&event, name);
     for (name, value) in DERIVED_TEXT_COLUMNS.iter().zip(&columns.texts) {
         let expected = if *name == "metadata" {
-            // As the writer stores it: the object's text minus whitespace between tokens.
-            event
-                .get("metadata")
-                .filter(|raw| raw.get().trim_start().starts_with('{'))
-                .map(|raw| crate::decode::compact_json(raw.get()).into_owned())
+            event.get("metadata").and_then(|raw| crate::decode::stored_metadata(raw.get())).map(|m| m.into_owned())
         } else {
             text(name)
         };
@@ -166,9 +158,7 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
     if score != columns.confidence_score {
         wrong.push("confidence_score");
     }
-    let occurred = text("occurred_at")
-        .and_then(|text| chrono::DateTime::parse_from_rfc3339(&text).ok())
-        .map(|at| at.with_timezone(&chrono::Utc));
+    let occurred = text("occurred_at").and_then(|text| crate::decode::parse_rfc3339_utc(&text).ok());
     if occurred.map(|at| at.timestamp_micros()) != columns.occurred_at_us {
         wrong.push("occurred_at");
     }
@@ -178,10 +168,8 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
     if columns.reject_reason.is_some() {
         wrong.push("reject_reason");
     }
-    let directory = occurred.zip(text("environment")).map(|(at, environment)| {
-        Placement::Trail { year: at.year(), month: at.month(), day: at.day(), environment: environment.into() }
-            .directory()
-    });
+    let directory =
+        occurred.zip(text("environment")).map(|(at, environment)| Placement::trail(at, environment.into()).directory());
     (wrong, directory)
 }
 
@@ -1094,9 +1082,9 @@ mod tests {
             ("2026-11-18T10:00Z", None),
         ];
         for (text, want) in vectors {
-            let got = chrono::DateTime::parse_from_rfc3339(text)
+            use chrono::Datelike;
+            let got = crate::decode::parse_rfc3339_utc(text)
                 .ok()
-                .map(|at| at.with_timezone(&chrono::Utc))
                 .map(|at| (at.timestamp_micros(), (at.year(), at.month(), at.day())));
             assert_eq!(got, want, "{text}");
         }

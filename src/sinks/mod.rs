@@ -60,6 +60,11 @@ pub struct ObjectInfo {
 /// User metadata naming the body's SHA-256 (hex). A writer that has hashed the body already
 /// passes it, and the store sends it as the content checksum instead of hashing the body again.
 pub const SHA256_METADATA: &str = "aegis-sha256";
+/// S3 user metadata of a segment: its last row's offset and entry hash (how a re-run, and
+/// `prune`, recognise a flush's objects), and its row count.
+pub const LAST_OFFSET_METADATA: &str = "aegis-last-offset";
+pub const LAST_ENTRY_HASH_METADATA: &str = "aegis-last-entry-hash";
+pub const ROWS_METADATA: &str = "aegis-rows";
 
 /// The body hash a writer named in `metadata` ([`SHA256_METADATA`]), if any. A value that is
 /// not 64 hex digits is the writer's bug, refused rather than stored beside another hash.

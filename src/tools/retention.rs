@@ -126,8 +126,8 @@ pub async fn prune(
                 // The object holding the flush's last row knows the entry the next flush links to.
                 let metadata = head.metadata();
                 let value = |key: &str| metadata.and_then(|m| m.get(key));
-                if value("aegis-last-offset") == Some(&flush_last.to_string()) {
-                    last_hash = value("aegis-last-entry-hash").cloned();
+                if value(crate::sinks::LAST_OFFSET_METADATA) == Some(&flush_last.to_string()) {
+                    last_hash = value(crate::sinks::LAST_ENTRY_HASH_METADATA).cloned();
                 }
             }
             if !locked.is_empty() {
