@@ -108,6 +108,16 @@ pub fn over_fair_share(own: usize, total: usize, holders: usize, limit: usize) -
     own > 0 && total > limit && own.saturating_mul(holders.max(1)) >= total
 }
 
+/// What the flowing partitions' queues may hold when paused partitions hold `paused` bytes of a
+/// `limit`-byte queue budget: what the paused ones leave, but never less than an eighth of it.
+/// A paused queue cannot grow, so counting it in full would let stalled partitions stop every
+/// other one; not counting it at all let an outage that stalls the partitions one after another
+/// fill the whole budget once per partition. With this floor, the first stalled partition can hold
+/// up to the budget and each later one about an eighth of it.
+pub fn flowing_limit(limit: usize, paused: usize) -> usize {
+    limit.saturating_sub(paused).max(limit / 8)
+}
+
 /// One partition's part of the budget; releases it when dropped (a revoked worker's buffer).
 #[derive(Debug)]
 pub struct BudgetShare {
@@ -185,6 +195,14 @@ mod tests {
         shares[0].release();
         assert_eq!(budget.used(), 400);
         assert!(shares.iter().all(|s| !s.over_fair_share()));
+    }
+
+    #[test]
+    fn paused_queues_shrink_what_the_flowing_ones_may_hold_down_to_an_eighth() {
+        assert_eq!(flowing_limit(800, 0), 800);
+        assert_eq!(flowing_limit(800, 300), 500);
+        assert_eq!(flowing_limit(800, 700), 100);
+        assert_eq!(flowing_limit(800, 5000), 100);
     }
 
     #[test]

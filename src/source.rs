@@ -6,7 +6,8 @@
 //! some back; librdkafka then stops fetching once its own prefetch cap is reached, and drops
 //! nothing. A partition whose worker holds at least its share and has taken nothing for
 //! `STALL_AFTER` (a flush retrying through an outage) is paused instead, so the other partitions
-//! keep flowing. Pausing is kept for that case because it is not free: librdkafka drops what it
+//! keep flowing. What a paused partition holds still counts against the budget, but the flowing
+//! partitions always keep an eighth of it (`budget::flowing_limit`). Pausing is kept for that case because it is not free: librdkafka drops what it
 //! had prefetched for the partition and fetches it again on resume. A paused partition's worker
 //! wakes the dispatcher when it is down to an eighth of the budget, so the partition resumes
 //! before the worker runs dry.
@@ -189,11 +190,16 @@ impl WorkerHandle {
     }
 }
 
-/// Bytes queued to the workers whose partitions are flowing. A paused partition's queue is
-/// bounded already (nothing more arrives for it), and counting it would let one stalled worker
-/// stop every partition.
+/// Bytes queued to the workers whose partitions are flowing.
 fn queued_flowing(workers: &BTreeMap<i32, WorkerHandle>) -> usize {
     workers.values().filter(|w| !w.paused).map(WorkerHandle::queued).sum()
+}
+
+/// What the flowing partitions' queues may hold together: the budget less what paused
+/// partitions hold, down to a floor (`budget::flowing_limit`).
+fn flowing_limit(workers: &BTreeMap<i32, WorkerHandle>, queue_limit: usize) -> usize {
+    let paused = workers.values().filter(|w| w.paused).map(WorkerHandle::queued).sum();
+    budget::flowing_limit(queue_limit, paused)
 }
 
 /// librdkafka settings: the brokers, then `defaults`, then `kafka.properties` last so an
@@ -300,7 +306,8 @@ pub async fn run(
 
     loop {
         // Backpressure: over the budget, read nothing until the workers have taken some back.
-        let blocked = queued_flowing(&workers) > queue_limit;
+        let limit = flowing_limit(&workers, queue_limit);
+        let blocked = queued_flowing(&workers) > limit;
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -427,7 +434,7 @@ pub async fn run(
                     if left == 0
                         || !events_rx.is_empty()
                         || !cmd_rx.is_empty()
-                        || flowing > queue_limit
+                        || flowing > limit
                         || shutdown.is_cancelled()
                     {
                         break;
@@ -521,6 +528,7 @@ fn pause_stalled(
 ) {
     let now = Instant::now();
     let flowing = queued_flowing(workers);
+    let limit = flowing_limit(workers, queue_limit);
     let holders = workers.values().filter(|w| !w.paused).count();
     for (&partition, worker) in workers.iter_mut() {
         let taken = worker.taken.load(Ordering::Relaxed);
@@ -529,7 +537,7 @@ fn pause_stalled(
             worker.progress = (taken, now);
         } else if !worker.paused
             && now.duration_since(worker.progress.1) >= STALL_AFTER
-            && budget::over_fair_share(own, flowing, holders, queue_limit)
+            && budget::over_fair_share(own, flowing, holders, limit)
         {
             pause(consumer, topic, partition, worker, "worker is stalled");
         }
