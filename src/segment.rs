@@ -177,6 +177,17 @@ pub fn join_key(parts: &[&str]) -> String {
     parts.iter().map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("/")
 }
 
+/// The listing prefix of everything under `parts` (joined as by [`join_key`]): `a/b/`, or the
+/// whole bucket when they are all empty (an empty `s3.prefix`), never `/`, which matches no key.
+pub fn dir_prefix(parts: &[&str]) -> String {
+    let joined = join_key(parts);
+    if joined.is_empty() {
+        joined
+    } else {
+        joined + "/"
+    }
+}
+
 /// One encoded object of a flush.
 #[derive(Debug, Clone)]
 pub struct EncodedSegment {
@@ -768,6 +779,14 @@ mod tests {
         let batch = reader.build().unwrap().next().unwrap().unwrap();
         assert_eq!(batch.num_rows(), 1);
         assert_eq!(batch.schema(), arrow_schema());
+    }
+
+    #[test]
+    fn a_listing_prefix_never_starts_with_a_slash() {
+        assert_eq!(dir_prefix(&["trail"]), "trail/");
+        assert_eq!(dir_prefix(&["trail/", "_digests"]), "trail/_digests/");
+        assert_eq!(dir_prefix(&[""]), "");
+        assert_eq!(dir_prefix(&["/"]), "");
     }
 
     #[test]

@@ -198,7 +198,7 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
     let started = Instant::now();
     let mut report = Report::default();
     let keys = trusted_keys(store.as_ref(), prefix, options, &mut report).await?;
-    let listing = store.list(&format!("{}/", prefix.trim_end_matches('/'))).await?;
+    let listing = store.list(&crate::segment::dir_prefix(&[prefix])).await?;
     let digests_root = join_key(&[prefix, DIGESTS_DIR]) + "/";
     let mut segments: BTreeMap<i32, Vec<SegmentName>> = BTreeMap::new();
     for object in &listing {
@@ -228,6 +228,11 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             segments.entry(partition).or_default();
         }
     }
+    // Prune markers are found in the listing, like everything else verify reads.
+    let listed_keys: std::collections::HashSet<&str> = match options.pruned_before {
+        Some(_) => listing.iter().map(|o| o.key.as_str()).collect(),
+        None => Default::default(),
+    };
     let total_objects: usize = segments.values().map(Vec::len).sum();
     let bar = progress_bar(options.progress, total_objects as u64, "verifying");
     for (&partition, names) in &segments {
@@ -235,7 +240,11 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
         let digests = digest_keys.remove(&partition).unwrap_or_default();
         let signed = check_digests(store.as_ref(), &options.topic, partition, &digests, &keys, &mut report).await?;
         let marker = match options.pruned_before {
-            Some(cutoff) => prune_marker(store.as_ref(), prefix, &options.topic, partition, cutoff, &mut report).await,
+            Some(cutoff) => {
+                let key = prune_marker_key(prefix, &options.topic, partition);
+                let listed = listed_keys.contains(key.as_str());
+                prune_marker(store.as_ref(), key, listed, &options.topic, partition, cutoff, &mut report).await
+            }
             None => None,
         };
         let head = options.chain_heads.as_ref().and_then(|heads| heads.get(&partition));
@@ -382,7 +391,7 @@ async fn check_digests(
     let mut problem = |code, key: &str, detail: String| {
         report.problems.push(Problem { code, partition, key: key.to_string(), offset: None, detail })
     };
-    let mut previous: Option<DigestObject> = None;
+    let mut previous: Option<(DigestObject, Hash)> = None;
     let mut expected_seq = 0u64;
     let mut digests = Vec::new();
     for name in names {
@@ -446,7 +455,7 @@ async fn check_digests(
                 ),
             );
         }
-        let expected_prev = previous.as_ref().map_or([0u8; 32], |p| p.body_sha256());
+        let expected_prev = previous.as_ref().map_or([0u8; 32], |(_, body_sha)| *body_sha);
         // After a gap or an unreadable digest the expected hash is unknown (already reported).
         if (seq == 0 || previous.is_some()) && body.prev_digest_sha256 != hex::encode(expected_prev) {
             problem(
@@ -459,7 +468,7 @@ async fn check_digests(
                 ),
             );
         }
-        if let Some(p) = &previous {
+        if let Some((p, _)) = &previous {
             if body.first_prev_hash != p.body.last_entry_hash || body.first_offset <= p.body.last_offset {
                 problem(
                     "digest_chain",
@@ -477,28 +486,28 @@ async fn check_digests(
         signed.anchors.entry(body.last_offset).or_default().push((body.last_entry_hash.clone(), key.clone()));
         signed.through = signed.through.max(Some(body.last_offset));
         signed.from = Some(signed.from.map_or(body.first_offset, |f: i64| f.min(body.first_offset)));
-        signed.bodies.insert(seq, object.body_sha256());
-        previous = Some(object);
+        let body_sha = object.body_sha256();
+        signed.bodies.insert(seq, body_sha);
+        previous = Some((object, body_sha));
     }
     Ok(signed)
 }
 
-/// The marker `prune` left for the partition, if it pruned it with a cutoff no later than the
-/// one the verifier was given.
+/// The marker `prune` left for the partition at `key` (read only if the listing holds it), if it
+/// pruned it with a cutoff no later than the one the verifier was given.
 async fn prune_marker(
     store: &dyn ObjectStore,
-    prefix: &str,
+    key: String,
+    listed: bool,
     topic: &str,
     partition: i32,
     cutoff: chrono::NaiveDate,
     report: &mut Report,
 ) -> Option<PruneMarker> {
-    let key = prune_marker_key(prefix, topic, partition);
-    let body = match store.head(&key).await {
-        Ok(Some(_)) => store.get(&key).await,
-        Ok(None) => return None,
-        Err(e) => Err(e),
-    };
+    if !listed {
+        return None;
+    }
+    let body = store.get(&key).await;
     let marker = match body.map(|b| serde_json::from_slice::<PruneMarker>(&b)) {
         Ok(Ok(m)) if m.format == PRUNE_MARKER_FORMAT && m.topic == topic && m.partition == partition => m,
         Ok(_) => {
@@ -545,7 +554,7 @@ fn check_against_head(
     options: &VerifyOptions,
     report: &mut Report,
 ) {
-    let item = format!("chain table item CHAIN#{topic}#{partition}");
+    let item = format!("chain table item {}", crate::sinks::dynamodb::chain_head_pk(topic, partition));
     let mut problem = |offset, detail: String| {
         report.problems.push(Problem { code: "chain_head", partition, key: item.clone(), offset, detail })
     };
@@ -693,6 +702,14 @@ async fn check_partition(
     let mut highest: Option<i64> = None; // the highest offset seen so far in the partition
     while let Some(((first, last), objects)) = fetches.next().await {
         let first_key = objects.first().map(|o| o.name.key.clone()).unwrap_or_default();
+        // An object that cannot be read is reported, and noted if it may hold the head's row.
+        let holds_head = head_offset.is_some_and(|h| (first..=last).contains(&h));
+        let unreadable = |problems: &mut Vec<Problem>, seen: &mut HeadSeen, key: String, detail: String| {
+            problems.push(problem("object_unreadable", &key, None, detail));
+            if holds_head {
+                seen.unreadable.push(key);
+            }
+        };
         let mut rows: Vec<(Row, String)> = Vec::new();
         for fetched in objects {
             bar.inc(1);
@@ -701,10 +718,7 @@ async fn check_partition(
             let (body, stored_sha) = match fetched.result {
                 Ok(v) => v,
                 Err(e) => {
-                    problems.push(problem("object_unreadable", &key, None, e.to_string()));
-                    if head_offset.is_some_and(|h| (first..=last).contains(&h)) {
-                        seen.unreadable.push(key.clone());
-                    }
+                    unreadable(&mut problems, &mut seen, key, e.to_string());
                     continue;
                 }
             };
@@ -732,10 +746,7 @@ async fn check_partition(
             let (segment, derived) = match read_segment_with_derived(body) {
                 Ok(read) => read,
                 Err(e) => {
-                    problems.push(problem("object_unreadable", &key, None, format!("not a readable segment: {e}")));
-                    if head_offset.is_some_and(|h| (first..=last).contains(&h)) {
-                        seen.unreadable.push(key.clone());
-                    }
+                    unreadable(&mut problems, &mut seen, key, format!("not a readable segment: {e}"));
                     continue;
                 }
             };
@@ -959,11 +970,19 @@ mod tests {
     }
 
     async fn trail_and_heads(signer: Option<Arc<DigestSigner>>) -> (Arc<MemoryObjectStore>, Arc<MemoryHeads>) {
+        trail_under("trail", signer).await
+    }
+
+    async fn trail_under(
+        prefix: &str,
+        signer: Option<Arc<DigestSigner>>,
+    ) -> (Arc<MemoryObjectStore>, Arc<MemoryHeads>) {
         let mut config = Config::from_toml_str(
             "[kafka]\nbrokers = \"x:1\"\ntopic = \"t\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n",
         )
         .unwrap();
         config.segment.max_records = 3;
+        config.s3.prefix = prefix.to_string();
         let objects = Arc::new(MemoryObjectStore::default());
         let heads = Arc::new(MemoryHeads::default());
         let sinks = Sinks {
@@ -1011,6 +1030,24 @@ mod tests {
 
     fn segment_keys(objects: &MemoryObjectStore) -> Vec<String> {
         objects.keys().into_iter().filter(|k| k.ends_with(".parquet")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_trail_at_the_bucket_root_is_read() {
+        // `s3.prefix = ""`: the same trail written at the root of the bucket.
+        let objects = trail().await;
+        let (root, _) = trail_under("", Some(signer())).await;
+        assert!(root.keys().iter().all(|k| !k.starts_with('/') && !k.starts_with("trail/")));
+        let options = VerifyOptions {
+            topic: TOPIC.into(),
+            public_keys: vec![signer().verifying_key()],
+            concurrency: 4,
+            ..Default::default()
+        };
+        let report = verify(root.clone(), "", &options).await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.objects, segment_keys(&objects).len());
+        assert_eq!(report.objects, check(&objects).await.objects);
     }
 
     #[tokio::test]

@@ -25,6 +25,16 @@ const BATCH: usize = 25;
 /// Attempts at draining UnprocessedItems before handing a transient error to the caller's retry.
 const UNPROCESSED_ATTEMPTS: u32 = 8;
 
+/// The chain table's key of a partition's head item (`schemas/dynamodb-layout.md`).
+pub fn chain_head_pk(topic: &str, partition: i32) -> String {
+    format!("{}{partition}", chain_head_pk_prefix(topic))
+}
+
+/// What every head item of `topic` starts its key with.
+fn chain_head_pk_prefix(topic: &str) -> String {
+    format!("CHAIN#{topic}#")
+}
+
 #[derive(Clone)]
 pub struct DynamoStore {
     client: aws_sdk_dynamodb::Client,
@@ -85,7 +95,7 @@ impl DynamoStore {
     }
 
     fn head_key(topic: &str, partition: i32) -> HashMap<String, AttributeValue> {
-        HashMap::from([("PK".to_string(), AttributeValue::S(format!("CHAIN#{topic}#{partition}")))])
+        HashMap::from([("PK".to_string(), AttributeValue::S(chain_head_pk(topic, partition)))])
     }
 
     fn fence_lost(&self, topic: &str, partition: i32, what: &str, found: ChainHead) -> SinkError {
@@ -292,7 +302,7 @@ impl DynamoStore {
 
     /// Every partition of `topic` the chain table holds a head for (`verify --against-chain-table`).
     pub async fn chain_heads(&self, topic: &str) -> Result<std::collections::BTreeMap<i32, ChainHead>, SinkError> {
-        let prefix = format!("CHAIN#{topic}#");
+        let prefix = chain_head_pk_prefix(topic);
         let items = self.scan_chain_table(prefix.clone(), None).await?;
         Ok(items
             .iter()

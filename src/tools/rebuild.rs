@@ -59,7 +59,7 @@ pub struct RebuildReport {
 /// `(date, environment)` of `topic`'s trail key `<prefix>/year=/month=/day=/environment=/<file>.parquet`.
 /// Another topic's segments under the same prefix belong to another deployment's index.
 fn placement(prefix: &str, topic: &str, key: &str) -> Option<(NaiveDate, String)> {
-    let rest = key.strip_prefix(prefix.trim_end_matches('/'))?.strip_prefix('/')?;
+    let rest = key.strip_prefix(&crate::segment::dir_prefix(&[prefix]))?;
     let parts: Vec<&str> = rest.split('/').collect();
     let [y, m, d, e, _] = parts.as_slice() else { return None };
     crate::segment::parse_segment_key(key, topic)?;
@@ -89,7 +89,7 @@ pub async fn rebuild(
     let prefix = config.s3.prefix.clone();
     let done = read_checkpoint(&options.checkpoint)?;
     let mut report = RebuildReport::default();
-    let trail = format!("{}/year=", prefix.trim_end_matches('/'));
+    let trail = crate::segment::dir_prefix(&[&prefix]) + "year=";
     let never = tokio_util::sync::CancellationToken::new();
     let keys: Vec<String> = retry(&trail, &config.retry, &never, |_| {}, || objects.list(&trail))
         .await?
@@ -182,5 +182,13 @@ mod tests {
         assert_eq!(placement("trail", "t", quarantined), None);
         assert_eq!(placement("trail", "t", "trail/_digests/t/p0000/000000000000.digest"), None);
         assert_eq!(placement("trail", "t", &key.replace(".parquet", ".tmp")), None);
+    }
+
+    #[test]
+    fn placement_reads_a_trail_at_the_bucket_root() {
+        let key =
+            "year=2026/month=11/day=20/environment=prod/t-p0000-00000000000000000000-00000000000000000009.parquet";
+        assert_eq!(placement("", "t", key), Some((NaiveDate::from_ymd_opt(2026, 11, 20).unwrap(), "prod".into())));
+        assert_eq!(placement("trail/", "t", &format!("trail/{key}")), placement("", "t", key));
     }
 }

@@ -74,12 +74,8 @@ pub async fn prune(
     let mut report = PruneReport { cutoff: cutoff.to_string(), dry_run, ..Default::default() };
     // Segments by partition, then by flush.
     let mut flushes: BTreeMap<i32, BTreeMap<(i64, i64), Vec<SegmentName>>> = BTreeMap::new();
-    let mut pages = client
-        .list_objects_v2()
-        .bucket(bucket)
-        .prefix(format!("{}/", prefix.trim_end_matches('/')))
-        .into_paginator()
-        .send();
+    let mut pages =
+        client.list_objects_v2().bucket(bucket).prefix(crate::segment::dir_prefix(&[prefix])).into_paginator().send();
     while let Some(page) = pages.next().await {
         let page = page.map_err(|e| classify_sdk_error(BACKEND, "ListObjectsV2", bucket, &e))?;
         for key in page.contents().iter().filter_map(|o| o.key()) {
@@ -227,7 +223,7 @@ impl Default for Lifecycle {
 /// Only segments (the trail and quarantine) are tiered and expired. Digests and public keys
 /// stay in STANDARD forever: they are tiny, and `verify` must read every one of them.
 pub fn lifecycle_json(prefix: &str, l: Lifecycle) -> serde_json::Value {
-    let base = prefix.trim_end_matches('/');
+    let base = crate::segment::dir_prefix(&[prefix]);
     let rule = |id: &str, filter: String| {
         serde_json::json!({
             "ID": id,
@@ -245,8 +241,8 @@ pub fn lifecycle_json(prefix: &str, l: Lifecycle) -> serde_json::Value {
     };
     serde_json::json!({
         "Rules": [
-            rule("aegis-audit-segments", format!("{base}/year=")),
-            rule("aegis-audit-quarantine", format!("{base}/quarantine/")),
+            rule("aegis-audit-segments", format!("{base}year=")),
+            rule("aegis-audit-quarantine", format!("{base}quarantine/")),
         ]
     })
 }
@@ -273,5 +269,12 @@ mod tests {
         assert_eq!(rule["Transitions"][0]["Days"], 30);
         assert_eq!(rule["Transitions"][1]["StorageClass"], "GLACIER");
         assert_eq!(rule["Expiration"]["Days"], 1095);
+    }
+
+    #[test]
+    fn lifecycle_rules_of_a_trail_at_the_bucket_root_match_its_keys() {
+        let json = lifecycle_json("", Lifecycle::default());
+        assert_eq!(json["Rules"][0]["Filter"]["Prefix"], "year=");
+        assert_eq!(json["Rules"][1]["Filter"]["Prefix"], "quarantine/");
     }
 }
