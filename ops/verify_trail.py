@@ -72,7 +72,6 @@ COLUMNS = {
     "kafka_topic": _is_text, "kafka_partition": pa.types.is_int32, "kafka_offset": pa.types.is_int64,
     "status": _is_text, "payload": _is_bytes, "prev_hash": _is_text, "entry_hash": _is_text,
 }
-NULLABLE = {"payload"}
 # The columns the writer derives from the payload and verdict, which the chain does not hash
 # (CHAIN.md, "Derived columns"), with their Arrow types; any may be null.
 DERIVED_TEXT = ("decision_id", "event_type", "user_id", "session_id", "action", "policy_version", "model_version",
@@ -85,6 +84,9 @@ DERIVED = {name: _is_text for name in DERIVED_TEXT} | {
     "reject_reason": _is_text,
     "kafka_timestamp": lambda t: pa.types.is_timestamp(t) and t.unit == "ms",
 }
+# One read of a segment takes both, chain columns first: the order column problems are reported in.
+SEGMENT_COLUMNS = COLUMNS | DERIVED
+NULLABLE = {"payload", *DERIVED}
 HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 SIGNATURE_LINE = re.compile(r"ed25519:([0-9a-f]{16}):([0-9a-f]{128})\Z")
 DIGEST_DIR = re.compile(r"p([0-9]{4,})/(.+)\Z", re.S)  # under <prefix>/_digests/<topic>/
@@ -356,28 +358,20 @@ def load_segment(store, key: str) -> Segment:
     try:
         parquet = pq.ParquetFile(io.BytesIO(blob.body))
         meta = parquet.metadata.metadata or {}
-        table = parquet.read(columns=[c for c in COLUMNS if c in parquet.schema_arrow.names])
+        table = parquet.read(columns=[c for c in SEGMENT_COLUMNS if c in parquet.schema_arrow.names])
     except Exception as e:  # pyarrow raises many types for corrupt or foreign files
         seg.unreadable = f"not a readable segment: {e}"
         return seg
     seg.unreadable = column_problem(table)
     if seg.unreadable:
         return seg
-    try:
-        derived = parquet.read(columns=[c for c in DERIVED if c in parquet.schema_arrow.names])
-    except Exception as e:
-        seg.unreadable = f"not a readable segment: {e}"
-        return seg
-    seg.unreadable = derived_column_problem(derived)
-    if seg.unreadable:
-        return seg
     root = meta.get(b"aegis.merkle_root")
     seg.footer_root = root.decode(errors="replace") if root is not None else None
-    columns = table.to_pydict()
+    chain = [table.column(c).to_pylist() for c in COLUMNS]
     # Timestamps as plain integers: a year past 9999 is no Python datetime.
-    derived = pa.table({name: derived.column(name).cast(pa.int64()) if pa.types.is_timestamp(derived.column(name).type)
-                        else derived.column(name) for name in DERIVED}).to_pylist()
-    seg.rows = [Row(*values, key, extra) for values, extra in zip(zip(*(columns[c] for c in COLUMNS)), derived)]
+    derived = pa.table({name: table.column(name).cast(pa.int64()) if pa.types.is_timestamp(table.column(name).type)
+                        else table.column(name) for name in DERIVED}).to_pylist()
+    seg.rows = [Row(*values, key, extra) for values, extra in zip(zip(*chain), derived)]
     # As in aegis-audit's reader (schemas/CHAIN.md): a status that is neither value makes the
     # whole object unreadable, so both verifiers report the same code.
     for i, row in enumerate(seg.rows):
@@ -394,8 +388,9 @@ def load_segment(store, key: str) -> Segment:
 
 
 def column_problem(table: pa.Table) -> str | None:
-    """Why the rows cannot be hashed (a missing, mistyped or null column), if so."""
-    for name, type_ok in COLUMNS.items():
+    """Why the rows cannot be hashed or their derived columns checked (a missing or mistyped
+    column, a null where the chain needs a value), if so."""
+    for name, type_ok in SEGMENT_COLUMNS.items():
         if name not in table.column_names:
             return f"not a readable segment: column {name} missing"
         column = table.column(name)
@@ -403,15 +398,6 @@ def column_problem(table: pa.Table) -> str | None:
             return f"not a readable segment: column {name} is {column.type}"
         if column.null_count and name not in NULLABLE:
             return f"not a readable segment: column {name} has nulls"
-    return None
-
-
-def derived_column_problem(table: pa.Table) -> str | None:
-    for name, type_ok in DERIVED.items():
-        if name not in table.column_names:
-            return f"not a readable segment: column {name} missing"
-        if not type_ok(table.column(name).type):
-            return f"not a readable segment: column {name} is {table.column(name).type}"
     return None
 
 
@@ -943,27 +929,34 @@ class Verifier:
             bad = rows[0] if rows[0].offset != first else rows[-1]
             self.problem("segment_range", partition, bad.key, bad.offset,
                          f"flush {first}..{last} has rows {rows[0].offset}..{rows[-1].offset}")
+        # Where each object lies depends on its key alone: worked out once, not once per row.
+        directories = {seg.key: self.object_directory(seg.key) for seg in segments}
         for row in rows:
-            self.check_row(partition, row, chain, signed)
+            self.check_row(partition, row, directories[row.key], chain, signed)
 
-    def check_row(self, partition: int, row: Row, chain: "ChainState", signed: Signed) -> None:
+    def object_directory(self, key: str) -> str:
+        """The directory an object lies in, relative to the prefix (what a row's must match)."""
+        base = self.prefix.strip("/")
+        rest = key[len(base) + 1:] if base else key
+        return rest.rsplit("/", 1)[0]
+
+    def check_row(self, partition: int, row: Row, directory: str, chain: "ChainState", signed: Signed) -> None:
         if row.topic != self.topic or row.partition != partition:
             self.problem("misplaced_row", partition, row.key, row.offset,
                          f"row is {row.topic!r} partition {row.partition}, the key says {self.topic!r} p{partition}")
-        self.check_derived(partition, row)
+        self.check_derived(partition, row, directory)
         self.check_entry_hash(partition, row)
         self.check_order(partition, row, chain)
         self.check_signed_head(partition, row, signed)
         self.check_link(partition, row, chain)
 
-    def check_derived(self, partition: int, row: Row) -> None:
+    def check_derived(self, partition: int, row: Row, found: str) -> None:
+        # `found`: the row's object's directory; the one the row belongs in is the row's own.
         wrong, directory = derived_check(row)
         if wrong:
             self.problem("derived_column", partition, row.key, row.offset,
                          f"{', '.join(wrong)} do not match the payload")
-        base = self.prefix.strip("/")
-        rest = row.key[len(base) + 1:] if base else row.key
-        if directory is not None and rest.rsplit("/", 1)[0] != directory:
+        if directory is not None and found != directory:
             self.problem("misplaced_row", partition, row.key, row.offset, f"the row belongs under {directory}/")
 
     def check_order(self, partition: int, row: Row, chain: "ChainState") -> None:
