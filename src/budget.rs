@@ -112,8 +112,8 @@ pub fn over_fair_share(own: usize, total: usize, holders: usize, limit: usize) -
 /// `limit`-byte queue budget: what the paused ones leave, but never less than an eighth of it.
 /// A paused queue cannot grow, so counting it in full would let stalled partitions stop every
 /// other one; not counting it at all let an outage that stalls the partitions one after another
-/// fill the whole budget once per partition. With this floor, the first stalled partition can hold
-/// up to the budget and each later one about an eighth of it.
+/// fill the whole budget once per partition. With this floor, all queues together hold at most
+/// about the budget plus an eighth of it per paused partition.
 pub fn flowing_limit(limit: usize, paused: usize) -> usize {
     limit.saturating_sub(paused).max(limit / 8)
 }

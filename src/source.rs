@@ -7,10 +7,10 @@
 //! nothing. A partition whose worker holds at least its share and has taken nothing for
 //! `STALL_AFTER` (a flush retrying through an outage) is paused instead, so the other partitions
 //! keep flowing. What a paused partition holds still counts against the budget, but the flowing
-//! partitions always keep an eighth of it (`budget::flowing_limit`). Pausing is kept for that case because it is not free: librdkafka drops what it
-//! had prefetched for the partition and fetches it again on resume. A paused partition's worker
-//! wakes the dispatcher when it is down to an eighth of the budget, so the partition resumes
-//! before the worker runs dry.
+//! partitions always keep an eighth of it (`budget::flowing_limit`). Pausing is kept for that
+//! case because it is not free: librdkafka drops what it had prefetched for the partition and
+//! fetches it again on resume. A paused partition's worker wakes the dispatcher when it is down
+//! to an eighth of the budget, so the partition resumes before the worker runs dry.
 //!
 //! Rebalance callbacks become events the dispatcher applies between records:
 //! assigned partitions get a worker, revoked ones have theirs stopped (a flush in flight either
@@ -185,8 +185,14 @@ struct WorkerHandle {
 }
 
 impl WorkerHandle {
+    /// Bytes queued to the worker. A stopped worker dropped its queue (nobody counts it down any
+    /// more), so it holds nothing, whatever its count says.
     fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+        if self.tx.is_closed() {
+            0
+        } else {
+            self.queued.load(Ordering::Relaxed)
+        }
     }
 }
 
