@@ -299,3 +299,43 @@ def test_metrics_endpoint_counts_what_was_produced(aegis):
     finally:
         consumer.send_signal(signal.SIGTERM)
         consumer.wait(timeout=60)
+
+
+def test_a_trail_at_the_bucket_root(aegis, tmp_path):
+    """`s3.prefix = ""`: every tool finds the trail at the bucket's root (they used to list `/`
+    or `/year=`, which match no key, and verify passed a trail it had not read)."""
+    from test_verify import python_verify
+
+    aegis.prefix = ""
+    unlocked_config = tmp_path / "unlocked.toml"
+    text = open(os.path.join(REPO, "config", "local.toml")).read()
+    unlocked_config.write_text("\n".join(l for l in text.splitlines() if not l.startswith("object_lock_retention_days")))
+    unlocked = {"AEGIS_CONFIG": str(unlocked_config)}
+    aegis.run("init", **unlocked)
+    old = produce_mix(aegis, 120, seed=51, day_offset=5, bad=3)
+    aegis.consume_until_idle(**unlocked)
+    produce_mix(aegis, 120, seed=52, start=1000)
+    aegis.consume_until_idle(**unlocked)
+    segments = [k for k in trail.list_keys(aegis.bucket) if k.endswith(".parquet")]
+    assert segments and all(k.startswith(("year=", "quarantine/year=")) for k in segments), segments[:3]
+    assert any(k.startswith("quarantine/") for k in segments)
+
+    report = aegis.verify(**unlocked)
+    assert report["ok"] and report["objects"] == len(segments), (report["objects"], len(segments), report["problems"][:3])
+    python = python_verify(aegis, aegis.bucket)
+    assert python["ok"] and python["objects"] == len(segments), (python["objects"], python["problems"][:3])
+
+    index = snapshot_index(aegis.table)
+    assert len(index) > 0
+    trail.dynamodb().delete_table(TableName=aegis.table)
+    wait_for(lambda: aegis.table not in trail.dynamodb().list_tables()["TableNames"], what="table deleted")
+    aegis.run("init", **unlocked)
+    rebuilt = json.loads(aegis.run("rebuild-index", "--checkpoint", str(tmp_path / "root.checkpoint"), **unlocked).stdout)
+    assert snapshot_index(aegis.table) == index, rebuilt
+
+    lifecycle = json.loads(aegis.run("lifecycle", **unlocked).stdout)
+    assert [r["Filter"]["Prefix"] for r in lifecycle["Rules"]] == ["year=", "quarantine/"]
+    dry = json.loads(aegis.run("prune", "--older-than", "2", "--dry-run", "--json", **unlocked).stdout)
+    old_days = {datetime.fromisoformat(json.loads(p)["occurred_at"].replace("Z", "+00:00")).strftime("day=%d")
+                for _, _, p in old if p.startswith(b"{")}
+    assert dry["deleted"] and all(k.startswith("year=") and k.split("/")[2] in old_days for k in dry["deleted"]), dry
