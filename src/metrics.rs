@@ -44,6 +44,8 @@ pub const FENCE_LOST: &str = "aegis_fence_lost_total";
 pub const KAFKA_ERRORS: &str = "aegis_kafka_errors_total";
 pub const OFFSETS_MISSING: &str = "aegis_offsets_missing_in_kafka_total";
 pub const REBALANCES: &str = "aegis_rebalances_total";
+pub const QUEUED_BYTES: &str = "aegis_queued_bytes";
+pub const QUEUE_LIMIT_BYTES: &str = "aegis_queue_limit_bytes";
 
 /// Process-wide readiness inputs.
 struct Health {
@@ -212,6 +214,14 @@ pub fn offsets_missing(partition: i32, count: u64) {
 pub fn assigned(count: usize) {
     gauge!(PARTITIONS_ASSIGNED).set(count as f64);
     counter!(REBALANCES).increment(1);
+}
+
+/// The records queued for the workers (`state` flowing or paused) and what the flowing ones may
+/// hold now (`kafka.max_queued_bytes` less what paused partitions hold, down to an eighth).
+pub fn queues(flowing: usize, paused: usize, flowing_limit: usize) {
+    gauge!(QUEUED_BYTES, "state" => "flowing").set(flowing as f64);
+    gauge!(QUEUED_BYTES, "state" => "paused").set(paused as f64);
+    gauge!(QUEUE_LIMIT_BYTES).set(flowing_limit as f64);
 }
 
 pub fn paused(delta: f64) {

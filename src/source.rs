@@ -201,11 +201,15 @@ fn queued_flowing(workers: &BTreeMap<i32, WorkerHandle>) -> usize {
     workers.values().filter(|w| !w.paused).map(WorkerHandle::queued).sum()
 }
 
+/// Bytes queued to the workers whose partitions are paused.
+fn queued_paused(workers: &BTreeMap<i32, WorkerHandle>) -> usize {
+    workers.values().filter(|w| w.paused).map(WorkerHandle::queued).sum()
+}
+
 /// What the flowing partitions' queues may hold together: the budget less what paused
 /// partitions hold, down to a floor (`budget::flowing_limit`).
 fn flowing_limit(workers: &BTreeMap<i32, WorkerHandle>, queue_limit: usize) -> usize {
-    let paused = workers.values().filter(|w| w.paused).map(WorkerHandle::queued).sum();
-    budget::flowing_limit(queue_limit, paused)
+    budget::flowing_limit(queue_limit, queued_paused(workers))
 }
 
 /// librdkafka settings: the brokers, then `defaults`, then `kafka.properties` last so an
@@ -399,6 +403,7 @@ pub async fn run(
                 // Also on the tick: a notification can race the pause it should undo.
                 resume_drained(&consumer, &topic, resume_at, &mut workers);
                 pause_stalled(&consumer, &topic, queue_limit, &mut workers);
+                metrics::queues(queued_flowing(&workers), queued_paused(&workers), flowing_limit(&workers, queue_limit));
                 if let Some(idle) = options.exit_when_idle {
                     // A stopped worker's leftovers are not waiting for anyone.
                     let drained = workers.values().all(|w| w.tx.is_closed() || w.queued() == 0);

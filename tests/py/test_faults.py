@@ -115,6 +115,11 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
             assert http(aegis, "/healthz")[0] == 200
             wait_for(lambda: metric(aegis, "aegis_partitions_paused", required=False) >= 1, timeout=60,
                      what="the backed-up partition to pause")
+            # Its queue still counts: it holds the budget, so the others may hold only the floor
+            # of an eighth (the gauges follow within a 100 ms tick).
+            wait_for(lambda: metric(aegis, "aegis_queue_limit_bytes") == 262144 // 8, timeout=10,
+                     what="the flowing partitions' limit down to an eighth")
+            assert metric_series(aegis, "aegis_queued_bytes", state="paused") > 262144 * 7 // 8
             # Nothing is committed past what is durable.
             assert committed_offsets(aegis.group, aegis.topic, 4) == committed_before
         finally:
@@ -124,6 +129,8 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
         wait_for(lambda: http(aegis, "/readyz")[0] == 200, timeout=60, what="ready again")
         assert metric(aegis, "aegis_backend_up") == 1
         assert metric(aegis, "aegis_partitions_paused") == 0
+        wait_for(lambda: metric(aegis, "aegis_queue_limit_bytes") == 262144, timeout=10, what="the whole budget back")
+        assert metric_series(aegis, "aegis_queued_bytes", state="paused") == 0
     finally:
         consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(timeout=60) == 0
