@@ -284,6 +284,77 @@ pub async fn serve(
 mod tests {
     use super::*;
 
+    /// Every metric the service exports (the constants above).
+    const EXPORTED: &[&str] = &[
+        RECORDS_CONSUMED,
+        RECORDS_REJECTED,
+        RECORDS_DEAD_LETTERED,
+        CONSUMER_LAG,
+        RECORDS_SKIPPED,
+        RECORDS_WRITTEN,
+        SAFETY_FLAGS,
+        SEGMENTS_WRITTEN,
+        SEGMENT_BYTES,
+        INDEX_ITEMS,
+        DECISION_CONFLICTS,
+        DIGESTS_WRITTEN,
+        DIGEST_SEQ,
+        DIGEST_INTERVAL,
+        FLUSH_SECONDS,
+        COMMIT_SECONDS,
+        COMMITS,
+        COMMIT_FAILURES,
+        BACKEND_ERRORS,
+        BACKEND_UP,
+        CHAIN_HEAD_OFFSET,
+        COMMITTED_OFFSET,
+        PARTITIONS_ASSIGNED,
+        PARTITIONS_PAUSED,
+        PARTITIONS_STOPPED,
+        FENCE_LOST,
+        KAFKA_ERRORS,
+        OFFSETS_MISSING,
+        REBALANCES,
+        QUEUED_BYTES,
+        QUEUE_LIMIT_BYTES,
+    ];
+
+    /// A renamed metric must not leave an alert that never fires, a panel that stays empty or a
+    /// runbook step that points at nothing.
+    #[test]
+    fn alerts_dashboard_and_docs_name_only_exported_metrics() {
+        let histogram_series = [FLUSH_SECONDS, COMMIT_SECONDS]
+            .iter()
+            .flat_map(|h| ["_bucket", "_count", "_sum"].map(|suffix| format!("{h}{suffix}")))
+            .collect::<Vec<_>>();
+        for (file, text) in [
+            ("ops/prometheus/alerts.yml", include_str!("../ops/prometheus/alerts.yml")),
+            ("ops/grafana/dashboard.json", include_str!("../ops/grafana/dashboard.json")),
+            ("ops/RUNBOOK.md", include_str!("../ops/RUNBOOK.md")),
+            ("README.md", include_str!("../README.md")),
+            ("ops/k8s/README.md", include_str!("../ops/k8s/README.md")),
+        ] {
+            let mut named = 0;
+            for (at, _) in text.match_indices("aegis_") {
+                let name: String = text[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                // Part of a longer word, `aegis_*` in a comment, or the Athena database: not
+                // metric names.
+                if name == "aegis_"
+                    || name == "aegis_audit"
+                    || text[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    continue;
+                }
+                named += 1;
+                assert!(
+                    EXPORTED.contains(&name.as_str()) || histogram_series.contains(&name),
+                    "{file} names {name}, which the service does not export"
+                );
+            }
+            assert!(named > 0, "{file}: no metric names found");
+        }
+    }
+
     #[test]
     fn a_stopped_partition_counts_once_until_it_is_released() {
         let partition = 990_001; // a number no other test uses: the set is process-wide
