@@ -383,6 +383,13 @@ impl Config {
         if !is_valid_topic(&self.kafka.topic) {
             return Err(invalid("kafka.topic", "must be 1-249 chars of [a-zA-Z0-9._-]"));
         }
+        // Segment files are named after the topic, and Athena skips files named `_…` or `.…`.
+        if self.kafka.topic.starts_with(['_', '.']) {
+            return Err(invalid(
+                "kafka.topic",
+                "may not start with '_' or '.': segment files are named after it and Athena skips such files",
+            ));
+        }
         if let Some(dlq) = &self.kafka.dead_letter_topic {
             if !is_valid_topic(dlq) || dlq == &self.kafka.topic {
                 return Err(invalid("kafka.dead_letter_topic", "must be a valid topic name other than kafka.topic"));
@@ -402,6 +409,14 @@ impl Config {
         }
         if self.s3.prefix.starts_with('/') || self.s3.prefix.split('/').any(|p| p == ".." || p == ".") {
             return Err(invalid("s3.prefix", "must be a relative key prefix without '.' or '..' segments"));
+        }
+        // Athena reads `a//b` as `a/b` (another place) and skips `_`/`.` names (hidden files).
+        let segments: Vec<&str> = self.s3.prefix.trim_end_matches('/').split('/').collect();
+        if !self.s3.prefix.is_empty() && segments.iter().any(|s| s.is_empty() || s.starts_with(['_', '.'])) {
+            return Err(invalid(
+                "s3.prefix",
+                "segments may not be empty or start with '_' or '.' (Athena reads a//b as a/b and skips hidden names)",
+            ));
         }
         if self.s3.object_lock_retention_days.is_some_and(|days| !(1..=MAX_RETENTION_DAYS).contains(&days)) {
             return Err(invalid(
@@ -450,11 +465,20 @@ impl Config {
                 }
             }
         }
-        if self.dynamodb.table.len() < 3 {
-            return Err(invalid("dynamodb.table", "must be a DynamoDB table name (3-255 chars)"));
+        for (key, table) in
+            [("dynamodb.table", &self.dynamodb.table), ("dynamodb.chain_table", &self.dynamodb.chain_table)]
+        {
+            if !is_valid_table(table) {
+                return Err(invalid(key, "must be a DynamoDB table name (3-255 chars of [A-Za-z0-9_.-])"));
+            }
         }
-        if self.dynamodb.chain_table.len() < 3 || self.dynamodb.chain_table == self.dynamodb.table {
+        if self.dynamodb.chain_table == self.dynamodb.table {
             return Err(invalid("dynamodb.chain_table", "must be a table name different from dynamodb.table"));
+        }
+        for (name, why) in RESERVED_PROPERTIES {
+            if self.kafka.properties.contains_key(name) {
+                return Err(invalid("kafka.properties", format!("{name} is set by aegis-audit: {why}")));
+            }
         }
         if self.dynamodb.write_concurrency == 0 {
             return Err(invalid("dynamodb.write_concurrency", "must be at least 1"));
@@ -619,12 +643,35 @@ pub fn is_valid_topic(topic: &str) -> bool {
         && topic.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
 }
 
+/// S3's general-purpose bucket naming rules.
 fn is_valid_bucket(bucket: &str) -> bool {
     (3..=63).contains(&bucket.len())
         && bucket.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
         && bucket.as_bytes()[0].is_ascii_alphanumeric()
         && bucket.as_bytes()[bucket.len() - 1].is_ascii_alphanumeric()
+        && !bucket.contains("..")
+        && !bucket.contains(".-")
+        && !bucket.contains("-.")
+        && bucket.parse::<std::net::Ipv4Addr>().is_err()
 }
+
+fn is_valid_table(table: &str) -> bool {
+    (3..=255).contains(&table.len())
+        && table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-')
+}
+
+/// librdkafka properties the guarantees rest on: `kafka.properties` may not change them.
+const RESERVED_PROPERTIES: [(&str, &str); 9] = [
+    ("bootstrap.servers", "set kafka.brokers instead"),
+    ("group.id", "set kafka.group_id instead (replay, status and heartbeats use it)"),
+    ("enable.auto.commit", "offsets are committed only once S3 and DynamoDB hold the records"),
+    ("enable.auto.offset.store", "offsets are committed only once S3 and DynamoDB hold the records"),
+    ("auto.offset.reset", "a new group starts at the earliest record, or the trail would begin with a gap"),
+    ("partition.assignment.strategy", "workers are handed over by cooperative-sticky rebalancing"),
+    ("isolation.level", "only committed records enter the trail"),
+    ("acks", "a dead letter is on every in-sync replica before its offset is committed"),
+    ("enable.idempotence", "producer retries must not duplicate dead letters"),
+];
 
 #[cfg(test)]
 mod tests {
@@ -762,6 +809,49 @@ mod tests {
         assert!(parse(&garbage).unwrap().digest.signer().unwrap_err().to_string().contains("digest.signing_key"));
         let empty = format!("{MINIMAL}\n[digest]\nsigning_key = \"\"\n");
         assert!(!parse(&empty).unwrap().digest.enabled(), "an empty key means digests off");
+    }
+
+    #[test]
+    fn names_that_athena_s3_or_dynamodb_would_misread_or_refuse_name_their_key() {
+        let with = |from: &str, to: &str| parse(&MINIMAL.replace(from, to));
+        let error = |from: &str, to: &str| with(from, to).unwrap_err().to_string();
+        // Athena skips `_`/`.` files (segments are named after the topic) and reads a//b as a/b.
+        for topic in ["_decisions", ".decisions"] {
+            assert!(error("topic = \"decisions\"", &format!("topic = \"{topic}\"")).contains("kafka.topic"));
+        }
+        assert!(with("topic = \"decisions\"", "topic = \"de_cisions.v1\"").is_ok());
+        for prefix in ["a//b", "a/_b", ".a", "_trail/x"] {
+            let text = format!("bucket = \"audit-bucket\"\nprefix = \"{prefix}\"");
+            assert!(error("bucket = \"audit-bucket\"", &text).contains("s3.prefix"), "{prefix}");
+        }
+        for prefix in ["", "trail/", "audit/trail-v2"] {
+            let text = format!("bucket = \"audit-bucket\"\nprefix = \"{prefix}\"");
+            assert!(with("bucket = \"audit-bucket\"", &text).is_ok(), "{prefix}");
+        }
+        for bucket in ["a..b", "a.-b", "192.168.1.1", "ab"] {
+            assert!(error("audit-bucket", bucket).contains("s3.bucket"), "{bucket}");
+        }
+        assert!(with("audit-bucket", "audit.bucket-1").is_ok());
+        assert!(error("table = \"audit-index\"", "table = \"bad table\"").contains("dynamodb.table"));
+        assert!(error("chain_table = \"audit-chain\"", "chain_table = \"c#\"").contains("dynamodb.chain_table"));
+    }
+
+    #[test]
+    fn properties_the_guarantees_rest_on_are_refused() {
+        for (name, file_key) in [
+            ("group.id", "group_id"),
+            ("bootstrap.servers", "bootstrap.servers"),
+            ("enable.auto.commit", "enable_auto_commit"),
+            ("auto.offset.reset", "auto.offset.reset"),
+            ("acks", "acks"),
+        ] {
+            let text = MINIMAL.replace(
+                "topic = \"decisions\"",
+                &format!("topic = \"decisions\"\n[kafka.properties]\n\"{file_key}\" = \"x\""),
+            );
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains("kafka.properties") && err.contains(name), "{err}");
+        }
     }
 
     #[test]
