@@ -7,8 +7,8 @@ and problem codes; schemas/parquet-columns.md for the Parquet columns) and share
 the Rust sources, so a bug in either implementation (or in the spec) shows up as a disagreement.
 
 What it checks, per partition of one topic:
-  * segments `<topic>-p<PPPP>-<first:020>-<last:020>.parquet` anywhere under the prefix
-    (accepted rows and quarantine/), one flush (first, last) at a time in ascending order, rows of
+  * segments `<topic>-p<PPPP>-<first:020>-<last:020>.parquet` in the writer's directories
+    directly under the prefix (year=/month=/day=/environment=/ and quarantine/year=/month=/day=/), one flush (first, last) at a time in ascending order, rows of
     a flush merged by kafka_offset: offsets (segment_range, duplicate_offset), placement
     (misplaced_row), the columns derived from the payload (derived_column), links from genesis
     (broken_link), entry hashes (entry_hash), the footer
@@ -282,6 +282,22 @@ class Layout(NamedTuple):
         return sorted(set(self.segments) | set(self.digests) | set(self.unexpected))
 
 
+def trail_directory(base: str, key: str) -> str | None:
+    """The key's directory under the prefix (`base`, empty or ending in /) if it is one the writer
+    makes there: year=/month=/day=/environment= or quarantine/year=/month=/day=. Another trail
+    under a longer prefix (`trail/staging/...` under `trail`) is not this one."""
+    if not key.startswith(base) or "/" not in key[len(base):]:
+        return None
+    directory = key[len(base):].rsplit("/", 1)[0]
+    parts = directory.split("/")
+    date = lambda y, m, d: y.startswith("year=") and m.startswith("month=") and d.startswith("day=")  # noqa: E731
+    if len(parts) == 4 and parts[0] == "quarantine" and date(*parts[1:]):
+        return directory
+    if len(parts) == 4 and date(*parts[:3]) and parts[3].startswith("environment="):
+        return directory
+    return None
+
+
 def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
     base = f"{prefix}/" if prefix else ""
     digests_root = f"{base}_digests/"
@@ -307,6 +323,8 @@ def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
                 else:
                     unexpected[partition].append(key)
             continue  # the rest of _digests/ (other topics) is not part of this chain
+        if trail_directory(base, key) is None:
+            continue  # not one of this trail's directories (another trail under a longer prefix)
         if (m := segment_name.match(key.rsplit("/", 1)[-1])) and int(m[1]) <= I32_MAX and wanted(int(m[1])) \
                 and int(m[2]) <= I64_MAX and int(m[3]) <= I64_MAX:
             segments[int(m[1])][(int(m[2]), int(m[3]))].append(key)

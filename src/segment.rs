@@ -177,6 +177,22 @@ pub fn join_key(parts: &[&str]) -> String {
     parts.iter().map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("/")
 }
 
+/// The directory of `key` relative to the trail's `prefix`, when it is one the writer makes
+/// (`Placement::directory`) directly under that prefix: `year=/month=/day=/environment=` or
+/// `quarantine/year=/month=/day=`. Keys of another trail under a longer prefix (`trail/staging/…`
+/// under `trail`, or anything under an empty prefix) are not this trail's.
+pub fn trail_directory<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
+    let (directory, _file) = key.strip_prefix(&dir_prefix(&[prefix]))?.rsplit_once('/')?;
+    let parts: Vec<&str> = directory.split('/').collect();
+    let date = |y: &str, m: &str, d: &str| y.starts_with("year=") && m.starts_with("month=") && d.starts_with("day=");
+    let made_by_the_writer = match parts.as_slice() {
+        ["quarantine", y, m, d] => date(y, m, d),
+        [y, m, d, e] => date(y, m, d) && e.starts_with("environment="),
+        _ => false,
+    };
+    made_by_the_writer.then_some(directory)
+}
+
 /// The listing prefix of everything under `parts` (joined as by [`join_key`]): `a/b/`, or the
 /// whole bucket when they are all empty (an empty `s3.prefix`), never `/`, which matches no key.
 pub fn dir_prefix(parts: &[&str]) -> String {
@@ -779,6 +795,28 @@ mod tests {
         let batch = reader.build().unwrap().next().unwrap().unwrap();
         assert_eq!(batch.num_rows(), 1);
         assert_eq!(batch.schema(), arrow_schema());
+    }
+
+    #[test]
+    fn only_the_writers_directories_directly_under_the_prefix_are_the_trails() {
+        let file = "t-p0000-00000000000000000000-00000000000000000009.parquet";
+        let trail = format!("year=2026/month=11/day=20/environment=prod/{file}");
+        let quarantine = format!("quarantine/year=2026/month=11/day=20/{file}");
+        assert_eq!(
+            trail_directory("trail", &format!("trail/{trail}")),
+            Some("year=2026/month=11/day=20/environment=prod")
+        );
+        assert_eq!(
+            trail_directory("trail/", &format!("trail/{quarantine}")),
+            Some("quarantine/year=2026/month=11/day=20")
+        );
+        assert_eq!(trail_directory("", &trail), Some("year=2026/month=11/day=20/environment=prod"));
+        // Another deployment's trail under a longer prefix, or a stray file: not this trail's.
+        assert_eq!(trail_directory("trail", &format!("trail/staging/{trail}")), None);
+        assert_eq!(trail_directory("", &format!("trail/{trail}")), None);
+        assert_eq!(trail_directory("", &format!("quarantine/{trail}")), None);
+        assert_eq!(trail_directory("trail", &format!("trail/{file}")), None);
+        assert_eq!(trail_directory("trail", &format!("trailer/{trail}")), None);
     }
 
     #[test]

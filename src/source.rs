@@ -213,7 +213,8 @@ fn flowing_limit(workers: &BTreeMap<i32, WorkerHandle>, queue_limit: usize) -> u
 }
 
 /// librdkafka settings: the brokers, then `defaults`, then `kafka.properties` last so an
-/// operator can override any default (security, timeouts, ...).
+/// operator can override any default (security, timeouts, ...) but those the guarantees rest on,
+/// which config validation refuses.
 pub fn client_config<'a>(config: &Config, defaults: impl IntoIterator<Item = (&'a str, String)>) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", &config.kafka.brokers);
@@ -894,16 +895,16 @@ mod tests {
     #[test]
     fn operator_properties_override_defaults() {
         let mut config = Config::from_toml_str(
-            "[kafka]\nbrokers = \"b:1\"\ntopic = \"t\"\n[kafka.properties]\n\"isolation.level\" = \"read_uncommitted\"\n\"acks\" = \"1\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n",
+            "[kafka]\nbrokers = \"b:1\"\ntopic = \"t\"\n[kafka.properties]\n\"statistics.interval.ms\" = \"1000\"\n\"linger.ms\" = \"20\"\n[s3]\nbucket = \"bkt\"\n[dynamodb]\ntable = \"idx\"\nchain_table = \"chn\"\n",
         )
         .unwrap();
         config.kafka.group_id = "g".into();
         let consumer = consumer_config(&config);
-        assert_eq!(consumer.get("isolation.level"), Some("read_uncommitted"));
+        assert_eq!(consumer.get("statistics.interval.ms"), Some("1000"));
         assert_eq!(consumer.get("enable.auto.commit"), Some("false"));
         assert_eq!(consumer.get("group.id"), Some("g"));
         let producer = producer_config(&config, 30_000);
-        assert_eq!(producer.get("acks"), Some("1"));
+        assert_eq!(producer.get("linger.ms"), Some("20"));
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("bootstrap.servers"), Some("b:1"));
     }

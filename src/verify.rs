@@ -205,6 +205,10 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
         if object.key.starts_with(&digests_root) {
             continue;
         }
+        // Only this trail's directories: another trail under a longer prefix is not part of it.
+        if crate::segment::trail_directory(prefix, &object.key).is_none() {
+            continue;
+        }
         if let Some(name) = parse_segment_key(&object.key, &options.topic) {
             if options.partition.is_none_or(|p| p == name.partition) {
                 segments.entry(name.partition).or_default().push(name);
@@ -1048,6 +1052,21 @@ mod tests {
         assert!(report.problems.is_empty(), "{:?}", report.problems);
         assert_eq!(report.objects, segment_keys(&objects).len());
         assert_eq!(report.objects, check(&objects).await.objects);
+    }
+
+    #[tokio::test]
+    async fn another_trail_under_a_longer_prefix_is_not_read() {
+        // A second deployment writing the same topic under `trail/staging`, in the same bucket.
+        let objects = trail().await;
+        let own = check(&objects).await.objects;
+        let (staging, _) = trail_under("trail/staging", Some(signer())).await;
+        for key in staging.keys() {
+            let metadata = staging.head(&key).await.unwrap().unwrap().metadata;
+            objects.put(&key, staging.body(&key).unwrap(), &metadata).await.unwrap();
+        }
+        let report = check(&objects).await;
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.objects, own);
     }
 
     #[tokio::test]

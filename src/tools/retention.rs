@@ -79,7 +79,9 @@ pub async fn prune(
     while let Some(page) = pages.next().await {
         let page = page.map_err(|e| classify_sdk_error(BACKEND, "ListObjectsV2", bucket, &e))?;
         for key in page.contents().iter().filter_map(|o| o.key()) {
-            if key.contains("/_digests/") {
+            // Only this trail's directories: a trail under a longer prefix belongs to another
+            // deployment, whose segments (same topic name) this must never delete.
+            if crate::segment::trail_directory(prefix, key).is_none() {
                 continue;
             }
             if let Some(name) = parse_segment_key(key, topic) {

@@ -319,6 +319,11 @@ def test_a_trail_at_the_bucket_root(aegis, tmp_path):
     segments = [k for k in trail.list_keys(aegis.bucket) if k.endswith(".parquet")]
     assert segments and all(k.startswith(("year=", "quarantine/year=")) for k in segments), segments[:3]
     assert any(k.startswith("quarantine/") for k in segments)
+    # Another deployment's trail of the same topic under a longer prefix ("nested/"): not this
+    # trail's. Neither verifier may read it, nor prune delete it.
+    s3 = trail.s3()
+    for key in trail.list_keys(aegis.bucket):
+        s3.copy_object(Bucket=aegis.bucket, Key=f"nested/{key}", CopySource={"Bucket": aegis.bucket, "Key": key})
 
     report = aegis.verify(**unlocked)
     assert report["ok"] and report["objects"] == len(segments), (report["objects"], len(segments), report["problems"][:3])
@@ -339,3 +344,4 @@ def test_a_trail_at_the_bucket_root(aegis, tmp_path):
     old_days = {datetime.fromisoformat(json.loads(p)["occurred_at"].replace("Z", "+00:00")).strftime("day=%d")
                 for _, _, p in old if p.startswith(b"{")}
     assert dry["deleted"] and all(k.startswith("year=") and k.split("/")[2] in old_days for k in dry["deleted"]), dry
+    assert not any(k.startswith("nested/") for k, _ in dry["locked"]), dry
