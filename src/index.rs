@@ -195,6 +195,20 @@ fn has_conflict(item: &IndexItem) -> bool {
     matches!(item.attrs.get("conflict"), Some(Attr::Bool(true)))
 }
 
+/// Whether `stored` holds what `candidate` (the same record: same rank) would write. `conflict`
+/// is left out (it records other records), and numbers compare by value (DynamoDB may return
+/// `1.50` as `1.5`).
+fn holds_the_same(candidate: &IndexItem, stored: &IndexItem) -> bool {
+    let without_flag = |item: &IndexItem| item.attrs.iter().filter(|(name, _)| *name != "conflict").count();
+    without_flag(candidate) == without_flag(stored)
+        && candidate.attrs.iter().filter(|(name, _)| *name != "conflict").all(|(name, value)| {
+            match (value, stored.attrs.get(name)) {
+                (Attr::N(a), Some(Attr::N(b))) => a == b || a.parse::<f64>().ok() == b.parse::<f64>().ok(),
+                (a, b) => Some(a) == b,
+            }
+        })
+}
+
 /// The item that keeps a non-winning decision record: its own attributes, no GSI keys (user and
 /// session queries see only winners), under `DUPLICATE#<rank>`.
 pub fn duplicate_item(decision: &IndexItem) -> IndexItem {
@@ -249,7 +263,16 @@ pub async fn upsert_decision(store: &dyn IndexStore, candidate: IndexItem) -> Re
         };
         let observed = attr_s(&existing, "rank").to_string();
         outcome = match resolve(&candidate, &existing) {
-            Resolution::Keep => return Ok(conflicted),
+            Resolution::Keep if holds_the_same(&candidate, &existing) => return Ok(conflicted),
+            Resolution::Keep => {
+                // The same record, but the item was changed (by hand, or by an older image):
+                // put back what the record gives, keeping the conflict flag as found.
+                let mut repaired = candidate.clone();
+                if has_conflict(&existing) {
+                    repaired.attrs.insert("conflict".into(), Attr::Bool(true));
+                }
+                store.put_guarded(&repaired, Guard::Rank { rank: &observed, flagged: has_conflict(&existing) }).await?
+            }
             Resolution::Lose { duplicate, differs, mark_winner } => {
                 conflicted |= differs;
                 store.write(vec![duplicate]).await?;
@@ -410,6 +433,31 @@ mod tests {
         let items = stored(&index);
         assert_eq!(items["DECISION"].attrs["rank"], redelivery.attrs["rank"]);
         assert_eq!(items["DECISION"].attrs["conflict"], Attr::Bool(true));
+    }
+
+    #[tokio::test]
+    async fn a_decision_item_changed_by_hand_is_put_back_by_its_record_with_its_flag() {
+        let index = MemoryIndex::default();
+        let winner = decision(1, "2026-11-20T07:00:00Z", "deny");
+        upsert_decision(&index, winner.clone()).await.unwrap();
+        assert!(upsert_decision(&index, decision(2, "2026-11-20T08:00:00Z", "approve")).await.unwrap());
+        let flagged = stored(&index)["DECISION"].clone();
+        assert_eq!(flagged.attrs["conflict"], Attr::Bool(true));
+        // Same rank, other content (what rebuild-index is run to repair).
+        let mut edited = flagged.clone();
+        edited.attrs.insert("action".into(), Attr::S("approve".into()));
+        edited.attrs.insert("segment_key".into(), Attr::S("elsewhere".into()));
+        edited.attrs.remove("user_id");
+        index.write(vec![edited]).await.unwrap();
+        assert!(!upsert_decision(&index, winner.clone()).await.unwrap());
+        assert_eq!(stored(&index)["DECISION"], flagged);
+        // What the record gives, with a number spelled as DynamoDB may return it: left alone.
+        let mut respelled = flagged.clone();
+        let Some(Attr::N(score)) = respelled.attrs.get("confidence_score").cloned() else { panic!("{respelled:?}") };
+        respelled.attrs.insert("confidence_score".into(), Attr::N(format!("{score}0")));
+        index.write(vec![respelled.clone()]).await.unwrap();
+        upsert_decision(&index, winner).await.unwrap();
+        assert_eq!(stored(&index)["DECISION"], respelled);
     }
 
     #[tokio::test]

@@ -31,6 +31,10 @@ pub enum RebuildError {
     Segment { key: String, message: String },
     #[error("checkpoint {path}: {source}")]
     Checkpoint { path: String, source: std::io::Error },
+    #[error(
+        "checkpoint {path} belongs to another rebuild ({found}, this one is {expected}): delete it, or pass another --checkpoint"
+    )]
+    CheckpointOfAnotherRebuild { path: String, found: String, expected: String },
 }
 
 #[derive(Debug, Clone)]
@@ -68,14 +72,31 @@ fn placement(prefix: &str, topic: &str, key: &str) -> Option<(NaiveDate, String)
     Some((date, e.strip_prefix("environment=")?.to_string()))
 }
 
-fn read_checkpoint(path: &PathBuf) -> Result<HashSet<String>, RebuildError> {
-    match std::fs::File::open(path) {
-        Ok(f) => std::io::BufReader::new(f)
-            .lines()
-            .collect::<Result<HashSet<_>, _>>()
-            .map_err(|source| RebuildError::Checkpoint { path: path.display().to_string(), source }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(HashSet::new()),
-        Err(source) => Err(RebuildError::Checkpoint { path: path.display().to_string(), source }),
+/// A checkpoint's first line: what its segment keys were indexed into. A rebuild into another
+/// table (or from another bucket, prefix or topic) must not skip what this one finished.
+fn checkpoint_header(config: &Config) -> String {
+    format!(
+        "# aegis-audit rebuild-index: bucket={} prefix={} topic={} table={}",
+        config.s3.bucket, config.s3.prefix, config.kafka.topic, config.dynamodb.table
+    )
+}
+
+/// The segment keys a checkpoint lists as done; none for an absent or empty file.
+fn read_checkpoint(path: &PathBuf, header: &str) -> Result<HashSet<String>, RebuildError> {
+    let io = |source| RebuildError::Checkpoint { path: path.display().to_string(), source };
+    let lines = match std::fs::File::open(path) {
+        Ok(f) => std::io::BufReader::new(f).lines().collect::<Result<Vec<_>, _>>().map_err(io)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(source) => return Err(io(source)),
+    };
+    match lines.split_first() {
+        None => Ok(HashSet::new()),
+        Some((first, done)) if first == header => Ok(done.iter().cloned().collect()),
+        Some((first, _)) => Err(RebuildError::CheckpointOfAnotherRebuild {
+            path: path.display().to_string(),
+            found: first.strip_prefix("# aegis-audit rebuild-index: ").unwrap_or("no header").to_string(),
+            expected: header.trim_start_matches("# aegis-audit rebuild-index: ").to_string(),
+        }),
     }
 }
 
@@ -87,7 +108,8 @@ pub async fn rebuild(
 ) -> Result<RebuildReport, RebuildError> {
     let started = Instant::now();
     let prefix = config.s3.prefix.clone();
-    let done = read_checkpoint(&options.checkpoint)?;
+    let header = checkpoint_header(config);
+    let done = read_checkpoint(&options.checkpoint, &header)?;
     let mut report = RebuildReport::default();
     let trail = crate::segment::dir_prefix(&[&prefix]) + "year=";
     let never = tokio_util::sync::CancellationToken::new();
@@ -110,6 +132,10 @@ pub async fn rebuild(
         .append(true)
         .open(&options.checkpoint)
         .map_err(|source| RebuildError::Checkpoint { path: options.checkpoint.display().to_string(), source })?;
+    if done.is_empty() && checkpoint.metadata().map(|m| m.len() == 0).unwrap_or(true) {
+        writeln!(checkpoint, "{header}")
+            .map_err(|source| RebuildError::Checkpoint { path: options.checkpoint.display().to_string(), source })?;
+    }
     let write_concurrency = config.dynamodb.write_concurrency;
     let mut results = stream::iter(todo)
         .map(|key| {
@@ -182,6 +208,24 @@ mod tests {
         assert_eq!(placement("trail", "t", quarantined), None);
         assert_eq!(placement("trail", "t", "trail/_digests/t/p0000/000000000000.digest"), None);
         assert_eq!(placement("trail", "t", &key.replace(".parquet", ".tmp")), None);
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_rebuild_is_refused() {
+        let dir = std::env::temp_dir().join(format!("aegis-checkpoint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c");
+        let ours = "# aegis-audit rebuild-index: bucket=b prefix=trail topic=t table=new";
+        assert!(read_checkpoint(&path, ours).unwrap().is_empty(), "absent: nothing done");
+        std::fs::write(&path, format!("{ours}\ntrail/k1\ntrail/k2\n")).unwrap();
+        assert_eq!(read_checkpoint(&path, ours).unwrap().len(), 2);
+        let other = ours.replace("table=new", "table=old");
+        let err = read_checkpoint(&path, &other).unwrap_err().to_string();
+        assert!(err.contains("table=new") && err.contains("table=old") && err.contains("another rebuild"), "{err}");
+        // A file without the header (an older image's, or not a checkpoint) is not resumed either.
+        std::fs::write(&path, "trail/k1\n").unwrap();
+        assert!(read_checkpoint(&path, ours).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

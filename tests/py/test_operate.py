@@ -113,14 +113,23 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
     checkpoint = tmp_path / "rebuild.checkpoint"
     first = subprocess.Popen([BIN, "rebuild-index", "--concurrency", "1", "--checkpoint", str(checkpoint)],
                              env=aegis.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    wait_for(lambda: checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 3, timeout=120,
+    # The checkpoint: a header naming bucket, prefix, topic and table, then one finished key a line.
+    wait_for(lambda: checkpoint.exists() and len(checkpoint.read_text().splitlines()) >= 4, timeout=120,
              interval=0.02, what="rebuild progress")
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
-    done_before = len(checkpoint.read_text().splitlines())
+    header, *done = checkpoint.read_text().splitlines()
+    assert header == (f"# aegis-audit rebuild-index: bucket={aegis.bucket} prefix={aegis.prefix} "
+                      f"topic={aegis.topic} table={aegis.table}"), header
+    done_before = len(done)
     report = json.loads(aegis.run("rebuild-index", "--checkpoint", str(checkpoint)).stdout)
     assert report["resumed_past"] == done_before >= 3
     assert not checkpoint.exists(), "a finished rebuild removes its checkpoint"
+    # A checkpoint left by a rebuild into another table is refused, not resumed.
+    checkpoint.write_text(f"{header.replace('table=', 'table=old-')}\n{done[0]}\n")
+    refused = aegis.run("rebuild-index", "--checkpoint", str(checkpoint), check=False)
+    assert refused.returncode != 0 and "belongs to another rebuild" in refused.stderr, refused.stderr[-2000:]
+    checkpoint.unlink()
     rebuilt = snapshot_index(aegis.table)
     assert len(rebuilt) == len(index) and rebuilt == index, "every item equal to what the consumer wrote"
 
