@@ -97,29 +97,47 @@ pub async fn prove(
     let path = merkle::path(&entries, index).expect("index is in range");
     let row = &segment.rows[index];
 
-    // The digest that lists this segment (digests of a partition are few and small).
+    // The digest whose offset range holds the record: digests follow the chain in sequence
+    // order, so a binary search reads about log2(n) of a partition's digests (one every few
+    // minutes adds up to ~100k a year), not all of them.
     let dir = digest::partition_dir(prefix, topic, located.partition);
-    let mut found = None;
-    for object in store.list(&dir).await?.iter().rev() {
-        let bytes = store.get(&object.key).await?;
-        let Ok(parsed) = DigestObject::parse(&object.key, &bytes) else { continue };
-        if parsed.body.segments.iter().any(|s| s.key == located.segment_key) {
-            let text = String::from_utf8_lossy(&bytes).to_string();
-            let signature = text.lines().nth(1).unwrap_or_default().to_string();
-            found = Some(ProofDigest {
-                key: object.key.clone(),
-                body: String::from_utf8_lossy(&parsed.body_bytes).to_string(),
-                signature,
-            });
+    let keys: Vec<String> =
+        store.list(&dir).await?.into_iter().map(|o| o.key).filter(|k| k.ends_with(".digest")).collect();
+    let (mut low, mut high) = (0, keys.len());
+    let mut covering = None;
+    while low < high {
+        let middle = (low + high) / 2;
+        let bytes = store.get(&keys[middle]).await?;
+        // A digest that does not parse may be tampered with: name it, do not search around it.
+        let parsed = DigestObject::parse(&keys[middle], &bytes)
+            .map_err(|e| ProofError::NotProvable(format!("{e}; run `aegis-audit verify`")))?;
+        if located.offset < parsed.body.first_offset {
+            high = middle;
+        } else if located.offset > parsed.body.last_offset {
+            low = middle + 1;
+        } else {
+            covering = Some((keys[middle].clone(), bytes, parsed));
             break;
         }
     }
-    let digest = found.ok_or_else(|| {
-        ProofError::NotProvable(format!(
+    let Some((digest_key, bytes, parsed)) = covering else {
+        return Err(ProofError::NotProvable(format!(
             "{} is not in a digest yet (digests are written every digest.interval_ms); try again later",
             located.segment_key
-        ))
-    })?;
+        )));
+    };
+    if !parsed.body.segments.iter().any(|s| s.key == located.segment_key) {
+        return Err(ProofError::NotProvable(format!(
+            "{digest_key} covers offset {} but does not list {}; run `aegis-audit verify`",
+            located.offset, located.segment_key
+        )));
+    }
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let digest = ProofDigest {
+        key: digest_key,
+        body: String::from_utf8_lossy(&parsed.body_bytes).to_string(),
+        signature: text.lines().nth(1).unwrap_or_default().to_string(),
+    };
     Ok(Proof {
         format: PROOF_FORMAT.into(),
         decision_id: decision_id.into(),

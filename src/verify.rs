@@ -1425,7 +1425,7 @@ mod tests {
             .into_iter()
             .find(|k| k.contains("environment=prod") && k.contains("-00000000000000000003-"))
             .unwrap();
-        let located = crate::prove::Located { segment_key: key, partition: 0, offset: 4 };
+        let located = crate::prove::Located { segment_key: key.clone(), partition: 0, offset: 4 };
         let proof = crate::prove::prove(objects.as_ref(), "trail", TOPIC, "d-4", &located).await.unwrap();
         let public = signer().verifying_key();
         assert!(crate::prove::verify_proof(&proof, &public).unwrap().starts_with("proof OK"));
@@ -1446,5 +1446,22 @@ mod tests {
         assert!(err.contains("was rejected by validation"), "{err}");
         let other = DigestSigner::from_text("k", &"22".repeat(32)).unwrap();
         assert!(crate::prove::verify_proof(&proof, &other.verifying_key()).is_err());
+
+        // A record of the second digest (the search goes past the first).
+        let later = segment_keys(&objects)
+            .into_iter()
+            .find(|k| k.contains("environment=prod") && k.contains("-00000000000000000009-"))
+            .unwrap();
+        let located = crate::prove::Located { segment_key: later, partition: 0, offset: 10 };
+        let proof = crate::prove::prove(objects.as_ref(), "trail", TOPIC, "d-10", &located).await.unwrap();
+        assert!(proof.digest.key.ends_with("000000000001.digest"), "{}", proof.digest.key);
+        assert!(crate::prove::verify_proof(&proof, &public).unwrap().starts_with("proof OK"));
+        // A digest that no longer parses is named, not skipped (the record would read as
+        // "not in a digest yet").
+        let first_digest = objects.keys().into_iter().find(|k| k.ends_with("000000000000.digest")).unwrap();
+        objects.put(&first_digest, bytes::Bytes::from_static(b"garbage"), &Default::default()).await.unwrap();
+        let located = crate::prove::Located { segment_key: key, partition: 0, offset: 4 };
+        let err = crate::prove::prove(objects.as_ref(), "trail", TOPIC, "d-4", &located).await.unwrap_err().to_string();
+        assert!(err.contains(&first_digest) && err.contains("verify"), "{err}");
     }
 }
