@@ -20,10 +20,12 @@ s3 = boto3.client("s3", endpoint_url=env("s3", "endpoint_url"), **kw)
 ddb = boto3.client("dynamodb", endpoint_url=env("dynamodb", "endpoint_url"), **kw)
 
 keys = []
-for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix + "/"):
+prefix = prefix.strip("/")
+base = f"{prefix}/" if prefix else ""  # an empty prefix: the trail is at the bucket's root
+for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
     keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
 if not keys:
-    sys.exit(f"no objects under s3://{bucket}/{prefix}/")
+    sys.exit(f"no objects under s3://{bucket}/{base}")
 dirs = collections.Counter(k.rsplit("/", 1)[0] for k, _ in keys)
 print(f"s3://{bucket}/ holds {len(keys)} Parquet segments, {sum(s for _, s in keys) / 1e6:.2f} MB:")
 for d, n in sorted(dirs.items()):
@@ -35,7 +37,7 @@ with tempfile.TemporaryDirectory() as mirror:
         path = os.path.join(mirror, key)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         s3.download_file(bucket, key, path)
-    glob = f"{mirror}/{prefix}/year=*/month=*/day=*/environment=*/*.parquet"
+    glob = f"{mirror}/{base}year=*/month=*/day=*/environment=*/*.parquet"
     query = f"""select environment, event_type, count(*) as events,
        count(distinct kafka_partition || ':' || kafka_offset) as distinct_offsets,
        round(avg(confidence_score), 3) as avg_confidence

@@ -77,7 +77,10 @@ fn placement(prefix: &str, topic: &str, key: &str) -> Option<(NaiveDate, String)
 fn checkpoint_header(config: &Config) -> String {
     format!(
         "# aegis-audit rebuild-index: bucket={} prefix={} topic={} table={}",
-        config.s3.bucket, config.s3.prefix, config.kafka.topic, config.dynamodb.table
+        config.s3.bucket,
+        crate::segment::join_key(&[&config.s3.prefix]),
+        config.kafka.topic,
+        config.dynamodb.table
     )
 }
 
