@@ -947,16 +947,12 @@ class Verifier:
             bad = rows[0] if rows[0].offset != first else rows[-1]
             self.problem("segment_range", partition, bad.key, bad.offset,
                          f"flush {first}..{last} has rows {rows[0].offset}..{rows[-1].offset}")
-        # Where each object lies depends on its key alone: worked out once, not once per row.
-        directories = {seg.key: self.object_directory(seg.key) for seg in segments}
+        # Where each object lies depends on its key alone: worked out once, not once per row
+        # (scan() kept only keys in the trail's directories).
+        base = f"{self.prefix}/" if self.prefix else ""
+        directories = {seg.key: trail_directory(base, seg.key) for seg in segments}
         for row in rows:
             self.check_row(partition, row, directories[row.key], chain, signed)
-
-    def object_directory(self, key: str) -> str:
-        """The directory an object lies in, relative to the prefix (what a row's must match)."""
-        base = self.prefix.strip("/")
-        rest = key[len(base) + 1:] if base else key
-        return rest.rsplit("/", 1)[0]
 
     def check_row(self, partition: int, row: Row, directory: str, chain: "ChainState", signed: Signed) -> None:
         if row.topic != self.topic or row.partition != partition:

@@ -103,13 +103,6 @@ pub struct Report {
     pub problems: Vec<Problem>,
 }
 
-/// The directory of a segment `key` under `prefix` (`year=…/environment=…` or `quarantine/…`).
-fn key_directory<'k>(prefix: &str, key: &'k str) -> Option<&'k str> {
-    let prefix = prefix.trim_matches('/');
-    let rest = if prefix.is_empty() { Some(key) } else { key.strip_prefix(prefix)?.strip_prefix('/') };
-    rest?.rsplit_once('/').map(|(directory, _)| directory)
-}
-
 /// Holds a row's derived columns against its payload and verdict (`schemas/CHAIN.md`, "Derived
 /// columns"): the columns that disagree, and the directory the row belongs in, when the payload
 /// says (an accepted row whose payload gives no date or environment says nowhere).
@@ -754,7 +747,7 @@ async fn check_partition(
                     continue;
                 }
             };
-            let directory = key_directory(prefix, &key);
+            let directory = crate::segment::trail_directory(prefix, &key);
             for (row, columns) in segment.rows.iter().zip(&derived) {
                 let (wrong, expected_directory) = derived_check(row, columns);
                 if !wrong.is_empty() {

@@ -63,20 +63,23 @@ pub struct RebuildReport {
 /// `(date, environment)` of `topic`'s trail key `<prefix>/year=/month=/day=/environment=/<file>.parquet`.
 /// Another topic's segments under the same prefix belong to another deployment's index.
 fn placement(prefix: &str, topic: &str, key: &str) -> Option<(NaiveDate, String)> {
-    let rest = key.strip_prefix(&crate::segment::dir_prefix(&[prefix]))?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let [y, m, d, e, _] = parts.as_slice() else { return None };
+    let directory = crate::segment::trail_directory(prefix, key)?;
+    let parts: Vec<&str> = directory.split('/').collect();
+    let [y, m, d, e] = parts.as_slice() else { return None };
     crate::segment::parse_segment_key(key, topic)?;
     let num = |part: &str, name: &str| part.strip_prefix(name)?.parse::<u32>().ok();
     let date = NaiveDate::from_ymd_opt(num(y, "year=")? as i32, num(m, "month=")?, num(d, "day=")?)?;
     Some((date, e.strip_prefix("environment=")?.to_string()))
 }
 
+/// How a checkpoint's first line starts.
+const CHECKPOINT_HEADER: &str = "# aegis-audit rebuild-index: ";
+
 /// A checkpoint's first line: what its segment keys were indexed into. A rebuild into another
 /// table (or from another bucket, prefix or topic) must not skip what this one finished.
 fn checkpoint_header(config: &Config) -> String {
     format!(
-        "# aegis-audit rebuild-index: bucket={} prefix={} topic={} table={}",
+        "{CHECKPOINT_HEADER}bucket={} prefix={} topic={} table={}",
         config.s3.bucket,
         crate::segment::join_key(&[&config.s3.prefix]),
         config.kafka.topic,
@@ -97,8 +100,8 @@ fn read_checkpoint(path: &PathBuf, header: &str) -> Result<HashSet<String>, Rebu
         Some((first, done)) if first == header => Ok(done.iter().cloned().collect()),
         Some((first, _)) => Err(RebuildError::CheckpointOfAnotherRebuild {
             path: path.display().to_string(),
-            found: first.strip_prefix("# aegis-audit rebuild-index: ").unwrap_or("no header").to_string(),
-            expected: header.trim_start_matches("# aegis-audit rebuild-index: ").to_string(),
+            found: first.strip_prefix(CHECKPOINT_HEADER).unwrap_or("no header").to_string(),
+            expected: header.trim_start_matches(CHECKPOINT_HEADER).to_string(),
         }),
     }
 }
