@@ -13,6 +13,8 @@ TOOLS_DIR=${AEGIS_TOOLS_DIR:-$HOME/.cache/aegis-audit/tools}
 PROMTOOL=$TOOLS_DIR/promtool/promtool
 
 die() { echo "check-alerts: $*" >&2; exit 1; }
+# shellcheck source=ops/as-root.sh
+source "$REPO/ops/as-root.sh"
 
 # A cached promtool counts only if it runs (a half-written copy does not).
 promtool_ok() { [[ -x $PROMTOOL ]] && "$PROMTOOL" --version >/dev/null 2>&1; }
@@ -24,12 +26,7 @@ fetch_promtool() {
     trap "rm -rf '$tmp'" EXIT
     # The download needs apt's package lists, which a fresh image may not have yet.
     if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
-        local sudo=()
-        if [[ $(id -u) != 0 ]]; then
-            command -v sudo >/dev/null || die "need root or sudo to run apt-get update (for Debian's prometheus package)"
-            sudo=(sudo -n)
-        fi
-        "${sudo[@]}" apt-get update -qq || die "apt-get update failed (as root, or with passwordless sudo)"
+        as_root apt-get update -qq || die "apt-get update failed (needed for Debian's prometheus package)"
         (cd "$tmp" && apt-get download prometheus >/dev/null) || die "apt-get download prometheus failed"
     fi
     dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/unpacked"

@@ -29,16 +29,12 @@ if [[ "${1:-}" == "--check" ]]; then
     exit 1
 fi
 
-SUDO=()
-if [[ "$(id -u)" -ne 0 ]]; then
-    command -v sudo >/dev/null || { echo "install-deps: need root or sudo to install: ${missing[*]}" >&2; exit 1; }
-    SUDO=(sudo)
-fi
+# shellcheck source=ops/as-root.sh
+source "$(dirname "${BASH_SOURCE[0]}")/as-root.sh"
 
 echo "install-deps: installing: ${missing[*]}"
-export DEBIAN_FRONTEND=noninteractive
-"${SUDO[@]}" apt-get update -qq
-"${SUDO[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+as_root apt-get update -qq
+as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 
 for p in "${missing[@]}"; do
     installed "$p" || { echo "install-deps: $p still not installed" >&2; exit 1; }

@@ -15,37 +15,56 @@ use crate::index::IndexReport;
 use crate::segment::EncodedSegment;
 use crate::sinks::SinkError;
 
-pub const RECORDS_CONSUMED: &str = "aegis_records_consumed_total";
-pub const RECORDS_REJECTED: &str = "aegis_records_rejected_total";
-pub const RECORDS_DEAD_LETTERED: &str = "aegis_records_dead_lettered_total";
-pub const CONSUMER_LAG: &str = "aegis_consumer_lag";
-pub const RECORDS_SKIPPED: &str = "aegis_records_already_chained_total";
-pub const RECORDS_WRITTEN: &str = "aegis_records_written_total";
-pub const SAFETY_FLAGS: &str = "aegis_safety_flags_total";
-pub const SEGMENTS_WRITTEN: &str = "aegis_segments_written_total";
-pub const SEGMENT_BYTES: &str = "aegis_segment_bytes_total";
-pub const INDEX_ITEMS: &str = "aegis_index_items_written_total";
-pub const DECISION_CONFLICTS: &str = "aegis_decision_conflicts_total";
-pub const DIGESTS_WRITTEN: &str = "aegis_digests_written_total";
-pub const DIGEST_SEQ: &str = "aegis_digest_seq";
-pub const DIGEST_INTERVAL: &str = "aegis_digest_interval_seconds";
-pub const FLUSH_SECONDS: &str = "aegis_flush_duration_seconds";
-pub const COMMIT_SECONDS: &str = "aegis_commit_duration_seconds";
-pub const COMMITS: &str = "aegis_offset_commits_total";
-pub const COMMIT_FAILURES: &str = "aegis_offset_commit_failures_total";
-pub const BACKEND_ERRORS: &str = "aegis_backend_errors_total";
-pub const BACKEND_UP: &str = "aegis_backend_up";
-pub const CHAIN_HEAD_OFFSET: &str = "aegis_chain_head_offset";
-pub const COMMITTED_OFFSET: &str = "aegis_committed_offset";
-pub const PARTITIONS_ASSIGNED: &str = "aegis_partitions_assigned";
-pub const PARTITIONS_PAUSED: &str = "aegis_partitions_paused";
-pub const PARTITIONS_STOPPED: &str = "aegis_partitions_stopped";
-pub const FENCE_LOST: &str = "aegis_fence_lost_total";
-pub const KAFKA_ERRORS: &str = "aegis_kafka_errors_total";
-pub const OFFSETS_MISSING: &str = "aegis_offsets_missing_in_kafka_total";
-pub const REBALANCES: &str = "aegis_rebalances_total";
-pub const QUEUED_BYTES: &str = "aegis_queued_bytes";
-pub const QUEUE_LIMIT_BYTES: &str = "aegis_queue_limit_bytes";
+/// Defines each metric's name constant and lists it, with its kind and help text, in
+/// [`CATALOGUE`]: one entry per metric, so a new one cannot be left out of `# HELP` or the docs test.
+macro_rules! metric_catalogue {
+    ($($constant:ident = $kind:ident $name:literal: $help:literal;)*) => {
+        $(pub const $constant: &str = $name;)*
+        /// Every metric the service exports: name, kind, help.
+        pub const CATALOGUE: &[(&str, Kind, &str)] = &[$(($name, Kind::$kind, $help)),*];
+    };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+metric_catalogue! {
+    RECORDS_CONSUMED = Counter "aegis_records_consumed_total": "Records read from Kafka and decoded, per partition.";
+    RECORDS_REJECTED = Counter "aegis_records_rejected_total": "Records that failed decoding or validation, by partition and reason code.";
+    RECORDS_DEAD_LETTERED = Counter "aegis_records_dead_lettered_total": "Rejected records written to the dead-letter topic and quarantine, per partition.";
+    CONSUMER_LAG = Gauge "aegis_consumer_lag": "Last stable offset minus the committed offset, per partition (librdkafka statistics).";
+    RECORDS_SKIPPED = Counter "aegis_records_already_chained_total": "Records re-read at or below the chain head and skipped, per partition.";
+    RECORDS_WRITTEN = Counter "aegis_records_written_total": "Records durable in S3 and the index, per partition.";
+    SAFETY_FLAGS = Counter "aegis_safety_flags_total": "Safety-flag events consumed, by environment and severity.";
+    SEGMENTS_WRITTEN = Counter "aegis_segments_written_total": "Parquet segments written to S3.";
+    SEGMENT_BYTES = Counter "aegis_segment_bytes_total": "Bytes of Parquet segments written to S3.";
+    INDEX_ITEMS = Counter "aegis_index_items_written_total": "DynamoDB index items written.";
+    DECISION_CONFLICTS = Counter "aegis_decision_conflicts_total": "Decision ids met again with other content by the index.";
+    DIGESTS_WRITTEN = Counter "aegis_digests_written_total": "Signed chain digests written.";
+    DIGEST_SEQ = Gauge "aegis_digest_seq": "Sequence number of the newest digest, per partition.";
+    DIGEST_INTERVAL = Gauge "aegis_digest_interval_seconds": "Configured digest interval in seconds (0: digests off).";
+    FLUSH_SECONDS = Histogram "aegis_flush_duration_seconds": "Time to make a flush durable: encode, S3, index and chain head.";
+    COMMIT_SECONDS = Histogram "aegis_commit_duration_seconds": "Time to commit offsets to Kafka.";
+    COMMITS = Counter "aegis_offset_commits_total": "Offset commits to Kafka.";
+    COMMIT_FAILURES = Counter "aegis_offset_commit_failures_total": "Offset commits Kafka refused or failed (the trail is unaffected).";
+    BACKEND_ERRORS = Counter "aegis_backend_errors_total": "Backend operation failures, by backend and kind.";
+    BACKEND_UP = Gauge "aegis_backend_up": "1 when no backend operation is failing, 0 during a failure streak.";
+    CHAIN_HEAD_OFFSET = Gauge "aegis_chain_head_offset": "Offset of the newest durable chain entry, per partition.";
+    COMMITTED_OFFSET = Gauge "aegis_committed_offset": "Offset last committed to Kafka (the next one to read), per partition.";
+    PARTITIONS_ASSIGNED = Gauge "aegis_partitions_assigned": "Partitions assigned to this instance.";
+    PARTITIONS_PAUSED = Gauge "aegis_partitions_paused": "Partitions paused because their worker is stalled (a flush retrying a backend).";
+    PARTITIONS_STOPPED = Gauge "aegis_partitions_stopped": "Partitions whose worker stopped; operator action needed.";
+    FENCE_LOST = Counter "aegis_fence_lost_total": "Workers stopped because another owner holds their chain head.";
+    KAFKA_ERRORS = Counter "aegis_kafka_errors_total": "Consumer-side Kafka errors, by kind.";
+    OFFSETS_MISSING = Counter "aegis_offsets_missing_in_kafka_total": "Offsets Kafka did not deliver (markers, compaction, retention), per partition.";
+    REBALANCES = Counter "aegis_rebalances_total": "Partition assignments received.";
+    QUEUED_BYTES = Gauge "aegis_queued_bytes": "Bytes of records queued for the workers, by state (flowing, paused).";
+    QUEUE_LIMIT_BYTES = Gauge "aegis_queue_limit_bytes": "Bytes the flowing queues may hold now.";
+}
 
 /// Process-wide readiness inputs.
 struct Health {
@@ -249,6 +268,13 @@ pub fn install() -> PrometheusHandle {
             let handle = recorder.handle();
             // Another recorder may exist in tests; ours still renders what it was given.
             let _ = metrics::set_global_recorder(recorder);
+            for &(name, kind, help) in CATALOGUE {
+                match kind {
+                    Kind::Counter => metrics::describe_counter!(name, help),
+                    Kind::Gauge => metrics::describe_gauge!(name, help),
+                    Kind::Histogram => metrics::describe_histogram!(name, help),
+                }
+            }
             gauge!(BACKEND_UP).set(1.0);
             handle
         })
@@ -284,48 +310,14 @@ pub async fn serve(
 mod tests {
     use super::*;
 
-    /// Every metric the service exports (the constants above).
-    const EXPORTED: &[&str] = &[
-        RECORDS_CONSUMED,
-        RECORDS_REJECTED,
-        RECORDS_DEAD_LETTERED,
-        CONSUMER_LAG,
-        RECORDS_SKIPPED,
-        RECORDS_WRITTEN,
-        SAFETY_FLAGS,
-        SEGMENTS_WRITTEN,
-        SEGMENT_BYTES,
-        INDEX_ITEMS,
-        DECISION_CONFLICTS,
-        DIGESTS_WRITTEN,
-        DIGEST_SEQ,
-        DIGEST_INTERVAL,
-        FLUSH_SECONDS,
-        COMMIT_SECONDS,
-        COMMITS,
-        COMMIT_FAILURES,
-        BACKEND_ERRORS,
-        BACKEND_UP,
-        CHAIN_HEAD_OFFSET,
-        COMMITTED_OFFSET,
-        PARTITIONS_ASSIGNED,
-        PARTITIONS_PAUSED,
-        PARTITIONS_STOPPED,
-        FENCE_LOST,
-        KAFKA_ERRORS,
-        OFFSETS_MISSING,
-        REBALANCES,
-        QUEUED_BYTES,
-        QUEUE_LIMIT_BYTES,
-    ];
-
     /// A renamed metric must not leave an alert that never fires, a panel that stays empty or a
     /// runbook step that points at nothing.
     #[test]
     fn alerts_dashboard_and_docs_name_only_exported_metrics() {
-        let histogram_series = [FLUSH_SECONDS, COMMIT_SECONDS]
+        let histogram_series = CATALOGUE
             .iter()
-            .flat_map(|h| ["_bucket", "_count", "_sum"].map(|suffix| format!("{h}{suffix}")))
+            .filter(|(_, kind, _)| *kind == Kind::Histogram)
+            .flat_map(|(h, ..)| ["_bucket", "_count", "_sum"].map(|suffix| format!("{h}{suffix}")))
             .collect::<Vec<_>>();
         for (file, text) in [
             ("ops/prometheus/alerts.yml", include_str!("../ops/prometheus/alerts.yml")),
@@ -347,11 +339,23 @@ mod tests {
                 }
                 named += 1;
                 assert!(
-                    EXPORTED.contains(&name.as_str()) || histogram_series.contains(&name),
+                    CATALOGUE.iter().any(|(exported, ..)| *exported == name) || histogram_series.contains(&name),
                     "{file} names {name}, which the service does not export"
                 );
             }
             assert!(named > 0, "{file}: no metric names found");
+        }
+    }
+
+    /// Operators read what a series means from the scrape itself.
+    #[test]
+    fn the_scrape_carries_help_for_what_it_exports() {
+        let handle = install();
+        consumer_lag(990_002, 0);
+        let scrape = handle.render();
+        for name in [BACKEND_UP, CONSUMER_LAG] {
+            let (_, _, help) = CATALOGUE.iter().find(|(n, ..)| *n == name).unwrap();
+            assert!(scrape.contains(&format!("# HELP {name} {help}\n")), "{name} has no help in:\n{scrape}");
         }
     }
 

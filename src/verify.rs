@@ -626,7 +626,8 @@ async fn check_partition(
     };
     // Coverage: every signed segment exists, every segment in the signed range is signed.
     let present: BTreeMap<&str, &SegmentName> = names.iter().map(|n| (n.key.as_str(), n)).collect();
-    let (pruned, anchor) = pruned_prefix(signed, &present, &options.topic, options.pruned_before, marker.as_ref());
+    let (pruned, anchor) =
+        pruned_prefix(signed, &present, prefix, &options.topic, options.pruned_before, marker.as_ref());
     report.pruned_segments += pruned.len();
     for (key, entry) in &signed.segments {
         if pruned.contains(key.as_str()) {
@@ -911,6 +912,7 @@ async fn check_partition(
 fn pruned_prefix(
     signed: &Signed,
     present: &BTreeMap<&str, &SegmentName>,
+    prefix: &str,
     topic: &str,
     cutoff: Option<chrono::NaiveDate>,
     marker: Option<&PruneMarker>,
@@ -930,7 +932,7 @@ fn pruned_prefix(
         }
         let gone = entries.iter().all(|e| {
             !present.contains_key(e.key.as_str())
-                && crate::tools::retention::key_date(&e.key).is_some_and(|d| d < cutoff)
+                && crate::tools::retention::key_date(prefix, &e.key).is_some_and(|d| d < cutoff)
         });
         if !gone {
             break;

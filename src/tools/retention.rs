@@ -53,10 +53,12 @@ pub fn prune_marker_key(prefix: &str, topic: &str, partition: i32) -> String {
     crate::segment::join_key(&[prefix, "_pruned", topic, &format!("p{partition:04}.json")])
 }
 
-/// The UTC date in a key's `year=/month=/day=` directories.
-pub fn key_date(key: &str) -> Option<NaiveDate> {
+/// The UTC date of a key in the trail under `prefix`, from the writer's `year=/month=/day=`
+/// directories only: a prefix such as `archive/year=1999` must not date every key 1999.
+pub fn key_date(prefix: &str, key: &str) -> Option<NaiveDate> {
+    let directory = crate::segment::trail_directory(prefix, key)?;
     let num = |name: &str| -> Option<u32> {
-        key.split('/').find_map(|part| part.strip_prefix(name)).and_then(|v| v.parse().ok())
+        directory.split('/').find_map(|part| part.strip_prefix(name)).and_then(|v| v.parse().ok())
     };
     NaiveDate::from_ymd_opt(num("year=")? as i32, num("month=")?, num("day=")?)
 }
@@ -98,7 +100,7 @@ pub async fn prune(
     for (partition, by_flush) in flushes {
         let mut pruning = true;
         for ((_, flush_last), names) in by_flush {
-            let expired = names.iter().all(|n| key_date(&n.key).is_some_and(|d| d < cutoff));
+            let expired = names.iter().all(|n| key_date(prefix, &n.key).is_some_and(|d| d < cutoff));
             if !(pruning && expired) {
                 pruning = false;
                 report.kept_objects += names.len();
@@ -256,10 +258,16 @@ mod tests {
     #[test]
     fn key_dates_come_from_hive_directories() {
         assert_eq!(
-            key_date("trail/quarantine/year=2024/month=02/day=29/t-p0000-1-2.parquet"),
+            key_date("trail", "trail/quarantine/year=2024/month=02/day=29/t-p0000-1-2.parquet"),
             NaiveDate::from_ymd_opt(2024, 2, 29)
         );
-        assert_eq!(key_date("trail/_digests/t/p0000/000000000001.digest"), None);
+        assert_eq!(key_date("trail", "trail/_digests/t/p0000/000000000001.digest"), None);
+        // A prefix that looks like a date directory does not date the keys under it.
+        let prefix = "archive/year=1999";
+        assert_eq!(
+            key_date(prefix, "archive/year=1999/year=2026/month=11/day=20/environment=prod/t-p0000-1-2.parquet"),
+            NaiveDate::from_ymd_opt(2026, 11, 20)
+        );
     }
 
     #[test]
