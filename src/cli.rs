@@ -151,7 +151,8 @@ pub enum Command {
     },
     /// Delete segments older than D days (whole flushes, oldest first, where Object Lock allows).
     Prune {
-        #[arg(long, value_name = "DAYS")]
+        /// Up to 100,000 (273 years).
+        #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(0..=100_000))]
         older_than: u32,
         #[arg(long)]
         dry_run: bool,
@@ -162,10 +163,23 @@ pub enum Command {
     Lifecycle {
         #[arg(long, default_value_t = 30)]
         standard_ia_after_days: u32,
+        /// Days after which segments move to `--archive-class`: at least 30 after STANDARD_IA.
         #[arg(long, default_value_t = 365)]
         glacier_after_days: u32,
-        #[arg(long, default_value_t = 1095)]
+        /// GLACIER and DEEP_ARCHIVE need a restore before `verify`, `prove` or `rebuild-index`
+        /// can read a segment; GLACIER_IR does not.
+        #[arg(long, value_enum, default_value_t = crate::tools::retention::ArchiveClass::Glacier)]
+        archive_class: crate::tools::retention::ArchiveClass,
+        /// At least `s3.object_lock_retention_days` when Object Lock is on.
+        #[arg(long, default_value_t = 1095, conflicts_with = "no_expiration")]
         expire_after_days: u32,
+        /// No expiration rule: `prune` does the deleting (it keeps `verify` whole; RUNBOOK).
+        #[arg(long)]
+        no_expiration: bool,
+        /// Delete noncurrent versions (overwritten or deleted objects) after N days. Off by
+        /// default: without Object Lock they are the evidence of a change.
+        #[arg(long, value_name = "DAYS")]
+        noncurrent_expire_days: Option<u32>,
     },
     /// Print the Athena CREATE EXTERNAL TABLE statement for the configured bucket and prefix.
     AthenaDdl {

@@ -159,12 +159,24 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
             let dynamo = DynamoStore::new(&sdk, &config.dynamodb);
             let members = group::members(&config, &group_id, &dynamo).await?;
+            if !*dry_run {
+                group::refuse_live_members(&group_id, &members, *force)?;
+            }
             let headless = group::headless_partitions(&config, &dynamo).await?;
-            let (dry_run, force) = (*dry_run, *force);
-            let plan = tokio::task::spawn_blocking(move || {
-                group::replay(&config, &group_id, &members, &headless, &target, dry_run, force)
+            let planning = (config.clone(), group_id.clone());
+            let mut plan = tokio::task::spawn_blocking(move || {
+                group::plan(&planning.0, &planning.1, &members, &headless, &target)
             })
             .await??;
+            if !*dry_run {
+                // Planning takes seconds of broker calls: a member that joined meanwhile would
+                // commit its flushes over the reset. Asked again just before the commit.
+                let members = group::members(&config, &group_id, &dynamo).await?;
+                group::refuse_live_members(&group_id, &members, *force)?;
+                plan.members = members;
+                let config = config.clone();
+                plan = tokio::task::spawn_blocking(move || group::apply(&config, &mut plan).map(|()| plan)).await??;
+            }
             if *json {
                 println!("{}", serde_json::to_string_pretty(&plan)?);
             } else {
@@ -220,17 +232,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 );
             }
         }
-        Command::Lifecycle { standard_ia_after_days, glacier_after_days, expire_after_days } => {
+        Command::Lifecycle {
+            standard_ia_after_days,
+            glacier_after_days,
+            archive_class,
+            expire_after_days,
+            no_expiration,
+            noncurrent_expire_days,
+        } => {
             let config = load(&cli)?;
             let l = retention::Lifecycle {
                 standard_ia_after_days: *standard_ia_after_days,
-                glacier_after_days: *glacier_after_days,
-                expire_after_days: *expire_after_days,
+                archive_after_days: *glacier_after_days,
+                archive_class: *archive_class,
+                expire_after_days: (!no_expiration).then_some(*expire_after_days),
+                noncurrent_expire_days: *noncurrent_expire_days,
             };
-            anyhow::ensure!(
-                l.standard_ia_after_days >= 30 && l.glacier_after_days > l.standard_ia_after_days && l.expire_after_days > l.glacier_after_days,
-                "lifecycle: need 30 <= --standard-ia-after-days < --glacier-after-days < --expire-after-days (S3's minimums)"
-            );
+            l.check(config.s3.object_lock_retention_days).map_err(|why| anyhow::anyhow!("lifecycle: {why}"))?;
             println!("{}", serde_json::to_string_pretty(&retention::lifecycle_json(&config.s3.prefix, l))?);
         }
         Command::AthenaDdl { database, table, projection_start_year } => {
@@ -301,8 +319,13 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
             listener.await?.with_context(|| format!("metrics.listen = {addr}: cannot listen"))?;
         }
     }
+    // Before the start-up checks, which may wait out an outage: a SIGTERM ends the wait.
+    spawn_signal_handler(shutdown.clone(), hard_stop.clone());
     let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
-    aegis_audit::preflight::check(&config, &sdk).await?;
+    if !aegis_audit::preflight::wait_for_backends(&config, &sdk, &shutdown).await? {
+        tracing::info!("stopped while waiting for the start-up checks");
+        return Ok(());
+    }
     let dynamo = Arc::new(DynamoStore::new(&sdk, &config.dynamodb));
     let dead_letters: Option<Arc<dyn DeadLetterSink>> = match &config.kafka.dead_letter_topic {
         Some(topic) => Some(Arc::new(KafkaDeadLetters::new(&config, topic).context("kafka.dead_letter_topic")?)),
@@ -312,9 +335,23 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
     let signer = config.digest.signer()?.map(Arc::new);
     metrics::describe_run(signer.as_ref().map(|_| config.digest.interval_ms as f64 / 1000.0));
     match &signer {
-        Some(signer) => aegis_audit::digest::publish_public_key(objects.as_ref(), &config.s3.prefix, signer)
+        Some(signer) => {
+            // Retried as a flush is: S3 may still be coming back.
+            let publish = || aegis_audit::digest::publish_public_key(objects.as_ref(), &config.s3.prefix, signer);
+            match aegis_audit::retry::retry(
+                "digest public key",
+                &config.retry,
+                &shutdown,
+                metrics::set_backend_up,
+                publish,
+            )
             .await
-            .context("publishing the digest public key")?,
+            {
+                Ok(()) => {}
+                Err(aegis_audit::retry::RetryError::Cancelled { .. }) => return Ok(()),
+                Err(e) => return Err(e).context("publishing the digest public key"),
+            }
+        }
         None => tracing::warn!(
             "digest.signing_key(_file) not set: segments are hash-chained but no signed digests are written"
         ),
@@ -329,7 +366,6 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
     };
     let memory = aegis_audit::budget::MemoryBudget::new(config.segment.memory_budget_bytes);
     let sinks = Sinks { objects, index, heads: dynamo.clone(), dead_letters, signer, memory };
-    spawn_signal_handler(shutdown.clone(), hard_stop.clone());
     let member = spawn_heartbeat(dynamo.clone(), config.kafka.group_id.clone(), hard_stop.clone());
     let options = source::RunOptions { exit_when_idle };
     let result = source::run(config.clone(), sinks, options, shutdown, hard_stop.clone()).await;

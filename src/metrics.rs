@@ -68,6 +68,8 @@ metric_catalogue! {
 
 /// Process-wide readiness inputs.
 struct Health {
+    /// The start-up check `run` is waiting on (a backend that does not answer), if any.
+    start_up_wait: std::sync::Mutex<Option<String>>,
     in_group: AtomicBool,
     failing_backends: AtomicI64,
     /// Partitions this process owns whose worker stopped: a set, so a partition that moves to
@@ -76,6 +78,7 @@ struct Health {
 }
 
 static HEALTH: Health = Health {
+    start_up_wait: std::sync::Mutex::new(None),
     in_group: AtomicBool::new(false),
     failing_backends: AtomicI64::new(0),
     stopped_partitions: std::sync::Mutex::new(std::collections::BTreeSet::new()),
@@ -83,6 +86,10 @@ static HEALTH: Health = Health {
 
 fn stopped_partitions() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<i32>> {
     HEALTH.stopped_partitions.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub fn set_start_up_wait(waiting_on: Option<String>) {
+    *HEALTH.start_up_wait.lock().unwrap_or_else(|e| e.into_inner()) = waiting_on;
 }
 
 pub fn set_in_group(joined: bool) {
@@ -121,6 +128,9 @@ pub fn partition_released(partition: i32) {
 }
 
 pub fn is_ready() -> Result<(), String> {
+    if let Some(waiting_on) = HEALTH.start_up_wait.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+        return Err(format!("start-up check waiting for a backend: {waiting_on}"));
+    }
     if !HEALTH.in_group.load(Ordering::SeqCst) {
         return Err("not (yet) a member of the consumer group".into());
     }

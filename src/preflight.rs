@@ -10,12 +10,42 @@ use crate::config::Config;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PreflightError {
+    /// Missing, refused or misconfigured: no wait changes it.
     #[error("{key}: {message}")]
     Resource { key: &'static str, message: String },
+    /// The backend did not answer, or answered "try again" (down, timing out, throttling, 5xx):
+    /// `run` waits and checks again instead of exiting into a crash loop.
+    #[error("{key}: {message}")]
+    Unreachable { key: &'static str, message: String },
+}
+
+impl PreflightError {
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, PreflightError::Unreachable { .. })
+    }
 }
 
 fn fail(key: &'static str, message: impl Into<String>) -> PreflightError {
     PreflightError::Resource { key, message: message.into() }
+}
+
+/// `key: message`, as [`fail`], but retryable when the SDK error is (by the sinks' rule).
+fn sdk_failure<E>(
+    key: &'static str,
+    backend: &'static str,
+    operation: &'static str,
+    target: &str,
+    message: String,
+    e: &aws_smithy_runtime_api::client::result::SdkError<E, aws_smithy_runtime_api::http::Response>,
+) -> PreflightError
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+{
+    if crate::sinks::classify_sdk_error(backend, operation, target, e).is_retryable() {
+        PreflightError::Unreachable { key, message }
+    } else {
+        fail(key, message)
+    }
 }
 
 fn describe<E: std::error::Error + 'static, R: std::fmt::Debug>(
@@ -27,6 +57,41 @@ fn describe<E: std::error::Error + 'static, R: std::fmt::Debug>(
             "cannot connect (is the endpoint right and up?)".to_string()
         }
         _ => aws_smithy_types::error::display::DisplayErrorContext(e).to_string(),
+    }
+}
+
+/// Runs [`check`] until it passes, fails for good, or `cancel` fires (`Ok(false)`). While a
+/// backend does not answer, the process stays up (`/healthz` 200) and not ready (`/readyz` 503,
+/// naming the check): a pod restarted during an outage waits for it to end, instead of exiting
+/// into a crash loop and a back-off that outlasts the outage.
+pub async fn wait_for_backends(
+    config: &Config,
+    sdk: &aws_config::SdkConfig,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<bool, PreflightError> {
+    let mut attempt = 0u32;
+    loop {
+        match check(config, sdk).await {
+            Ok(()) => {
+                if attempt > 0 {
+                    tracing::info!(attempts = attempt + 1, "start-up checks passed");
+                }
+                crate::metrics::set_start_up_wait(None);
+                return Ok(true);
+            }
+            Err(e) if e.is_retryable() => {
+                attempt += 1;
+                crate::metrics::set_start_up_wait(Some(e.to_string()));
+                if attempt == 1 || attempt % 10 == 0 {
+                    tracing::warn!(attempt, error = %e, "start-up check: a backend does not answer; retrying with backoff");
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(false),
+                    _ = tokio::time::sleep(crate::retry::backoff(&config.retry, attempt)) => {}
+                }
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -43,11 +108,15 @@ pub async fn check(config: &Config, sdk: &aws_config::SdkConfig) -> Result<(), P
                 format!("bucket {bucket:?} does not exist at {endpoint}; create it with `aegis-audit init`"),
             )
         } else {
-            fail("s3.endpoint_url", format!("bucket {bucket:?} at {endpoint}: {}", describe(&e)))
+            let message = format!("bucket {bucket:?} at {endpoint}: {}", describe(&e));
+            sdk_failure("s3.endpoint_url", "s3", "HeadBucket", bucket, message, &e)
         });
     }
     if let Some(days) = config.s3.object_lock_retention_days {
-        let enabled = crate::sinks::s3::object_lock_enabled(&s3, bucket).await;
+        let enabled = crate::sinks::s3::object_lock_state(&s3, bucket).await.map_err(|e| {
+            let message = format!("bucket {bucket:?} at {endpoint}: {}", describe(&e));
+            sdk_failure("s3.object_lock_retention_days", "s3", "GetObjectLockConfiguration", bucket, message, &e)
+        })?;
         if !enabled {
             return Err(fail(
                 "s3.object_lock_retention_days",
@@ -65,7 +134,8 @@ pub async fn check(config: &Config, sdk: &aws_config::SdkConfig) -> Result<(), P
             return Err(if missing {
                 fail(key, format!("table {table:?} does not exist at {endpoint}; create it with `aegis-audit init`"))
             } else {
-                fail("dynamodb.endpoint_url", format!("table {table:?} at {endpoint}: {}", describe(&e)))
+                let message = format!("table {table:?} at {endpoint}: {}", describe(&e));
+                sdk_failure("dynamodb.endpoint_url", "dynamodb", "DescribeTable", table, message, &e)
             });
         }
     }
@@ -82,7 +152,11 @@ async fn check_kafka(config: &Config) -> Result<(), PreflightError> {
         let consumer: BaseConsumer = cc.create().map_err(|e| fail("kafka.properties", e.to_string()))?;
         let metadata = consumer
             .fetch_metadata(None, Duration::from_secs(10))
-            .map_err(|e| fail("kafka.brokers", format!("cannot reach {brokers}: {e}")))?;
+            // Brokers down or unreachable: as likely an outage as a wrong address.
+            .map_err(|e| PreflightError::Unreachable {
+                key: "kafka.brokers",
+                message: format!("cannot reach {brokers}: {e}"),
+            })?;
         for (key, topic) in [("kafka.topic", topics.first()), ("kafka.dead_letter_topic", topics.get(1))] {
             let Some(topic) = topic else { continue };
             let found = metadata

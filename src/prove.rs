@@ -27,6 +27,7 @@ pub enum ProofError {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProofEntry {
     pub topic: String,
     pub partition: i32,
@@ -38,6 +39,7 @@ pub struct ProofEntry {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProofSegment {
     pub key: String,
     pub sha256: String,
@@ -47,6 +49,7 @@ pub struct ProofSegment {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProofDigest {
     pub key: String,
     /// The digest body exactly as signed.

@@ -323,6 +323,7 @@ pub async fn run(
             biased;
             _ = shutdown.cancelled() => break,
             Some(event) = events_rx.recv() => {
+                let revoked = matches!(event, RebalanceEvent::Revoked(_));
                 match event {
                     RebalanceEvent::Assigned(parts) => {
                         // An empty assignment (e.g. a dead member still holds everything) is not a start.
@@ -358,7 +359,9 @@ pub async fn run(
                         }
                     }
                 }
-                metrics::set_in_group(true);
+                // Everything revoked (a rebalance under way, or the session lost): out of the
+                // group until the next assignment, even an empty one, says otherwise.
+                metrics::set_in_group(!(revoked && workers.is_empty()));
                 metrics::assigned(workers.len());
             }
             Some(command) = cmd_rx.recv() => match command {

@@ -1424,6 +1424,16 @@ mod tests {
         let proof = crate::prove::prove(objects.as_ref(), "trail", TOPIC, "d-4", &located).await.unwrap();
         let public = signer().verifying_key();
         assert!(crate::prove::verify_proof(&proof, &public).unwrap().starts_with("proof OK"));
+        // A proof file is read whole: an extra field anywhere in it (an edit) is refused.
+        let mut text: serde_json::Value = serde_json::to_value(&proof).unwrap();
+        assert!(serde_json::from_value::<crate::prove::Proof>(text.clone()).is_ok());
+        for part in ["entry", "segment", "digest"] {
+            let mut edited = text.clone();
+            edited[part]["note"] = "added".into();
+            assert!(serde_json::from_value::<crate::prove::Proof>(edited).is_err(), "{part}");
+        }
+        text["note"] = "added".into();
+        assert!(serde_json::from_value::<crate::prove::Proof>(text).is_err());
         let mut forged = proof.clone();
         forged.entry.payload_base64 = base64::Engine::encode(
             &base64::engine::general_purpose::STANDARD,

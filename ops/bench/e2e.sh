@@ -6,8 +6,7 @@
 #                         [--marker-rate R (10)] [--marker-seconds S (30; 0 skips latency)]
 #                         [--modes s3-only,s3+dynamodb] [--keep]
 #
-# Uses target/release/aegis-audit when it exists, else target/debug/aegis-audit (build with
-# `cargo build --release` first for meaningful figures). Prints a summary table and writes the
+# Builds and runs the release binary (this tree's code). Prints a summary table and writes the
 # full report to ops/bench/results/e2e-<date>.json.
 set -euo pipefail
 

@@ -151,14 +151,29 @@ pub fn client(sdk: &aws_config::SdkConfig, config: &S3Config) -> aws_sdk_s3::Cli
 
 /// Whether `bucket` has Object Lock enabled (false when it cannot be read).
 pub async fn object_lock_enabled(client: &aws_sdk_s3::Client, bucket: &str) -> bool {
-    client
-        .get_object_lock_configuration()
-        .bucket(bucket)
-        .send()
-        .await
-        .ok()
-        .and_then(|o| o.object_lock_configuration)
-        .is_some_and(|c| c.object_lock_enabled == Some(aws_sdk_s3::types::ObjectLockEnabled::Enabled))
+    object_lock_state(client, bucket).await.unwrap_or(false)
+}
+
+/// Whether the bucket has Object Lock on; an error only when S3 did not answer for good (down,
+/// throttling, 5xx). A refusal, such as `ObjectLockConfigurationNotFoundError` for a bucket
+/// without a lock, is `Ok(false)`.
+pub async fn object_lock_state(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+) -> Result<
+    bool,
+    aws_sdk_s3::error::SdkError<
+        aws_sdk_s3::operation::get_object_lock_configuration::GetObjectLockConfigurationError,
+        aws_smithy_runtime_api::http::Response,
+    >,
+> {
+    match client.get_object_lock_configuration().bucket(bucket).send().await {
+        Ok(out) => Ok(out
+            .object_lock_configuration
+            .is_some_and(|c| c.object_lock_enabled == Some(aws_sdk_s3::types::ObjectLockEnabled::Enabled))),
+        Err(e) if classify_sdk_error(BACKEND, "GetObjectLockConfiguration", bucket, &e).is_retryable() => Err(e),
+        Err(_) => Ok(false),
+    }
 }
 
 fn content_type(key: &str) -> &'static str {

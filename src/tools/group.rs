@@ -28,6 +28,10 @@ pub enum GroupError {
     BadOffsets(String),
     #[error("--to-offsets names partition {0}, which the topic does not have")]
     UnknownPartition(i32),
+    #[error("--to-offsets names partition {0} more than once")]
+    RepeatedPartition(i32),
+    #[error("the broker's group list has no entry for group {0}")]
+    GroupNotListed(String),
     #[error("--to-offsets {partition}:{offset} is past the end of partition {partition} (its next offset is {end})")]
     PastTheEnd { partition: i32, offset: i64, end: i64 },
     #[error(transparent)]
@@ -80,15 +84,14 @@ pub fn committed(client: &BaseConsumer, topic: &str, partitions: &[i32]) -> Resu
         .collect())
 }
 
-/// Live members of the group (client ids and hosts).
+/// Live members of the group (client ids and hosts). A group the broker does not list is not
+/// known to be empty (librdkafka can answer Ok after one broker's failed reply): an error, so
+/// the caller falls back to the heartbeats.
 pub fn live_members(client: &BaseConsumer, group: &str) -> Result<Vec<String>, GroupError> {
     let list = client.fetch_group_list(Some(group), TIMEOUT).map_err(kafka(format!("describe group {group}")))?;
-    Ok(list
-        .groups()
-        .iter()
-        .filter(|g| g.name() == group)
-        .flat_map(|g| g.members().iter().map(|m| format!("{}@{}", m.client_id(), m.client_host())))
-        .collect())
+    let described =
+        list.groups().iter().find(|g| g.name() == group).ok_or_else(|| GroupError::GroupNotListed(group.into()))?;
+    Ok(described.members().iter().map(|m| format!("{}@{}", m.client_id(), m.client_host())).collect())
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -228,7 +231,8 @@ pub enum ReplayTarget {
 }
 
 pub fn parse_offsets(text: &str) -> Result<Vec<(i32, i64)>, GroupError> {
-    text.split(',')
+    let pairs: Vec<(i32, i64)> = text
+        .split(',')
         .map(|pair| {
             let (p, o) = pair.trim().split_once(':').ok_or_else(|| GroupError::BadOffsets(text.into()))?;
             let p: i32 = p.parse().map_err(|_| GroupError::BadOffsets(text.into()))?;
@@ -238,7 +242,12 @@ pub fn parse_offsets(text: &str) -> Result<Vec<(i32, i64)>, GroupError> {
             }
             Ok((p, o))
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some(&(p, _)) = pairs.iter().find(|(p, _)| !seen.insert(*p)) {
+        return Err(GroupError::RepeatedPartition(p));
+    }
+    Ok(pairs)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -289,24 +298,28 @@ pub async fn headless_partitions(
         .collect())
 }
 
-/// Computes the plan and, unless `dry_run`, commits the targets for the group. `members` are
-/// the group's live members (see [`members`]); `headless` the partitions whose start is fixed
-/// (see [`headless_partitions`]).
-pub fn replay(
+/// Refuses a reset while the group has live members, unless forced: a running consumer would
+/// commit over it.
+pub fn refuse_live_members(group: &str, members: &[String], force: bool) -> Result<(), GroupError> {
+    if members.is_empty() || force {
+        return Ok(());
+    }
+    Err(GroupError::LiveMembers { group: group.into(), count: members.len(), members: members.join(", ") })
+}
+
+/// Computes the plan (nothing is changed; [`apply`] commits it). `members` are the group's live
+/// members (see [`members`]); `headless` the partitions whose start is fixed (see
+/// [`headless_partitions`]).
+pub fn plan(
     config: &Config,
     group: &str,
     members: &[String],
     headless: &BTreeMap<i32, Option<i64>>,
     target: &ReplayTarget,
-    dry_run: bool,
-    force: bool,
 ) -> Result<ReplayPlan, GroupError> {
     let topic = &config.kafka.topic;
     let client = group_client(config, group)?;
     let ids = partitions(&client, topic)?;
-    if !members.is_empty() && !force && !dry_run {
-        return Err(GroupError::LiveMembers { group: group.into(), count: members.len(), members: members.join(", ") });
-    }
     let current = committed(&client, topic, &ids)?;
     let mut steps = Vec::new();
     let targets: Vec<(i32, i64)> = match target {
@@ -357,22 +370,31 @@ pub fn replay(
                 first,
                 Some(format!("the chain's first flush was interrupted: from its first offset ({first}), not {asked}")),
             ),
-            _ => (asked.max(low), None),
+            _ if asked < low => (
+                low,
+                Some(format!(
+                    "{asked} is before the start of the log (retention): from {low}, the first offset Kafka has"
+                )),
+            ),
+            _ => (asked, None),
         };
         let to_reprocess = (cur.unwrap_or(high) - target).max(0);
         steps.push(ReplayStep { partition, current: cur, target, to_reprocess, note });
     }
-    let mut applied = false;
-    if !dry_run {
-        let mut tpl = TopicPartitionList::new();
-        for step in &steps {
-            tpl.add_partition_offset(topic, step.partition, Offset::Offset(step.target))
-                .map_err(kafka("commit new offsets"))?;
-        }
-        client.commit(&tpl, CommitMode::Sync).map_err(kafka(format!("commit offsets for group {group}")))?;
-        applied = true;
+    Ok(ReplayPlan { group: group.into(), topic: topic.clone(), members: members.to_vec(), steps, applied: false })
+}
+
+/// Commits the plan's targets for its group.
+pub fn apply(config: &Config, plan: &mut ReplayPlan) -> Result<(), GroupError> {
+    let client = group_client(config, &plan.group)?;
+    let mut tpl = TopicPartitionList::new();
+    for step in &plan.steps {
+        tpl.add_partition_offset(&plan.topic, step.partition, Offset::Offset(step.target))
+            .map_err(kafka("commit new offsets"))?;
     }
-    Ok(ReplayPlan { group: group.into(), topic: topic.clone(), members: members.to_vec(), steps, applied })
+    client.commit(&tpl, CommitMode::Sync).map_err(kafka(format!("commit offsets for group {}", plan.group)))?;
+    plan.applied = true;
+    Ok(())
 }
 
 pub fn render_plan(plan: &ReplayPlan) -> String {
@@ -413,7 +435,7 @@ mod tests {
     #[test]
     fn offsets_parse_or_name_the_flag() {
         assert_eq!(parse_offsets("0:100, 3:42").unwrap(), vec![(0, 100), (3, 42)]);
-        for bad in ["0", "a:1", "0:-1", "0:1,"] {
+        for bad in ["0", "a:1", "0:-1", "0:1,", "0:5,1:2,0:7"] {
             assert!(parse_offsets(bad).unwrap_err().to_string().contains("--to-offsets"), "{bad}");
         }
     }

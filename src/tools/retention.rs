@@ -98,53 +98,77 @@ pub async fn prune(
     }
     let now = DateTime::from(std::time::SystemTime::now());
     for (partition, by_flush) in flushes {
+        // The newest flush may still be being written (pruning part of it would split it), and
+        // it holds the entry the chain table's head names: it is kept, whatever its date.
+        let newest = by_flush.keys().next_back().copied();
+        let mut doomed: Vec<DoomedFlush> = Vec::new();
         let mut pruning = true;
-        for ((_, flush_last), names) in by_flush {
+        for (flush, names) in by_flush {
             let expired = names.iter().all(|n| key_date(prefix, &n.key).is_some_and(|d| d < cutoff));
-            if !(pruning && expired) {
+            if !(pruning && expired) || Some(flush) == newest {
                 pruning = false;
                 report.kept_objects += names.len();
                 continue;
             }
-            // Check every object of the flush before deleting any, so a flush is never split.
+            // Every version of every object of the flush is checked before anything is deleted,
+            // so a flush is never split by a lock met halfway through its deletes.
             let mut locked = Vec::new();
             let mut last_hash = None;
-            for name in &names {
-                let head = client
-                    .head_object()
-                    .bucket(bucket)
-                    .key(&name.key)
-                    .send()
-                    .await
-                    .map_err(|e| classify_sdk_error(BACKEND, "HeadObject", &name.key, &e))?;
-                if let Some(until) = head.object_lock_retain_until_date().filter(|u| u.secs() > now.secs()) {
-                    locked.push((name.key.clone(), until.to_string()));
-                } else if head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On) {
-                    // Evidence kept for an incident (RUNBOOK, Safety flags): no delete may touch it.
-                    locked.push((name.key.clone(), "legal hold".to_string()));
+            let mut objects = Vec::new();
+            for name in names {
+                let versions = list_versions(client, bucket, &name.key).await?;
+                for version in versions.iter().filter(|v| !v.delete_marker) {
+                    let head = client
+                        .head_object()
+                        .bucket(bucket)
+                        .key(&name.key)
+                        .set_version_id(version.id.clone())
+                        .send()
+                        .await
+                        .map_err(|e| classify_sdk_error(BACKEND, "HeadObject", &name.key, &e))?;
+                    let which = match (&version.id, version.latest) {
+                        (Some(id), false) => format!(" (noncurrent version {id})"),
+                        _ => String::new(),
+                    };
+                    if let Some(until) = head.object_lock_retain_until_date().filter(|u| u.secs() > now.secs()) {
+                        locked.push((name.key.clone(), format!("{until}{which}")));
+                    } else if head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On) {
+                        // Evidence kept for an incident (RUNBOOK, Safety flags): no delete may touch it.
+                        locked.push((name.key.clone(), format!("legal hold{which}")));
+                    }
+                    // The object holding the flush's last row knows the entry the next flush
+                    // links to: the current version's word, else the newest one's.
+                    let metadata = head.metadata();
+                    let value = |key: &str| metadata.and_then(|m| m.get(key));
+                    if value(crate::sinks::LAST_OFFSET_METADATA) == Some(&flush.1.to_string())
+                        && (version.latest || last_hash.is_none())
+                    {
+                        last_hash = value(crate::sinks::LAST_ENTRY_HASH_METADATA).cloned();
+                    }
                 }
-                // The object holding the flush's last row knows the entry the next flush links to.
-                let metadata = head.metadata();
-                let value = |key: &str| metadata.and_then(|m| m.get(key));
-                if value(crate::sinks::LAST_OFFSET_METADATA) == Some(&flush_last.to_string()) {
-                    last_hash = value(crate::sinks::LAST_ENTRY_HASH_METADATA).cloned();
-                }
+                objects.push((name.key, versions));
             }
             if !locked.is_empty() {
                 report.locked.extend(locked);
-                report.kept_objects += names.len();
+                report.kept_objects += objects.len();
                 pruning = false;
                 continue;
             }
-            // The marker first: a prune stopped midway (an error, Ctrl-C) then leaves a marker one
-            // flush ahead, which the next run (it deletes that flush again) makes true, never a
-            // deleted flush without one.
-            if let (false, Some(last_entry_hash)) = (dry_run, last_hash) {
+            doomed.push(DoomedFlush { last_offset: flush.1, last_hash, objects });
+        }
+        if !dry_run {
+            // One marker, for the last flush to go, before any delete: a prune stopped midway (an
+            // error, Ctrl-C) leaves it ahead of what is gone, which the next run makes true, never
+            // a deleted flush without one. One write per partition, not per flush: in a locked
+            // bucket each write is a version no one can delete until its retention ends.
+            if let Some((last_offset, last_entry_hash)) =
+                doomed.iter().rev().find_map(|f| Some((f.last_offset, f.last_hash.clone()?)))
+            {
                 let marker = PruneMarker {
                     format: PRUNE_MARKER_FORMAT.into(),
                     topic: topic.into(),
                     partition,
-                    last_offset: flush_last,
+                    last_offset,
                     last_entry_hash,
                     cutoff,
                     pruned_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -153,54 +177,84 @@ pub async fn prune(
                 let body = serde_json::to_vec_pretty(&marker).expect("a marker serialises");
                 // Through the store: the bucket's encryption and Object Lock settings apply.
                 store.put(&key, body.into(), &BTreeMap::new()).await?;
-                if !report.markers.contains(&key) {
-                    report.markers.push(key);
-                }
+                report.markers.push(key);
             }
-            for name in names {
-                if !dry_run {
-                    delete_all_versions(client, bucket, &name.key).await?;
-                }
-                report.deleted.push(name.key);
+        }
+        for (key, versions) in doomed.into_iter().flat_map(|f| f.objects) {
+            if !dry_run {
+                delete_versions(client, bucket, &key, &versions).await?;
             }
+            report.deleted.push(key);
         }
     }
     Ok(report)
 }
 
-/// Removes every version and delete marker of `key` (a plain delete in a versioned bucket only
-/// hides it).
-async fn delete_all_versions(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Result<(), SinkError> {
-    let versions = client
-        .list_object_versions()
-        .bucket(bucket)
-        .prefix(key)
-        .send()
-        .await
-        .map_err(|e| classify_sdk_error(BACKEND, "ListObjectVersions", key, &e))?;
-    let mut ids: Vec<Option<String>> = versions
-        .versions()
-        .iter()
-        .filter(|v| v.key() == Some(key))
-        .map(|v| v.version_id().map(str::to_string))
-        .chain(
-            versions
-                .delete_markers()
-                .iter()
-                .filter(|m| m.key() == Some(key))
-                .map(|m| m.version_id().map(str::to_string)),
-        )
-        .collect();
-    if ids.is_empty() {
-        ids.push(None); // unversioned bucket
+/// A flush `prune` deletes: its objects with the versions found when it was checked.
+struct DoomedFlush {
+    last_offset: i64,
+    last_hash: Option<String>,
+    objects: Vec<(String, Vec<Version>)>,
+}
+
+/// One version or delete marker of a key. `id` is `None` in a bucket that never had versioning.
+struct Version {
+    id: Option<String>,
+    latest: bool,
+    delete_marker: bool,
+}
+
+/// Every version and delete marker of `key` (a plain delete in a versioned bucket only hides it).
+async fn list_versions(client: &aws_sdk_s3::Client, bucket: &str, key: &str) -> Result<Vec<Version>, SinkError> {
+    let mut found = Vec::new();
+    let (mut key_marker, mut version_marker) = (None, None);
+    loop {
+        let page = client
+            .list_object_versions()
+            .bucket(bucket)
+            .prefix(key)
+            .set_key_marker(key_marker.take())
+            .set_version_id_marker(version_marker.take())
+            .send()
+            .await
+            .map_err(|e| classify_sdk_error(BACKEND, "ListObjectVersions", key, &e))?;
+        for v in page.versions().iter().filter(|v| v.key() == Some(key)) {
+            let id = v.version_id().map(str::to_string);
+            found.push(Version { id, latest: v.is_latest().unwrap_or(false), delete_marker: false });
+        }
+        for m in page.delete_markers().iter().filter(|m| m.key() == Some(key)) {
+            let id = m.version_id().map(str::to_string);
+            found.push(Version { id, latest: m.is_latest().unwrap_or(false), delete_marker: true });
+        }
+        if page.is_truncated() != Some(true) {
+            break;
+        }
+        key_marker = page.next_key_marker().map(str::to_string);
+        version_marker = page.next_version_id_marker().map(str::to_string);
+        if key_marker.is_none() {
+            break;
+        }
     }
-    for id in ids {
+    if found.is_empty() {
+        // A bucket that does not list versions: the object itself.
+        found.push(Version { id: None, latest: true, delete_marker: false });
+    }
+    Ok(found)
+}
+
+async fn delete_versions(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    versions: &[Version],
+) -> Result<(), SinkError> {
+    for version in versions {
         client
             .delete_object()
             .bucket(bucket)
             .key(key)
             // "null" is a real id: the version written while versioning was off or suspended.
-            .set_version_id(id)
+            .set_version_id(version.id.clone())
             .send()
             .await
             .map_err(|e| classify_sdk_error(BACKEND, "DeleteObject", key, &e))?;
@@ -208,45 +262,126 @@ async fn delete_all_versions(client: &aws_sdk_s3::Client, bucket: &str, key: &st
     Ok(())
 }
 
-/// Lifecycle transitions and expiry, in days after an object's creation.
+/// Storage classes segments can be archived to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ArchiveClass {
+    /// Glacier Flexible Retrieval: a restore before any read.
+    #[value(name = "GLACIER")]
+    Glacier,
+    /// Glacier Instant Retrieval: read as any object, so `verify` keeps reading old segments.
+    #[value(name = "GLACIER_IR")]
+    GlacierIr,
+    /// Deep Archive: a restore (hours) before any read.
+    #[value(name = "DEEP_ARCHIVE")]
+    DeepArchive,
+}
+
+impl ArchiveClass {
+    pub fn storage_class(self) -> &'static str {
+        match self {
+            ArchiveClass::Glacier => "GLACIER",
+            ArchiveClass::GlacierIr => "GLACIER_IR",
+            ArchiveClass::DeepArchive => "DEEP_ARCHIVE",
+        }
+    }
+}
+
+/// What `aegis-audit lifecycle` prints: segments to STANDARD_IA, then to an archive class, then
+/// (unless `prune` does the deleting) expired.
 #[derive(Debug, Clone, Copy)]
 pub struct Lifecycle {
     pub standard_ia_after_days: u32,
-    pub glacier_after_days: u32,
-    pub expire_after_days: u32,
+    pub archive_after_days: u32,
+    pub archive_class: ArchiveClass,
+    pub expire_after_days: Option<u32>,
+    pub noncurrent_expire_days: Option<u32>,
 }
 
 impl Default for Lifecycle {
     fn default() -> Self {
-        Self { standard_ia_after_days: 30, glacier_after_days: 365, expire_after_days: 3 * 365 }
+        Self {
+            standard_ia_after_days: 30,
+            archive_after_days: 365,
+            archive_class: ArchiveClass::Glacier,
+            expire_after_days: Some(3 * 365),
+            noncurrent_expire_days: None,
+        }
+    }
+}
+
+impl Lifecycle {
+    /// S3's rules for these transitions (an object stays at least 30 days in STANDARD_IA before
+    /// it moves on), and expiry no sooner than Object Lock's retention: an expiry inside it
+    /// hides segments that are still locked (a delete marker on top), and `verify` and `prove`
+    /// fail on them.
+    pub fn check(&self, object_lock_retention_days: Option<u32>) -> Result<(), String> {
+        if self.standard_ia_after_days < 30 {
+            return Err("--standard-ia-after-days must be at least 30 (S3's minimum for STANDARD_IA)".into());
+        }
+        if self.archive_after_days < self.standard_ia_after_days.saturating_add(30) {
+            return Err(format!(
+                "--glacier-after-days must be at least 30 more than --standard-ia-after-days ({}): S3 keeps an \
+                 object 30 days in STANDARD_IA before it moves on",
+                self.standard_ia_after_days
+            ));
+        }
+        if let Some(expire) = self.expire_after_days {
+            if expire <= self.archive_after_days {
+                return Err(format!(
+                    "--expire-after-days must be more than --glacier-after-days ({})",
+                    self.archive_after_days
+                ));
+            }
+            if let Some(retention) = object_lock_retention_days.filter(|&r| expire < r) {
+                return Err(format!(
+                    "--expire-after-days {expire} is shorter than s3.object_lock_retention_days ({retention}): expiry \
+                     would hide segments still locked. Raise it, or use --no-expiration and prune"
+                ));
+            }
+        }
+        if self.noncurrent_expire_days == Some(0) {
+            return Err("--noncurrent-expire-days must be at least 1".into());
+        }
+        Ok(())
     }
 }
 
 /// `aws s3api put-bucket-lifecycle-configuration --bucket B --lifecycle-configuration file://…`
 ///
 /// Only segments (the trail and quarantine) are tiered and expired. Digests and public keys
-/// stay in STANDARD forever: they are tiny, and `verify` must read every one of them.
+/// stay in STANDARD forever: they are tiny, and `verify` must read every one of them. The rule
+/// IDs name the prefix, so the rules of several trails in one bucket can be merged into the one
+/// configuration S3 keeps per bucket.
 pub fn lifecycle_json(prefix: &str, l: Lifecycle) -> serde_json::Value {
     let base = crate::segment::dir_prefix(&[prefix]);
-    let rule = |id: &str, filter: String| {
-        serde_json::json!({
-            "ID": id,
+    let trail = crate::segment::join_key(&[prefix]);
+    let rule = |what: &str, filter: String| {
+        let mut rule = serde_json::json!({
+            "ID": format!("aegis-audit {what} under '{trail}'"),
             "Filter": { "Prefix": filter },
             "Status": "Enabled",
             "Transitions": [
                 { "Days": l.standard_ia_after_days, "StorageClass": "STANDARD_IA" },
-                { "Days": l.glacier_after_days, "StorageClass": "GLACIER" }
+                { "Days": l.archive_after_days, "StorageClass": l.archive_class.storage_class() }
             ],
-            // Object Lock blocks expiry of retained versions until their retention ends.
-            "Expiration": { "Days": l.expire_after_days },
-            "NoncurrentVersionExpiration": { "NoncurrentDays": 30 },
             "AbortIncompleteMultipartUpload": { "DaysAfterInitiation": 7 }
-        })
+        });
+        // In a versioned bucket, expiry adds a delete marker; Object Lock keeps the locked
+        // version (now noncurrent) until its retention ends.
+        if let Some(days) = l.expire_after_days {
+            rule["Expiration"] = serde_json::json!({ "Days": days });
+        }
+        if let Some(days) = l.noncurrent_expire_days {
+            rule["NoncurrentVersionExpiration"] = serde_json::json!({ "NoncurrentDays": days });
+        }
+        rule
     };
     serde_json::json!({
         "Rules": [
-            rule("aegis-audit-segments", format!("{base}year=")),
-            rule("aegis-audit-quarantine", format!("{base}quarantine/")),
+            rule("segments", format!("{base}year=")),
+            // `quarantine/year=`, not `quarantine/`: a trail whose prefix ends in `quarantine`
+            // would otherwise be another's.
+            rule("quarantine", format!("{base}quarantine/year=")),
         ]
     })
 }
@@ -275,16 +410,46 @@ mod tests {
         let json = lifecycle_json("trail", Lifecycle::default());
         let rule = &json["Rules"][0];
         assert_eq!(rule["Filter"]["Prefix"], "trail/year=");
-        assert_eq!(json["Rules"][1]["Filter"]["Prefix"], "trail/quarantine/");
+        assert_eq!(json["Rules"][1]["Filter"]["Prefix"], "trail/quarantine/year=");
         assert_eq!(rule["Transitions"][0]["Days"], 30);
         assert_eq!(rule["Transitions"][1]["StorageClass"], "GLACIER");
+        assert_eq!(rule["Transitions"][1]["Days"], 365);
         assert_eq!(rule["Expiration"]["Days"], 1095);
+        assert!(rule.get("NoncurrentVersionExpiration").is_none(), "old versions are evidence");
+        assert_ne!(rule["ID"], lifecycle_json("trail/staging", Lifecycle::default())["Rules"][0]["ID"]);
+        assert_eq!(Lifecycle::default().check(None), Ok(()));
+    }
+
+    #[test]
+    fn lifecycle_refuses_what_s3_or_the_lock_would_not_allow() {
+        let with = |f: fn(&mut Lifecycle)| {
+            let mut l = Lifecycle::default();
+            f(&mut l);
+            l
+        };
+        let refused = |l: Lifecycle, retention: Option<u32>, naming: &str| {
+            let why = l.check(retention).unwrap_err();
+            assert!(why.contains(naming), "{why}");
+        };
+        refused(with(|l| l.standard_ia_after_days = 29), None, "--standard-ia-after-days");
+        refused(with(|l| l.archive_after_days = 59), None, "at least 30 more");
+        assert_eq!(with(|l| l.archive_after_days = 60).check(None), Ok(()));
+        refused(with(|l| l.expire_after_days = Some(365)), None, "--expire-after-days");
+        refused(Lifecycle::default(), Some(2555), "s3.object_lock_retention_days");
+        assert_eq!(with(|l| l.expire_after_days = Some(2555)).check(Some(2555)), Ok(()));
+        // Without expiry, the lock is prune's business.
+        let kept = with(|l| l.expire_after_days = None);
+        assert_eq!(kept.check(Some(2555)), Ok(()));
+        assert!(lifecycle_json("trail", kept)["Rules"][0].get("Expiration").is_none());
+        refused(with(|l| l.noncurrent_expire_days = Some(0)), None, "--noncurrent-expire-days");
+        let ir = lifecycle_json("trail", with(|l| l.archive_class = ArchiveClass::GlacierIr));
+        assert_eq!(ir["Rules"][1]["Transitions"][1]["StorageClass"], "GLACIER_IR");
     }
 
     #[test]
     fn lifecycle_rules_of_a_trail_at_the_bucket_root_match_its_keys() {
         let json = lifecycle_json("", Lifecycle::default());
         assert_eq!(json["Rules"][0]["Filter"]["Prefix"], "year=");
-        assert_eq!(json["Rules"][1]["Filter"]["Prefix"], "quarantine/");
+        assert_eq!(json["Rules"][1]["Filter"]["Prefix"], "quarantine/year=");
     }
 }

@@ -156,6 +156,41 @@ def test_broker_restart_mid_run_loses_and_duplicates_nothing(aegis, tmp_path):
     check_commits(aegis, delivered)
 
 
+def test_a_start_during_an_outage_waits_for_the_backends_instead_of_exiting(aegis, tmp_path):
+    """A pod restarted during an outage must not crash-loop (an exit per attempt, then a back-off
+    that outlasts the outage): `run` stays alive, not ready, naming the check it waits on, and
+    starts by itself when the broker, then S3 and DynamoDB, come back."""
+    aegis.init()
+    delivered = produce(aegis.topic, events(200, 7), partitions=4)
+    down = {"broker", "aws"}
+    stack("stop-broker")
+    stack("stop-aws")
+    consumer = None
+    try:
+        consumer = aegis.start("run")
+        wait_for(lambda: "kafka.brokers" in http(aegis, "/readyz")[1], timeout=60, what="/readyz to name the broker check")
+        status, body = http(aegis, "/readyz")
+        assert status == 503 and "start-up check waiting" in body, (status, body)
+        assert http(aegis, "/healthz")[0] == 200
+        stack("start-broker")
+        down.discard("broker")
+        wait_for(lambda: "s3.endpoint_url" in http(aegis, "/readyz")[1], timeout=90, what="/readyz to name the S3 check")
+        assert consumer.poll() is None, "run exited instead of waiting for S3"
+        assert http(aegis, "/healthz")[0] == 200
+        stack("start-aws")
+        down.discard("aws")
+        wait_for(lambda: trail_rows(aegis) == 200, timeout=120, interval=2, what="all rows once the backends are back")
+        wait_for(lambda: http(aegis, "/readyz")[0] == 200, timeout=60, what="ready")
+    finally:
+        for what in sorted(down):
+            stack(f"start-{what}")
+        if consumer is not None:
+            consumer.send_signal(signal.SIGTERM)
+            assert consumer.wait(timeout=60) == 0
+    check_trail(aegis, tmp_path, delivered)
+    check_commits(aegis, delivered)
+
+
 def test_repeated_sigkill_while_producing_leaves_no_gap_duplicate_or_fork(aegis, tmp_path):
     """Kill the consumer with SIGKILL at random moments (small, frequent flushes, so kills land
     between the intent, the S3 writes, the index writes, the head update and the commit) while a

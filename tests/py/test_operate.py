@@ -239,23 +239,51 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     locked_partitions = {partition_of(key) for key in before[:3]}
     held = next(k for k in report["deleted"] if partition_of(k) not in locked_partitions)
     trail.s3().put_object(Bucket=locked_aegis_bucket, Key=held, Body=b"x", ObjectLockLegalHoldStatus="ON")
+    # An older version locked under an unlocked current one: checked too, before any delete.
+    in_partition = lambda key, p: re.sub(r"-p\d{4,}-", f"-p{p:04d}-", key)
+    relocked = in_partition(report["deleted"][0], 43)
+    trail.s3().put_object(Bucket=locked_aegis_bucket, Key=relocked, Body=b"v1", ObjectLockMode="COMPLIANCE",
+                          ObjectLockRetainUntilDate=time.time() + 86400)
+    trail.s3().put_object(Bucket=locked_aegis_bucket, Key=relocked, Body=b"v2")
+    # A partition's newest flush is never pruned (it may still be being written): an expired,
+    # unlocked flush alone in its partition stays, and so does everything above with a newer
+    # flush after it.
+    lone = in_partition(report["deleted"][0], 42)
+    trail.s3().put_object(Bucket=locked_aegis_bucket, Key=lone, Body=b"x")
+    newer = {re.sub(r"-p\d{4,}-\d+-\d+\.parquet$", f"-p{int(p):04d}-{900000:020d}-{900001:020d}.parquet", after[0])
+             for p in locked_partitions | {partition_of(held), "0043"}}
+    for key in newer:
+        trail.s3().put_object(Bucket=locked_aegis_bucket, Key=key, Body=b"x")
     locked_report = json.loads(aegis.run("prune", "--older-than", "2", "--json", **locked).stdout)
     assert locked_report["deleted"] == []
     assert [held, "legal hold"] in locked_report["locked"], locked_report["locked"]
+    assert any(k == relocked and "noncurrent version" in why for k, why in locked_report["locked"]), locked_report
     # Pruning stops at a partition's first locked flush and names its objects: expired ones.
-    expired = (set(before[:3]) | {held}) & set(report["deleted"])
+    expired = (set(before[:3]) | {held}) & set(report["deleted"]) | {relocked}
     locked_keys = {key for key, _ in locked_report["locked"]}
     assert locked_keys and locked_keys <= expired, (locked_report, expired)
-    assert len(trail.list_keys(locked_aegis_bucket, "trail/")) == 4
+    assert lone not in locked_keys and not newer & locked_keys
+    assert len(trail.list_keys(locked_aegis_bucket, "trail/")) == 4 + 2 + len(newer)
 
     # lifecycle: the AWS CLI document, accepted by the S3 API.
     lifecycle = json.loads(aegis.run("lifecycle").stdout)
     rule = lifecycle["Rules"][0]
     assert [t["StorageClass"] for t in rule["Transitions"]] == ["STANDARD_IA", "GLACIER"]
     assert rule["Expiration"]["Days"] == 1095 and rule["Filter"]["Prefix"] == "trail/year="
-    assert lifecycle["Rules"][1]["Filter"]["Prefix"] == "trail/quarantine/", "digests are never tiered or expired"
+    assert lifecycle["Rules"][1]["Filter"]["Prefix"] == "trail/quarantine/year=", "digests are never tiered or expired"
+    assert "NoncurrentVersionExpiration" not in rule, "old versions are the evidence of a change"
     trail.s3().put_bucket_lifecycle_configuration(Bucket=aegis.bucket, LifecycleConfiguration=lifecycle)
     assert aegis.run("lifecycle", "--standard-ia-after-days", "10", check=False).returncode == 2
+    # S3 keeps an object 30 days in STANDARD_IA before it moves on.
+    refused = aegis.run("lifecycle", "--glacier-after-days", "59", check=False)
+    assert refused.returncode == 2 and "--glacier-after-days" in refused.stderr, refused.stderr
+    # Expiry inside Object Lock's retention would hide segments still locked.
+    long_lock = tmp_path / "long-lock.toml"
+    long_lock.write_text(text.replace("object_lock_retention_days = 1", "object_lock_retention_days = 2555"))
+    refused = aegis.run("lifecycle", check=False, AEGIS_CONFIG=str(long_lock))
+    assert refused.returncode == 2 and "s3.object_lock_retention_days" in refused.stderr, refused.stderr
+    kept = json.loads(aegis.run("lifecycle", "--no-expiration", "--archive-class", "GLACIER_IR", AEGIS_CONFIG=str(long_lock)).stdout)
+    assert all("Expiration" not in r and r["Transitions"][1]["StorageClass"] == "GLACIER_IR" for r in kept["Rules"]), kept
 
     ddl = aegis.run("athena-ddl").stdout
     assert f"s3://{aegis.bucket}/trail/" in ddl and "{{" not in ddl
@@ -348,7 +376,7 @@ def test_a_trail_at_the_bucket_root(aegis, tmp_path):
     assert snapshot_index(aegis.table) == index, rebuilt
 
     lifecycle = json.loads(aegis.run("lifecycle", **unlocked).stdout)
-    assert [r["Filter"]["Prefix"] for r in lifecycle["Rules"]] == ["year=", "quarantine/"]
+    assert [r["Filter"]["Prefix"] for r in lifecycle["Rules"]] == ["year=", "quarantine/year="]
     dry = json.loads(aegis.run("prune", "--older-than", "2", "--dry-run", "--json", **unlocked).stdout)
     old_days = {datetime.fromisoformat(json.loads(p)["occurred_at"].replace("Z", "+00:00")).strftime("day=%d")
                 for _, _, p in old if p.startswith(b"{")}
