@@ -176,10 +176,14 @@ pub enum Command {
         /// No expiration rule: `prune` does the deleting (it keeps `verify` whole; RUNBOOK).
         #[arg(long)]
         no_expiration: bool,
-        /// Delete noncurrent versions (overwritten or deleted objects) after N days. Off by
-        /// default: without Object Lock they are the evidence of a change.
-        #[arg(long, value_name = "DAYS")]
+        /// Delete noncurrent versions after N days: what expiry leaves in a versioned bucket
+        /// (so storage is freed), and the originals of overwritten or deleted segments.
+        /// Default 30 with expiry, none with --no-expiration.
+        #[arg(long, value_name = "DAYS", conflicts_with = "keep_noncurrent")]
         noncurrent_expire_days: Option<u32>,
+        /// Keep noncurrent versions for ever (expired segments then still take storage).
+        #[arg(long)]
+        keep_noncurrent: bool,
     },
     /// Print the Athena CREATE EXTERNAL TABLE statement for the configured bucket and prefix.
     AthenaDdl {

@@ -222,6 +222,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 for (key, until) in &report.locked {
                     println!("locked until {until}: {key}");
                 }
+                for key in &report.unanchored {
+                    println!("kept, no entry-hash metadata to anchor a prune marker: {key}");
+                }
                 println!(
                     "{verb} {} objects dated before {}; {} expired but locked; {} kept. Verify with --pruned-before {}",
                     report.deleted.len(),
@@ -239,6 +242,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             expire_after_days,
             no_expiration,
             noncurrent_expire_days,
+            keep_noncurrent,
         } => {
             let config = load(&cli)?;
             let l = retention::Lifecycle {
@@ -246,7 +250,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 archive_after_days: *glacier_after_days,
                 archive_class: *archive_class,
                 expire_after_days: (!no_expiration).then_some(*expire_after_days),
-                noncurrent_expire_days: *noncurrent_expire_days,
+                // Expiry in a versioned bucket only hides an object; the noncurrent version it
+                // leaves is what frees the storage when it expires too.
+                noncurrent_expire_days: match (keep_noncurrent, noncurrent_expire_days, no_expiration) {
+                    (true, _, _) => None,
+                    (false, Some(days), _) => Some(*days),
+                    (false, None, false) => Some(retention::DEFAULT_NONCURRENT_EXPIRE_DAYS),
+                    (false, None, true) => None,
+                },
             };
             l.check(config.s3.object_lock_retention_days).map_err(|why| anyhow::anyhow!("lifecycle: {why}"))?;
             println!("{}", serde_json::to_string_pretty(&retention::lifecycle_json(&config.s3.prefix, l))?);

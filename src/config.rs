@@ -418,6 +418,14 @@ impl Config {
                 "segments may not be empty or start with '_' or '.' (Athena reads a//b as a/b and skips hidden names)",
             ));
         }
+        // The writer's own directory names: a trail under `x/quarantine` or `x/year=…` would lie
+        // inside the directories (and lifecycle rules) of a trail under `x`.
+        if segments.iter().any(|s| *s == "quarantine" || s.starts_with("year=")) {
+            return Err(invalid(
+                "s3.prefix",
+                "segments may not be 'quarantine' or start with 'year=' (the trail's own directory names)",
+            ));
+        }
         if self.s3.object_lock_retention_days.is_some_and(|days| !(1..=MAX_RETENTION_DAYS).contains(&days)) {
             return Err(invalid(
                 "s3.object_lock_retention_days",
@@ -820,11 +828,11 @@ mod tests {
             assert!(error("topic = \"decisions\"", &format!("topic = \"{topic}\"")).contains("kafka.topic"));
         }
         assert!(with("topic = \"decisions\"", "topic = \"de_cisions.v1\"").is_ok());
-        for prefix in ["a//b", "a/_b", ".a", "_trail/x"] {
+        for prefix in ["a//b", "a/_b", ".a", "_trail/x", "trail/quarantine", "archive/year=2019/x"] {
             let text = format!("bucket = \"audit-bucket\"\nprefix = \"{prefix}\"");
             assert!(error("bucket = \"audit-bucket\"", &text).contains("s3.prefix"), "{prefix}");
         }
-        for prefix in ["", "trail/", "audit/trail-v2"] {
+        for prefix in ["", "trail/", "audit/trail-v2", "quarantined/year"] {
             let text = format!("bucket = \"audit-bucket\"\nprefix = \"{prefix}\"");
             assert!(with("bucket = \"audit-bucket\"", &text).is_ok(), "{prefix}");
         }

@@ -33,7 +33,7 @@ pub enum Kind {
 }
 
 metric_catalogue! {
-    RECORDS_CONSUMED = Counter "aegis_records_consumed_total": "Records read from Kafka and decoded, per partition.";
+    RECORDS_CONSUMED = Counter "aegis_records_consumed_total": "Records read from Kafka (accepted or rejected), per partition.";
     RECORDS_REJECTED = Counter "aegis_records_rejected_total": "Records that failed decoding or validation, by partition and reason code.";
     RECORDS_DEAD_LETTERED = Counter "aegis_records_dead_lettered_total": "Rejected records written to the dead-letter topic and quarantine, per partition.";
     CONSUMER_LAG = Gauge "aegis_consumer_lag": "Last stable offset minus the committed offset, per partition (librdkafka statistics).";
@@ -60,8 +60,8 @@ metric_catalogue! {
     PARTITIONS_STOPPED = Gauge "aegis_partitions_stopped": "Partitions whose worker stopped; operator action needed.";
     FENCE_LOST = Counter "aegis_fence_lost_total": "Workers stopped because another owner holds their chain head.";
     KAFKA_ERRORS = Counter "aegis_kafka_errors_total": "Consumer-side Kafka errors, by kind.";
-    OFFSETS_MISSING = Counter "aegis_offsets_missing_in_kafka_total": "Offsets Kafka did not deliver (markers, compaction, retention), per partition.";
-    REBALANCES = Counter "aegis_rebalances_total": "Partition assignments received.";
+    OFFSETS_MISSING = Counter "aegis_offsets_missing_in_kafka_total": "Offsets Kafka did not deliver, per partition and gap size (one: a transaction marker; several: deletion, compaction, aborted transactions).";
+    REBALANCES = Counter "aegis_rebalances_total": "Rebalance events received (assignments and revocations).";
     QUEUED_BYTES = Gauge "aegis_queued_bytes": "Bytes of records queued for the workers, by state (flowing, paused).";
     QUEUE_LIMIT_BYTES = Gauge "aegis_queue_limit_bytes": "Bytes the flowing queues may hold now.";
 }
@@ -155,6 +155,9 @@ pub struct RecordCounter {
 
 impl RecordCounter {
     pub fn new(partition: i32) -> Self {
+        // From 0, so the first gap shows as an increase (a series born at its first increment
+        // hides it from `increase()`, and AegisOffsetsSkipped would miss it).
+        counter!(OFFSETS_MISSING, "partition" => partition.to_string(), "gap" => "several").increment(0);
         Self { partition, consumed: counter!(RECORDS_CONSUMED, "partition" => partition.to_string()) }
     }
 
@@ -237,7 +240,9 @@ pub fn kafka_error(kind: &'static str) {
 
 /// Offsets the chain skipped because Kafka does not have them (markers, compaction, retention).
 pub fn offsets_missing(partition: i32, count: u64) {
-    counter!(OFFSETS_MISSING, "partition" => partition.to_string()).increment(count);
+    // A gap of one offset is what a transaction's commit marker leaves; more is records gone.
+    let gap = if count == 1 { "one" } else { "several" };
+    counter!(OFFSETS_MISSING, "partition" => partition.to_string(), "gap" => gap).increment(count);
 }
 
 pub fn assigned(count: usize) {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::RDKafkaErrorCode;
 
 use crate::config::Config;
 
@@ -29,7 +30,9 @@ fn fail(key: &'static str, message: impl Into<String>) -> PreflightError {
     PreflightError::Resource { key, message: message.into() }
 }
 
-/// `key: message`, as [`fail`], but retryable when the SDK error is (by the sinks' rule).
+/// `key: message`, as [`fail`], but retryable when the SDK error is one an outage gives: no
+/// connection or a timeout, throttling, a 5xx (the sinks' rule). A request that could not be
+/// sent for another reason (an endpoint or identity that does not resolve) is not.
 fn sdk_failure<E>(
     key: &'static str,
     backend: &'static str,
@@ -41,22 +44,60 @@ fn sdk_failure<E>(
 where
     E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
 {
-    if crate::sinks::classify_sdk_error(backend, operation, target, e).is_retryable() {
+    use aws_smithy_runtime_api::client::result::SdkError;
+    let outage = match e {
+        SdkError::DispatchFailure(d) => d.is_io() || d.is_timeout(),
+        _ => crate::sinks::classify_sdk_error(backend, operation, target, e).is_retryable(),
+    };
+    if outage {
         PreflightError::Unreachable { key, message }
     } else {
         fail(key, message)
     }
 }
 
-fn describe<E: std::error::Error + 'static, R: std::fmt::Debug>(
-    e: &aws_smithy_runtime_api::client::result::SdkError<E, R>,
+/// The credentials every AWS call signs with, resolved once: missing or invalid ones are a
+/// configuration error (exit), not an outage; a provider that times out or fails (IMDS, STS)
+/// is waited for, with its own words in `/readyz`.
+async fn check_credentials(sdk: &aws_config::SdkConfig) -> Result<(), PreflightError> {
+    use aws_credential_types::provider::error::CredentialsError;
+    use aws_credential_types::provider::ProvideCredentials;
+    const KEY: &str = "aws.access_key_id";
+    let Some(provider) = sdk.credentials_provider() else {
+        return Err(fail(KEY, "no AWS credentials provider is configured"));
+    };
+    match provider.provide_credentials().await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let message = format!(
+                "AWS credentials: {} (the default chain: environment, web identity/IRSA, profile, instance metadata)",
+                aws_smithy_types::error::display::DisplayErrorContext(&e)
+            );
+            match e {
+                CredentialsError::CredentialsNotLoaded(_) | CredentialsError::InvalidConfiguration(_) => {
+                    Err(fail(KEY, message))
+                }
+                _ => Err(PreflightError::Unreachable { key: KEY, message }),
+            }
+        }
+    }
+}
+
+fn describe<E: std::error::Error + 'static>(
+    e: &aws_smithy_runtime_api::client::result::SdkError<E, aws_smithy_runtime_api::http::Response>,
 ) -> String {
     use aws_smithy_runtime_api::client::result::SdkError;
+    let detail = aws_smithy_types::error::display::DisplayErrorContext(e);
     match e {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-            "cannot connect (is the endpoint right and up?)".to_string()
+            format!("cannot connect (is the endpoint right and up?): {detail}")
         }
-        _ => aws_smithy_types::error::display::DisplayErrorContext(e).to_string(),
+        // S3 answers a request for a bucket of another region with a bodiless 301.
+        SdkError::ServiceError(service) if service.raw().status().as_u16() == 301 => {
+            let region = service.raw().headers().get("x-amz-bucket-region").unwrap_or("another region");
+            format!("the bucket is in {region}: set aws.region (or AWS_REGION) to it")
+        }
+        _ => detail.to_string(),
     }
 }
 
@@ -70,33 +111,56 @@ pub async fn wait_for_backends(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<bool, PreflightError> {
     let mut attempt = 0u32;
+    // `aegis_backend_up` is 0 while a start-up check waits, as during any other outage.
+    let recovered = |attempt: u32| {
+        if attempt > 0 {
+            crate::metrics::set_backend_up(true);
+        }
+        crate::metrics::set_start_up_wait(None);
+    };
     loop {
-        match check(config, sdk).await {
+        // A check can take a minute against a hung backend: a SIGTERM does not wait for it.
+        let checked = tokio::select! {
+            _ = cancel.cancelled() => None,
+            checked = check(config, sdk) => Some(checked),
+        };
+        let Some(checked) = checked.filter(|_| !cancel.is_cancelled()) else {
+            recovered(attempt);
+            return Ok(false);
+        };
+        match checked {
             Ok(()) => {
                 if attempt > 0 {
                     tracing::info!(attempts = attempt + 1, "start-up checks passed");
                 }
-                crate::metrics::set_start_up_wait(None);
+                recovered(attempt);
                 return Ok(true);
             }
             Err(e) if e.is_retryable() => {
                 attempt += 1;
+                if attempt == 1 {
+                    crate::metrics::set_backend_up(false);
+                }
                 crate::metrics::set_start_up_wait(Some(e.to_string()));
                 if attempt == 1 || attempt % 10 == 0 {
                     tracing::warn!(attempt, error = %e, "start-up check: a backend does not answer; retrying with backoff");
                 }
                 tokio::select! {
-                    _ = cancel.cancelled() => return Ok(false),
+                    _ = cancel.cancelled() => {}
                     _ = tokio::time::sleep(crate::retry::backoff(&config.retry, attempt)) => {}
                 }
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                recovered(attempt);
+                return Err(e);
+            }
         }
     }
 }
 
 pub async fn check(config: &Config, sdk: &aws_config::SdkConfig) -> Result<(), PreflightError> {
     check_kafka(config).await?;
+    check_credentials(sdk).await?;
     let s3 = crate::sinks::s3::client(sdk, &config.s3);
     let bucket = &config.s3.bucket;
     let endpoint = config.s3.endpoint_url.as_deref().unwrap_or("AWS");
@@ -159,19 +223,61 @@ async fn check_kafka(config: &Config) -> Result<(), PreflightError> {
             })?;
         for (key, topic) in [("kafka.topic", topics.first()), ("kafka.dead_letter_topic", topics.get(1))] {
             let Some(topic) = topic else { continue };
-            let found = metadata
-                .topics()
-                .iter()
-                .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty());
-            if !found {
-                return Err(fail(
-                    key,
-                    format!("topic {topic:?} does not exist on {brokers}; create it with `aegis-audit init`"),
-                ));
+            let listed = metadata.topics().iter().find(|t| t.name() == topic);
+            let state = listed.map(|t| (t.error().map(RDKafkaErrorCode::from), t.partitions().len()));
+            if let Some(problem) = topic_problem(key, topic, &brokers, state) {
+                return Err(problem);
             }
         }
         Ok(())
     })
     .await
     .unwrap_or_else(|e| Err(fail("kafka.brokers", e.to_string())))
+}
+
+/// What the brokers' metadata says of a topic the service needs (`state`: the topic's error and
+/// partition count, `None` when it is not listed). A missing or forbidden topic is an error to
+/// fix; one whose leader is being elected (a broker or controller coming back) is waited for.
+fn topic_problem(
+    key: &'static str,
+    topic: &str,
+    brokers: &str,
+    state: Option<(Option<RDKafkaErrorCode>, usize)>,
+) -> Option<PreflightError> {
+    let missing =
+        || fail(key, format!("topic {topic:?} does not exist on {brokers}; create it with `aegis-audit init`"));
+    match state {
+        None | Some((Some(RDKafkaErrorCode::UnknownTopicOrPartition), _)) => Some(missing()),
+        Some((Some(RDKafkaErrorCode::TopicAuthorizationFailed), _)) => Some(fail(
+            key,
+            format!(
+                "topic {topic:?} on {brokers}: not authorized (grant the consumer's principal DESCRIBE and READ on it)"
+            ),
+        )),
+        Some((Some(code), _)) => Some(PreflightError::Unreachable {
+            key,
+            message: format!("topic {topic:?} on {brokers}: {code} (the cluster is recovering?)"),
+        }),
+        Some((None, 0)) => Some(missing()),
+        Some((None, _)) => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_or_forbidden_topic_exits_and_a_leaderless_one_is_waited_for() {
+        let judge = |state| topic_problem("kafka.topic", "t", "b:9092", state);
+        assert!(judge(Some((None, 4))).is_none());
+        for state in [None, Some((Some(RDKafkaErrorCode::UnknownTopicOrPartition), 0)), Some((None, 0))] {
+            let e = judge(state).unwrap();
+            assert!(!e.is_retryable() && e.to_string().contains("does not exist"), "{e}");
+        }
+        let forbidden = judge(Some((Some(RDKafkaErrorCode::TopicAuthorizationFailed), 0))).unwrap();
+        assert!(!forbidden.is_retryable() && forbidden.to_string().contains("not authorized"), "{forbidden}");
+        let recovering = judge(Some((Some(RDKafkaErrorCode::LeaderNotAvailable), 4))).unwrap();
+        assert!(recovering.is_retryable() && recovering.to_string().starts_with("kafka.topic: "), "{recovering}");
+    }
 }

@@ -248,12 +248,9 @@ where
             let code = service.err().code().unwrap_or_default();
             let status = service.raw().status().as_u16();
             // The status settles what the code does not: any 5xx, 408 or 429 passes; a 4xx without
-            // a code (a HEAD's 403 has no body to carry one) is a refusal no retry changes.
-            RETRYABLE_CODES.contains(&code)
-                || status >= 500
-                || status == 408
-                || status == 429
-                || (code.is_empty() && !(400..500).contains(&status))
+            // a code (a HEAD's 403 has no body to carry one) is a refusal no retry changes, and so
+            // is a bodiless 3xx (S3's 301 for a bucket in another region).
+            RETRYABLE_CODES.contains(&code) || status >= 500 || status == 408 || status == 429
         }
         // Timeouts, connection refused/reset, truncated responses: the backend may come back.
         _ => true,
@@ -327,7 +324,9 @@ mod tests {
             assert_eq!(classify(status, code), "transient", "{status} {code:?}");
         }
         // A HEAD's 403 has no body, so no code: denied, and no retry will change that.
-        for (status, code) in [(403, None), (403, Some("AccessDenied")), (400, Some("ValidationException"))] {
+        for (status, code) in
+            [(403, None), (403, Some("AccessDenied")), (400, Some("ValidationException")), (301, None)]
+        {
             assert_eq!(classify(status, code), "fatal", "{status} {code:?}");
         }
     }

@@ -25,6 +25,9 @@ pub struct PruneReport {
     pub deleted: Vec<String>,
     /// Expired but retained by Object Lock until the given time.
     pub locked: Vec<(String, String)>,
+    /// Expired, but no object of the flush carries the entry hash the next flush links to
+    /// (metadata lost in a copy or restore), so no marker could anchor what remains: kept.
+    pub unanchored: Vec<String>,
     pub kept_objects: usize,
     /// The [`PruneMarker`] objects written.
     pub markers: Vec<String>,
@@ -110,90 +113,149 @@ pub async fn prune(
                 report.kept_objects += names.len();
                 continue;
             }
-            // Every version of every object of the flush is checked before anything is deleted,
-            // so a flush is never split by a lock met halfway through its deletes.
-            let mut locked = Vec::new();
-            let mut last_hash = None;
-            let mut objects = Vec::new();
-            for name in names {
-                let versions = list_versions(client, bucket, &name.key).await?;
-                for version in versions.iter().filter(|v| !v.delete_marker) {
-                    let head = client
-                        .head_object()
-                        .bucket(bucket)
-                        .key(&name.key)
-                        .set_version_id(version.id.clone())
-                        .send()
-                        .await
-                        .map_err(|e| classify_sdk_error(BACKEND, "HeadObject", &name.key, &e))?;
-                    let which = match (&version.id, version.latest) {
-                        (Some(id), false) => format!(" (noncurrent version {id})"),
-                        _ => String::new(),
-                    };
-                    if let Some(until) = head.object_lock_retain_until_date().filter(|u| u.secs() > now.secs()) {
-                        locked.push((name.key.clone(), format!("{until}{which}")));
-                    } else if head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On) {
-                        // Evidence kept for an incident (RUNBOOK, Safety flags): no delete may touch it.
-                        locked.push((name.key.clone(), format!("legal hold{which}")));
-                    }
-                    // The object holding the flush's last row knows the entry the next flush
-                    // links to: the current version's word, else the newest one's.
-                    let metadata = head.metadata();
-                    let value = |key: &str| metadata.and_then(|m| m.get(key));
-                    if value(crate::sinks::LAST_OFFSET_METADATA) == Some(&flush.1.to_string())
-                        && (version.latest || last_hash.is_none())
-                    {
-                        last_hash = value(crate::sinks::LAST_ENTRY_HASH_METADATA).cloned();
-                    }
+            let checked = check_flush(client, bucket, flush.1, names, now).await?;
+            if !checked.locked.is_empty() || checked.last_hash.is_none() {
+                if checked.locked.is_empty() {
+                    // Without the entry the next flush links to, no marker could vouch for the
+                    // rest of the chain after this flush is gone.
+                    report.unanchored.extend(checked.objects.iter().map(|(key, _)| key.clone()));
                 }
-                objects.push((name.key, versions));
-            }
-            if !locked.is_empty() {
-                report.locked.extend(locked);
-                report.kept_objects += objects.len();
+                report.locked.extend(checked.locked);
+                report.kept_objects += checked.objects.len();
                 pruning = false;
                 continue;
             }
-            doomed.push(DoomedFlush { last_offset: flush.1, last_hash, objects });
-        }
-        if !dry_run {
-            // One marker, for the last flush to go, before any delete: a prune stopped midway (an
-            // error, Ctrl-C) leaves it ahead of what is gone, which the next run makes true, never
-            // a deleted flush without one. One write per partition, not per flush: in a locked
-            // bucket each write is a version no one can delete until its retention ends.
-            if let Some((last_offset, last_entry_hash)) =
-                doomed.iter().rev().find_map(|f| Some((f.last_offset, f.last_hash.clone()?)))
-            {
-                let marker = PruneMarker {
-                    format: PRUNE_MARKER_FORMAT.into(),
-                    topic: topic.into(),
+            doomed.push(DoomedFlush {
+                last_offset: flush.1,
+                last_hash: checked.last_hash.unwrap_or_default(),
+                objects: checked.objects,
+            });
+            if doomed.len() == PRUNE_BATCH_FLUSHES {
+                delete_flushes(
+                    store,
+                    prefix,
+                    topic,
                     partition,
-                    last_offset,
-                    last_entry_hash,
                     cutoff,
-                    pruned_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                };
-                let key = prune_marker_key(prefix, topic, partition);
-                let body = serde_json::to_vec_pretty(&marker).expect("a marker serialises");
-                // Through the store: the bucket's encryption and Object Lock settings apply.
-                store.put(&key, body.into(), &BTreeMap::new()).await?;
-                report.markers.push(key);
+                    std::mem::take(&mut doomed),
+                    dry_run,
+                    &mut report,
+                )
+                .await?;
             }
         }
-        for (key, versions) in doomed.into_iter().flat_map(|f| f.objects) {
-            if !dry_run {
-                delete_versions(client, bucket, &key, &versions).await?;
-            }
-            report.deleted.push(key);
-        }
+        delete_flushes(store, prefix, topic, partition, cutoff, doomed, dry_run, &mut report).await?;
     }
     Ok(report)
+}
+
+/// Flushes checked and deleted together: a lock or legal hold set after its check can split at
+/// most one batch's worth of progress, a stopped run loses no more, and the versions held in
+/// memory stay bounded, however long the backlog.
+const PRUNE_BATCH_FLUSHES: usize = 64;
+
+struct CheckedFlush {
+    locked: Vec<(String, String)>,
+    /// The entry hash of the flush's last row (the one the next flush links to).
+    last_hash: Option<String>,
+    objects: Vec<(String, Vec<Version>)>,
+}
+
+/// Every version of every object of the flush ending at `flush_last`: locks and legal holds
+/// (checked before anything is deleted, so a flush is never split by one met halfway through
+/// its deletes), and the entry the next flush links to.
+async fn check_flush(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    flush_last: i64,
+    names: Vec<SegmentName>,
+    now: DateTime,
+) -> Result<CheckedFlush, SinkError> {
+    let mut checked = CheckedFlush { locked: Vec::new(), last_hash: None, objects: Vec::new() };
+    for name in names {
+        let versions = list_versions(client, bucket, &name.key).await?;
+        for version in versions.iter().filter(|v| !v.delete_marker) {
+            let head = client
+                .head_object()
+                .bucket(bucket)
+                .key(&name.key)
+                .set_version_id(version.id.clone())
+                .send()
+                .await
+                .map_err(|e| classify_sdk_error(BACKEND, "HeadObject", &version.target(&name.key), &e))?;
+            let which = match (&version.id, version.latest) {
+                (Some(id), false) => format!(" (noncurrent version {id})"),
+                _ => String::new(),
+            };
+            if let Some(until) = head.object_lock_retain_until_date().filter(|u| u.secs() > now.secs()) {
+                checked.locked.push((name.key.clone(), format!("{until}{which}")));
+            } else if head.object_lock_legal_hold_status() == Some(&ObjectLockLegalHoldStatus::On) {
+                // Evidence kept for an incident (RUNBOOK, Safety flags): no delete may touch it.
+                checked.locked.push((name.key.clone(), format!("legal hold{which}")));
+            }
+            // The object holding the flush's last row knows the entry the next flush links to:
+            // the current version's word, else the newest one's.
+            let metadata = head.metadata();
+            let value = |key: &str| metadata.and_then(|m| m.get(key));
+            if value(crate::sinks::LAST_OFFSET_METADATA) == Some(&flush_last.to_string())
+                && (version.latest || checked.last_hash.is_none())
+            {
+                checked.last_hash = value(crate::sinks::LAST_ENTRY_HASH_METADATA).cloned();
+            }
+        }
+        checked.objects.push((name.key, versions));
+    }
+    Ok(checked)
+}
+
+/// Writes the partition's marker for the last of `doomed`, then deletes them, oldest first.
+/// The marker comes first: a prune stopped midway (an error, Ctrl-C) leaves it ahead of what is
+/// gone, which the next run makes true, never a deleted flush without one. One write per batch,
+/// not per flush: in a locked bucket each write is a version no one can delete until its
+/// retention ends.
+#[allow(clippy::too_many_arguments)]
+async fn delete_flushes(
+    store: &crate::sinks::s3::S3Store,
+    prefix: &str,
+    topic: &str,
+    partition: i32,
+    cutoff: NaiveDate,
+    doomed: Vec<DoomedFlush>,
+    dry_run: bool,
+    report: &mut PruneReport,
+) -> Result<(), SinkError> {
+    let Some(last) = doomed.last() else { return Ok(()) };
+    if !dry_run {
+        let marker = PruneMarker {
+            format: PRUNE_MARKER_FORMAT.into(),
+            topic: topic.into(),
+            partition,
+            last_offset: last.last_offset,
+            last_entry_hash: last.last_hash.clone(),
+            cutoff,
+            pruned_at: Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        };
+        let key = prune_marker_key(prefix, topic, partition);
+        let body = serde_json::to_vec_pretty(&marker).expect("a marker serialises");
+        // Through the store: the bucket's encryption and Object Lock settings apply.
+        store.put(&key, body.into(), &BTreeMap::new()).await?;
+        if !report.markers.contains(&key) {
+            report.markers.push(key);
+        }
+    }
+    for (key, versions) in doomed.into_iter().flat_map(|f| f.objects) {
+        if !dry_run {
+            delete_versions(store.client(), store.bucket(), &key, &versions).await?;
+        }
+        report.deleted.push(key);
+    }
+    Ok(())
 }
 
 /// A flush `prune` deletes: its objects with the versions found when it was checked.
 struct DoomedFlush {
     last_offset: i64,
-    last_hash: Option<String>,
+    last_hash: String,
     objects: Vec<(String, Vec<Version>)>,
 }
 
@@ -202,6 +264,16 @@ struct Version {
     id: Option<String>,
     latest: bool,
     delete_marker: bool,
+}
+
+impl Version {
+    /// `key?versionId=…`, for errors: a denial on one version is not one on the key.
+    fn target(&self, key: &str) -> String {
+        match &self.id {
+            Some(id) => format!("{key}?versionId={id}"),
+            None => key.to_string(),
+        }
+    }
 }
 
 /// Every version and delete marker of `key` (a plain delete in a versioned bucket only hides it).
@@ -257,7 +329,7 @@ async fn delete_versions(
             .set_version_id(version.id.clone())
             .send()
             .await
-            .map_err(|e| classify_sdk_error(BACKEND, "DeleteObject", key, &e))?;
+            .map_err(|e| classify_sdk_error(BACKEND, "DeleteObject", &version.target(key), &e))?;
     }
     Ok(())
 }
@@ -297,6 +369,9 @@ pub struct Lifecycle {
     pub noncurrent_expire_days: Option<u32>,
 }
 
+/// Days a noncurrent version lives when `lifecycle` expires objects (and nothing else is said).
+pub const DEFAULT_NONCURRENT_EXPIRE_DAYS: u32 = 30;
+
 impl Default for Lifecycle {
     fn default() -> Self {
         Self {
@@ -304,7 +379,7 @@ impl Default for Lifecycle {
             archive_after_days: 365,
             archive_class: ArchiveClass::Glacier,
             expire_after_days: Some(3 * 365),
-            noncurrent_expire_days: None,
+            noncurrent_expire_days: Some(DEFAULT_NONCURRENT_EXPIRE_DAYS),
         }
     }
 }
@@ -379,8 +454,8 @@ pub fn lifecycle_json(prefix: &str, l: Lifecycle) -> serde_json::Value {
     serde_json::json!({
         "Rules": [
             rule("segments", format!("{base}year=")),
-            // `quarantine/year=`, not `quarantine/`: a trail whose prefix ends in `quarantine`
-            // would otherwise be another's.
+            // `quarantine/year=`, not `quarantine/`: the digests, keys and markers of a trail
+            // under `<prefix>/quarantine...` are not this rule's (config refuses such a prefix).
             rule("quarantine", format!("{base}quarantine/year=")),
         ]
     })
@@ -415,7 +490,7 @@ mod tests {
         assert_eq!(rule["Transitions"][1]["StorageClass"], "GLACIER");
         assert_eq!(rule["Transitions"][1]["Days"], 365);
         assert_eq!(rule["Expiration"]["Days"], 1095);
-        assert!(rule.get("NoncurrentVersionExpiration").is_none(), "old versions are evidence");
+        assert_eq!(rule["NoncurrentVersionExpiration"]["NoncurrentDays"], 30, "expiry frees storage");
         assert_ne!(rule["ID"], lifecycle_json("trail/staging", Lifecycle::default())["Rules"][0]["ID"]);
         assert_eq!(Lifecycle::default().check(None), Ok(()));
     }

@@ -184,7 +184,9 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     unlocked = {"AEGIS_CONFIG": str(unlocked_config)}
     aegis.run("init", **unlocked)
     old = produce_mix(aegis, 200, seed=41, day_offset=5)
-    aegis.consume_until_idle(**unlocked)
+    # Small flushes: each partition's expired part is several flushes, so one marker names the
+    # last of them.
+    aegis.consume_until_idle(**unlocked, AEGIS_SEGMENT__MAX_RECORDS="20")
     new = produce_mix(aegis, 200, seed=42, start=1000)
     aegis.consume_until_idle(**unlocked)
     before = [k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")]
@@ -204,6 +206,7 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
 
     report = json.loads(aegis.run("prune", "--older-than", "2", "--json", **unlocked).stdout)
     assert sorted(report["deleted"]) == sorted(dry["deleted"])
+    partition_of = lambda key: re.search(r"-p(\d{4,})-", key)[1]
     after = [k for k in trail.list_keys(aegis.bucket, "trail/") if k.endswith(".parquet")]
     assert set(after) == set(before) - set(report["deleted"])
     versions = trail.s3().list_object_versions(Bucket=aegis.bucket, Prefix="trail/year=")
@@ -213,6 +216,9 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
         "exactly the old flushes are gone"
     # Per pruned partition, a marker naming the entry the first remaining row links to.
     assert report["markers"], report
+    flushes = {(partition_of(k), re.search(r"-p\d{4,}-(\d+)-", k)[1]) for k in report["deleted"]}
+    assert max(sum(1 for p, _ in flushes if p == q) for q, _ in flushes) >= 2, "several flushes of a partition pruned"
+    assert not report["unanchored"]
     for key in report["markers"]:
         marker = json.loads(trail.s3().get_object(Bucket=aegis.bucket, Key=key)["Body"].read())
         first = min((r for r in rows if r["kafka_partition"] == marker["partition"]), key=lambda r: r["kafka_offset"])
@@ -235,7 +241,6 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
                               ObjectLockRetainUntilDate=time.time() + 86400)
     # An expired flush of another partition under a legal hold alone (evidence for an incident):
     # kept and listed, not a failed delete.
-    partition_of = lambda key: re.search(r"-p(\d{4,})-", key)[1]
     locked_partitions = {partition_of(key) for key in before[:3]}
     held = next(k for k in report["deleted"] if partition_of(k) not in locked_partitions)
     trail.s3().put_object(Bucket=locked_aegis_bucket, Key=held, Body=b"x", ObjectLockLegalHoldStatus="ON")
@@ -250,8 +255,12 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     # flush after it.
     lone = in_partition(report["deleted"][0], 42)
     trail.s3().put_object(Bucket=locked_aegis_bucket, Key=lone, Body=b"x")
+    # An expired, unlocked flush whose object lost its entry-hash metadata (a copy that replaced
+    # it): no marker could anchor what follows, so it is kept and listed.
+    unanchored = in_partition(report["deleted"][0], 44)
+    trail.s3().put_object(Bucket=locked_aegis_bucket, Key=unanchored, Body=b"x")
     newer = {re.sub(r"-p\d{4,}-\d+-\d+\.parquet$", f"-p{int(p):04d}-{900000:020d}-{900001:020d}.parquet", after[0])
-             for p in locked_partitions | {partition_of(held), "0043"}}
+             for p in locked_partitions | {partition_of(held), "0043", "0044"}}
     for key in newer:
         trail.s3().put_object(Bucket=locked_aegis_bucket, Key=key, Body=b"x")
     locked_report = json.loads(aegis.run("prune", "--older-than", "2", "--json", **locked).stdout)
@@ -263,7 +272,8 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     locked_keys = {key for key, _ in locked_report["locked"]}
     assert locked_keys and locked_keys <= expired, (locked_report, expired)
     assert lone not in locked_keys and not newer & locked_keys
-    assert len(trail.list_keys(locked_aegis_bucket, "trail/")) == 4 + 2 + len(newer)
+    assert locked_report["unanchored"] == [unanchored], locked_report
+    assert len(trail.list_keys(locked_aegis_bucket, "trail/")) == 4 + 3 + len(newer)
 
     # lifecycle: the AWS CLI document, accepted by the S3 API.
     lifecycle = json.loads(aegis.run("lifecycle").stdout)
@@ -271,7 +281,8 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     assert [t["StorageClass"] for t in rule["Transitions"]] == ["STANDARD_IA", "GLACIER"]
     assert rule["Expiration"]["Days"] == 1095 and rule["Filter"]["Prefix"] == "trail/year="
     assert lifecycle["Rules"][1]["Filter"]["Prefix"] == "trail/quarantine/year=", "digests are never tiered or expired"
-    assert "NoncurrentVersionExpiration" not in rule, "old versions are the evidence of a change"
+    # Expiry in a versioned bucket leaves noncurrent versions: they expire too, or nothing is freed.
+    assert rule["NoncurrentVersionExpiration"]["NoncurrentDays"] == 30
     trail.s3().put_bucket_lifecycle_configuration(Bucket=aegis.bucket, LifecycleConfiguration=lifecycle)
     assert aegis.run("lifecycle", "--standard-ia-after-days", "10", check=False).returncode == 2
     # S3 keeps an object 30 days in STANDARD_IA before it moves on.
@@ -283,7 +294,8 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
     refused = aegis.run("lifecycle", check=False, AEGIS_CONFIG=str(long_lock))
     assert refused.returncode == 2 and "s3.object_lock_retention_days" in refused.stderr, refused.stderr
     kept = json.loads(aegis.run("lifecycle", "--no-expiration", "--archive-class", "GLACIER_IR", AEGIS_CONFIG=str(long_lock)).stdout)
-    assert all("Expiration" not in r and r["Transitions"][1]["StorageClass"] == "GLACIER_IR" for r in kept["Rules"]), kept
+    assert all("Expiration" not in r and "NoncurrentVersionExpiration" not in r
+               and r["Transitions"][1]["StorageClass"] == "GLACIER_IR" for r in kept["Rules"]), kept
 
     ddl = aegis.run("athena-ddl").stdout
     assert f"s3://{aegis.bucket}/trail/" in ddl and "{{" not in ddl
