@@ -150,6 +150,12 @@ pub struct PartitionWriter {
     counter: metrics::RecordCounter,
 }
 
+/// `<prefix>/_chains/<topic>/p<PPPP>.genesis`: written by a partition's first flush, so an
+/// empty chain table can be told from an empty chain (Athena and the trail readers skip `_`).
+pub fn genesis_key(prefix: &str, topic: &str, partition: i32) -> String {
+    crate::segment::join_key(&[prefix, "_chains", topic, &format!("p{partition:04}.genesis")])
+}
+
 impl PartitionWriter {
     /// Loads the chain head and prepares to continue it.
     pub async fn open(
@@ -164,11 +170,21 @@ impl PartitionWriter {
             retry(&context, &config.retry, cancel, metrics::set_backend_up, || sinks.heads.load(topic, partition))
                 .await?;
         if head.committed.is_none() && head.pending.is_none() {
-            // An empty head must mean an empty chain. If this partition already has signed
-            // digests in S3, the chain table was lost or replaced: starting from genesis would
-            // fork the trail (and Object Lock would keep the fork). Refuse instead.
-            let dir = crate::digest::partition_dir(&config.s3.prefix, topic, partition);
+            // An empty head must mean an empty chain. If this partition already has a genesis
+            // marker or signed digests in S3, the chain table was lost or replaced: starting
+            // from genesis would fork the trail (and Object Lock would keep the fork). Refuse.
             let objects = &sinks.objects;
+            let genesis = genesis_key(&config.s3.prefix, topic, partition);
+            let marker =
+                retry(&context, &config.retry, cancel, metrics::set_backend_up, || objects.head(&genesis)).await?;
+            if marker.is_some() {
+                return Err(PartitionError::HeadMissing {
+                    topic: topic.to_string(),
+                    partition,
+                    detail: format!("its genesis marker {genesis} exists"),
+                });
+            }
+            let dir = crate::digest::partition_dir(&config.s3.prefix, topic, partition);
             let digests =
                 retry(&context, &config.retry, cancel, metrics::set_backend_up, || objects.list(&dir)).await?;
             if let Some(newest) = digests.last() {
@@ -376,6 +392,23 @@ impl PartitionWriter {
         }
         if self.recovering.is_none() {
             self.begin(pending, &span_ctx, cancel).await?;
+        }
+        // 1b. The chain's first flush leaves a mark that it began, before any segment: a lost
+        // chain table then cannot start a second chain, digests or not (`open`).
+        if self.durable.is_none() {
+            let key = genesis_key(&self.config.s3.prefix, &self.topic, self.partition);
+            let body = Bytes::from(format!(
+                "{{\"format\":\"aegis-genesis/v1\",\"topic\":{},\"partition\":{},\"first_offset\":{}}}\n",
+                serde_json::Value::from(self.topic.as_str()),
+                self.partition,
+                pending.first_offset
+            ));
+            let (objects, no_metadata) = (&self.sinks.objects, BTreeMap::new());
+            // Already there: this is the same first flush, re-run after a crash.
+            retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
+                objects.put_new(&key, body.clone(), &no_metadata)
+            })
+            .await?;
         }
         // 2. Segments. A digest lists what S3 holds: an object an earlier attempt wrote is kept,
         // and its bytes may differ from this encoding (another build or Parquet setting).
@@ -811,6 +844,10 @@ mod tests {
         )
     }
 
+    fn parquet_keys(s: &Stack) -> Vec<String> {
+        s.objects.keys().into_iter().filter(|k| k.ends_with(".parquet")).collect()
+    }
+
     async fn feed(w: &mut PartitionWriter, range: std::ops::Range<i64>) -> Vec<Flushed> {
         let mut out = Vec::new();
         for i in range {
@@ -829,7 +866,7 @@ mod tests {
         let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         let flushed = feed(&mut w, 0..6).await;
         assert_eq!(flushed.iter().map(|f| f.commit_offset).collect::<Vec<_>>(), vec![3, 6]);
-        assert_eq!(s.objects.keys().len(), 2);
+        assert_eq!(parquet_keys(&s).len(), 2);
         assert_eq!(s.index.items().len(), 6);
         let head = s.heads.get("t", 0);
         assert_eq!(head.committed.unwrap().last_offset, 5);
@@ -864,7 +901,7 @@ mod tests {
         let objects: Vec<usize> = flushes.iter().map(|f| f.objects.len()).collect();
         assert_eq!(objects, vec![MAX_FLUSH_PLACEMENTS, MAX_FLUSH_PLACEMENTS, MAX_FLUSH_PLACEMENTS, 4]);
         assert_eq!(flushes.iter().map(|f| f.records).sum::<usize>(), 100);
-        assert_eq!(s.objects.keys().len(), 100, "one object per record: each has its own (day, environment)");
+        assert_eq!(parquet_keys(&s).len(), 100, "one object per record: each has its own (day, environment)");
     }
 
     #[tokio::test]
@@ -901,7 +938,7 @@ mod tests {
         let mut w = PartitionWriter::open("t", 0, config(), sinks, &CancellationToken::new()).await.unwrap();
         let flushed = feed(&mut w, 0..3).await;
         assert_eq!(flushed.iter().map(|f| f.commit_offset).collect::<Vec<_>>(), vec![3]);
-        assert_eq!(s.objects.keys().len(), 1);
+        assert_eq!(parquet_keys(&s).len(), 1);
         assert!(s.index.items().is_empty());
         assert_eq!(s.heads.get("t", 0).committed.unwrap().last_offset, 2);
     }
@@ -1093,6 +1130,23 @@ mod tests {
         let err = PartitionWriter::open("t", 0, config(), sinks, &cancel).await.err().unwrap();
         assert!(matches!(err, PartitionError::HeadMissing { .. }), "{err}");
         assert!(err.to_string().contains("refusing to start a second chain"));
+    }
+
+    #[tokio::test]
+    async fn an_empty_head_refuses_to_fork_a_chain_no_digest_signed_yet() {
+        let s = Stack::new();
+        let cancel = CancellationToken::new();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &cancel).await.unwrap();
+        feed(&mut w, 0..6).await;
+        let genesis = genesis_key(&config().s3.prefix, "t", 0);
+        assert_eq!(s.objects.keys().iter().filter(|k| !k.ends_with(".parquet")).collect::<Vec<_>>(), [&genesis]);
+        // Unsigned (digests off, or before the first digest), then the chain table is lost.
+        let sinks = Sinks { heads: Arc::new(MemoryHeads::default()), ..s.sinks() };
+        let err = PartitionWriter::open("t", 0, config(), sinks, &cancel).await.err().unwrap();
+        assert!(matches!(err, PartitionError::HeadMissing { .. }), "{err}");
+        assert!(err.to_string().contains("genesis marker"), "{err}");
+        // Another partition has no chain: it starts.
+        PartitionWriter::open("t", 1, config(), s.sinks(), &cancel).await.unwrap();
     }
 
     #[tokio::test]
