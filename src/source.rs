@@ -494,6 +494,8 @@ fn dispatch(
     workers: &mut BTreeMap<i32, WorkerHandle>,
 ) -> usize {
     let partition = message.partition();
+    // No worker: the partition was revoked after librdkafka fetched this record (a new
+    // assignment is always seen before its records). Its next owner reads from the chain head.
     let Some(worker) = workers.get_mut(&partition) else { return 0 };
     // Count before sending; the worker subtracts as it takes records. Totals are summed over
     // the current workers, so a revoked worker's leftovers drop out.

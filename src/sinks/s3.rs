@@ -176,6 +176,26 @@ pub async fn object_lock_state(
     }
 }
 
+/// The slowest upload a PUT allows before it times out and is retried.
+const MIN_UPLOAD_BYTES_PER_SEC: u64 = 512 * 1024;
+
+/// Timeouts for a PUT of `len` bytes: the client's 20 s per attempt fits a segment of up to
+/// 10 MiB at the floor rate; a larger one (up to `segment.max_bytes`, 64 MiB) gets time in
+/// proportion, or a slow link would time it out on every retry and stall the partition for good.
+fn attempt_timeout(len: usize) -> std::time::Duration {
+    std::time::Duration::from_secs((len as u64 / MIN_UPLOAD_BYTES_PER_SEC).max(20))
+}
+
+fn upload_timeouts(len: usize) -> aws_sdk_s3::config::Builder {
+    let attempt = attempt_timeout(len);
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .operation_attempt_timeout(attempt)
+        .operation_timeout((attempt * 3).max(std::time::Duration::from_secs(60)))
+        .build();
+    aws_sdk_s3::config::Builder::default().timeout_config(timeouts)
+}
+
 fn content_type(key: &str) -> &'static str {
     match key.rsplit('.').next() {
         Some("parquet") => "application/vnd.apache.parquet",
@@ -187,15 +207,21 @@ fn content_type(key: &str) -> &'static str {
 #[async_trait]
 impl ObjectStore for S3Store {
     async fn put(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<(), SinkError> {
+        let len = body.len();
         let (request, sha256) = self.put_request(key, body, metadata)?;
-        let request = request.customize().interceptor(SignedPayloadHash(sha256));
+        let request = request.customize().interceptor(SignedPayloadHash(sha256)).config_override(upload_timeouts(len));
         request.send().await.map_err(|e| classify_sdk_error(BACKEND, "PutObject", &self.target(key), &e))?;
         Ok(())
     }
 
     async fn put_new(&self, key: &str, body: Bytes, metadata: &BTreeMap<String, String>) -> Result<bool, SinkError> {
+        let len = body.len();
         let (request, sha256) = self.put_request(key, body, metadata)?;
-        let request = request.if_none_match("*").customize().interceptor(SignedPayloadHash(sha256));
+        let request = request
+            .if_none_match("*")
+            .customize()
+            .interceptor(SignedPayloadHash(sha256))
+            .config_override(upload_timeouts(len));
         match request.send().await {
             Ok(_) => Ok(true),
             // 412: an object is there already (a 409 ConditionalRequestConflict is retried).
@@ -262,5 +288,17 @@ impl ObjectStore for S3Store {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_segment_gets_time_to_upload_in_proportion() {
+        assert_eq!(attempt_timeout(0).as_secs(), 20);
+        assert_eq!(attempt_timeout(10 << 20).as_secs(), 20);
+        assert_eq!(attempt_timeout(64 << 20).as_secs(), 128);
     }
 }
