@@ -156,6 +156,33 @@ pub fn genesis_key(prefix: &str, topic: &str, partition: i32) -> String {
     crate::segment::join_key(&[prefix, "_chains", topic, &format!("p{partition:04}.genesis")])
 }
 
+/// Puts the partition's genesis marker unless it exists. `first_offset`: the chain's first
+/// offset (unknown, `null`, for a chain that began before markers existed).
+async fn put_genesis(
+    config: &Config,
+    objects: &Arc<dyn crate::sinks::ObjectStore>,
+    topic: &str,
+    partition: i32,
+    first_offset: Option<i64>,
+    context: &str,
+    cancel: &CancellationToken,
+) -> Result<(), PartitionError> {
+    let key = genesis_key(&config.s3.prefix, topic, partition);
+    let body = serde_json::json!({
+        "format": "aegis-genesis/v1",
+        "topic": topic,
+        "partition": partition,
+        "first_offset": first_offset,
+    });
+    let body = Bytes::from(body.to_string() + "\n");
+    let no_metadata = BTreeMap::new();
+    retry(context, &config.retry, cancel, metrics::set_backend_up, || {
+        objects.put_new(&key, body.clone(), &no_metadata)
+    })
+    .await?;
+    Ok(())
+}
+
 impl PartitionWriter {
     /// Loads the chain head and prepares to continue it.
     pub async fn open(
@@ -169,10 +196,12 @@ impl PartitionWriter {
         let head =
             retry(&context, &config.retry, cancel, metrics::set_backend_up, || sinks.heads.load(topic, partition))
                 .await?;
-        if head.committed.is_none() && head.pending.is_none() {
-            // An empty head must mean an empty chain. If this partition already has a genesis
-            // marker or signed digests in S3, the chain table was lost or replaced: starting
-            // from genesis would fork the trail (and Object Lock would keep the fork). Refuse.
+        if !head.stored {
+            // No item must mean an empty chain. If this partition already has a genesis marker
+            // or signed digests in S3, the chain table was lost or replaced: starting from
+            // genesis would fork the trail (and Object Lock would keep the fork). Refuse. (An
+            // item with neither head nor intent is an operator's word that the chain starts
+            // afresh: an unrecoverable first flush cleared, RUNBOOK.)
             let objects = &sinks.objects;
             let genesis = genesis_key(&config.s3.prefix, topic, partition);
             let marker =
@@ -194,6 +223,11 @@ impl PartitionWriter {
                     detail: format!("{} digest(s) exist, newest {}", digests.len(), newest.key),
                 });
             }
+        }
+        if head.committed.is_some() {
+            // A chain begun before genesis markers existed gets one now (a conditional put: no
+            // new object, nor a new version, once it is there).
+            put_genesis(&config, &sinks.objects, topic, partition, None, &context, cancel).await?;
         }
         let chain = match head.committed {
             Some(pos) => Chain::resume(topic, partition, pos.last_offset, pos.last_hash),
@@ -396,19 +430,10 @@ impl PartitionWriter {
         // 1b. The chain's first flush leaves a mark that it began, before any segment: a lost
         // chain table then cannot start a second chain, digests or not (`open`).
         if self.durable.is_none() {
-            let key = genesis_key(&self.config.s3.prefix, &self.topic, self.partition);
-            let body = Bytes::from(format!(
-                "{{\"format\":\"aegis-genesis/v1\",\"topic\":{},\"partition\":{},\"first_offset\":{}}}\n",
-                serde_json::Value::from(self.topic.as_str()),
-                self.partition,
-                pending.first_offset
-            ));
-            let (objects, no_metadata) = (&self.sinks.objects, BTreeMap::new());
             // Already there: this is the same first flush, re-run after a crash.
-            retry(&span_ctx, &self.config.retry, cancel, metrics::set_backend_up, || {
-                objects.put_new(&key, body.clone(), &no_metadata)
-            })
-            .await?;
+            let (config, objects) = (&self.config, &self.sinks.objects);
+            put_genesis(config, objects, &self.topic, self.partition, Some(pending.first_offset), &span_ctx, cancel)
+                .await?;
         }
         // 2. Segments. A digest lists what S3 holds: an object an earlier attempt wrote is kept,
         // and its bytes may differ from this encoding (another build or Parquet setting).
@@ -1147,6 +1172,23 @@ mod tests {
         assert!(err.to_string().contains("genesis marker"), "{err}");
         // Another partition has no chain: it starts.
         PartitionWriter::open("t", 1, config(), s.sinks(), &cancel).await.unwrap();
+        // A chain begun before markers existed (its marker absent) gets one when it is opened.
+        s.objects.remove(&genesis);
+        PartitionWriter::open("t", 0, config(), s.sinks(), &cancel).await.unwrap();
+        assert!(s.objects.keys().contains(&genesis));
+    }
+
+    #[tokio::test]
+    async fn a_first_flush_cleared_by_the_operator_starts_the_chain_afresh() {
+        let s = Stack::new();
+        // The first flush recorded its intent and its genesis marker, then stopped; Kafka lost
+        // the range, and the operator clears the intent (RUNBOOK, Irreproducible flush),
+        // keeping the item: an item without head or intent starts a chain.
+        interrupted_after_intent(&s).await;
+        assert!(s.objects.keys().iter().any(|k| k.ends_with(".genesis")));
+        s.heads.clear_pending("t", 0);
+        let w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        assert_eq!(w.next_offset(), None, "a chain from genesis");
     }
 
     #[tokio::test]

@@ -46,7 +46,9 @@ where
 {
     use aws_smithy_runtime_api::client::result::SdkError;
     let outage = match e {
-        SdkError::DispatchFailure(d) => d.is_io() || d.is_timeout(),
+        SdkError::DispatchFailure(d) => {
+            d.is_io() || d.is_timeout() || d.as_other() == Some(aws_smithy_types::retry::ErrorKind::TransientError)
+        }
         _ => crate::sinks::classify_sdk_error(backend, operation, target, e).is_retryable(),
     };
     if outage {
@@ -214,15 +216,17 @@ async fn check_kafka(config: &Config) -> Result<(), PreflightError> {
     // Metadata requests block; keep them off the runtime threads.
     tokio::task::spawn_blocking(move || {
         let consumer: BaseConsumer = cc.create().map_err(|e| fail("kafka.properties", e.to_string()))?;
-        let metadata = consumer
-            .fetch_metadata(None, Duration::from_secs(10))
-            // Brokers down or unreachable: as likely an outage as a wrong address.
-            .map_err(|e| PreflightError::Unreachable {
-                key: "kafka.brokers",
-                message: format!("cannot reach {brokers}: {e}"),
-            })?;
         for (key, topic) in [("kafka.topic", topics.first()), ("kafka.dead_letter_topic", topics.get(1))] {
             let Some(topic) = topic else { continue };
+            // By name: a request for all topics leaves out those the principal may not describe,
+            // so a forbidden topic would read as a missing one. (A consumer never creates one.)
+            let metadata = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                // Brokers down or unreachable: as likely an outage as a wrong address.
+                .map_err(|e| PreflightError::Unreachable {
+                    key: "kafka.brokers",
+                    message: format!("cannot reach {brokers}: {e}"),
+                })?;
             let listed = metadata.topics().iter().find(|t| t.name() == topic);
             let state = listed.map(|t| (t.error().map(RDKafkaErrorCode::from), t.partitions().len()));
             if let Some(problem) = topic_problem(key, topic, &brokers, state) {

@@ -417,7 +417,7 @@ fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
             .collect(),
         _ => Vec::new(),
     };
-    ChainHead { committed, pending, digest, undigested }
+    ChainHead { stored: false, committed, pending, digest, undigested }
 }
 
 fn is_condition_failure<R>(
@@ -441,7 +441,7 @@ impl HeadStore for DynamoStore {
             .send()
             .await
             .map_err(|e| classify_sdk_error(BACKEND, "GetItem", &self.chain_table, &e))?;
-        Ok(out.item().map(parse_head).unwrap_or_default())
+        Ok(out.item().map(|item| ChainHead { stored: true, ..parse_head(item) }).unwrap_or_default())
     }
 
     async fn begin_flush(

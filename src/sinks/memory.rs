@@ -180,7 +180,16 @@ pub struct MemoryHeads {
 
 impl MemoryHeads {
     pub fn get(&self, topic: &str, partition: i32) -> ChainHead {
-        self.heads.lock().unwrap().get(&(topic.to_string(), partition)).cloned().unwrap_or_default()
+        let heads = self.heads.lock().unwrap();
+        heads.get(&(topic.to_string(), partition)).map(|h| ChainHead { stored: true, ..h.clone() }).unwrap_or_default()
+    }
+
+    /// What an operator does for an irreproducible flush (RUNBOOK): the intent removed, the
+    /// item kept.
+    pub fn clear_pending(&self, topic: &str, partition: i32) {
+        if let Some(head) = self.heads.lock().unwrap().get_mut(&(topic.to_string(), partition)) {
+            head.pending = None;
+        }
     }
 
     fn check(&self, op: &'static str) -> Result<(), SinkError> {

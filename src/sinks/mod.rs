@@ -172,6 +172,10 @@ pub struct DigestPos {
 /// The stored head of one topic-partition's chain.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChainHead {
+    /// The chain table holds an item for the partition. An item without a head or an intent
+    /// (an operator cleared an unrecoverable first flush, RUNBOOK) starts a chain; no item at
+    /// all, where the trail has begun, is a lost table.
+    pub stored: bool,
     pub committed: Option<HeadPos>,
     pub pending: Option<PendingFlush>,
     pub digest: Option<DigestPos>,

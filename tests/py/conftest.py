@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -228,6 +230,17 @@ def committed_offsets(group: str, topic: str, partitions: int) -> dict[int, int]
         return {tp.partition: tp.offset for tp in tps}
     finally:
         consumer.close()
+
+
+def http(aegis, path):
+    """(status, body) of a GET on the consumer's metrics port; (None, "") when nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{aegis.metrics_port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except OSError:
+        return None, ""
 
 
 def wait_for(predicate, timeout=60.0, interval=0.5, what="condition"):

@@ -5,13 +5,14 @@ pyarrow and hashlib."""
 import json
 import os
 import random
+import signal
 from datetime import datetime, timedelta, timezone
 
 import jsonschema
 from confluent_kafka import Consumer, TopicPartition
 
 import trail
-from conftest import BROKERS, REPO, committed_offsets, make_event
+from conftest import BROKERS, REPO, committed_offsets, http, make_event, wait_for
 
 MAX_BYTES = 4096
 
@@ -144,9 +145,7 @@ def test_bad_configuration_stops_startup_with_one_line_naming_the_key(aegis):
         ({"AEGIS_DYNAMODB__TABLE": aegis.table + "-missing"}, "dynamodb.table", "does not exist"),
         ({"AEGIS_DYNAMODB__CHAIN_TABLE": aegis.chain_table + "-missing"}, "dynamodb.chain_table", "does not exist"),
         ({"AEGIS_S3__BUCKET": unlocked}, "s3.object_lock_retention_days", "no Object Lock"),
-        ({"AEGIS_S3__ENDPOINT_URL": "http://127.0.0.1:1"}, "s3.endpoint_url", "cannot connect"),
         ({"AEGIS_KAFKA__TOPIC": aegis.topic + "-missing"}, "kafka.topic", "does not exist"),
-        ({"AEGIS_KAFKA__BROKERS": "127.0.0.1:1"}, "kafka.brokers", "cannot reach"),
         ({"AEGIS_SEGMENT__MAX_RECORDS": "0"}, "segment.max_records", "at least 1"),
         ({"AEGIS_SEGMENT__MAX_RECRODS": "5"}, "max_recrods", "unknown field"),
     ]
@@ -155,6 +154,26 @@ def test_bad_configuration_stops_startup_with_one_line_naming_the_key(aegis):
         assert out.returncode == 2, (env, out.returncode, out.stderr[-2000:])
         last = out.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and key in last.lower() and words in last, (env, last)
+
+    # A backend that does not answer may be an outage: the process waits (alive, not ready,
+    # /readyz naming the key) instead of exiting into a crash loop, and a SIGTERM ends the wait.
+    unreachable = [
+        ({"AEGIS_S3__ENDPOINT_URL": "http://127.0.0.1:1"}, "s3.endpoint_url", "cannot connect"),
+        ({"AEGIS_KAFKA__BROKERS": "127.0.0.1:1"}, "kafka.brokers", "cannot reach"),
+    ]
+    for env, key, words in unreachable:
+        proc = aegis.start("run", **env)
+        try:
+            def readyz():
+                return http(aegis, "/readyz")
+            wait_for(lambda: key in readyz()[1], timeout=60, what=f"/readyz to name {key}")
+            status, body = readyz()
+            assert status == 503 and "start-up check waiting" in body and words in body, (env, status, body)
+            assert proc.poll() is None, f"{env}: exited instead of waiting"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=30)
+        assert code == 0, (env, code, open(aegis.logs[-1]).read()[-2000:])
 
 
 def test_duplicate_decision_id_keeps_earliest_winner_and_marks_conflict(aegis, tmp_path):

@@ -11,29 +11,17 @@ import signal
 import subprocess
 import threading
 import time
-import urllib.error
-import urllib.request
 from datetime import datetime, timezone
 
 import pyarrow.parquet as pq
 
 import trail
-from conftest import REPO, committed_offsets, free_port, make_event, produce, wait_for
+from conftest import REPO, committed_offsets, free_port, http, make_event, produce, wait_for
 from test_pipeline import check_commits, check_trail
 
 
 def stack(*args):
     subprocess.run(["bash", os.path.join(REPO, "ops", "stack.sh"), *args], check=True, capture_output=True, timeout=120)
-
-
-def http(aegis, path):
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{aegis.metrics_port}{path}", timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode()
-    except OSError:
-        return None, ""
 
 
 def metric(aegis, name, required=True):
