@@ -196,12 +196,12 @@ impl PartitionWriter {
         let head =
             retry(&context, &config.retry, cancel, metrics::set_backend_up, || sinks.heads.load(topic, partition))
                 .await?;
-        if !head.stored {
-            // No item must mean an empty chain. If this partition already has a genesis marker
-            // or signed digests in S3, the chain table was lost or replaced: starting from
-            // genesis would fork the trail (and Object Lock would keep the fork). Refuse. (An
-            // item with neither head nor intent is an operator's word that the chain starts
-            // afresh: an unrecoverable first flush cleared, RUNBOOK.)
+        if head.committed.is_none() && head.pending.is_none() && !head.afresh {
+            // No head must mean an empty chain. If this partition already has a genesis marker
+            // or signed digests in S3, the chain table was lost, replaced or damaged: starting
+            // from genesis would fork the trail (and Object Lock would keep the fork). Refuse.
+            // (An item with its key alone is an operator's word that the chain starts afresh:
+            // an unrecoverable first flush cleared, RUNBOOK.)
             let objects = &sinks.objects;
             let genesis = genesis_key(&config.s3.prefix, topic, partition);
             let marker =
@@ -1187,8 +1187,10 @@ mod tests {
         interrupted_after_intent(&s).await;
         assert!(s.objects.keys().iter().any(|k| k.ends_with(".genesis")));
         s.heads.clear_pending("t", 0);
-        let w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
+        let mut w = PartitionWriter::open("t", 0, config(), s.sinks(), &CancellationToken::new()).await.unwrap();
         assert_eq!(w.next_offset(), None, "a chain from genesis");
+        feed(&mut w, 0..3).await;
+        assert_eq!(s.heads.get("t", 0).committed.map(|h| h.last_offset), Some(2));
     }
 
     #[tokio::test]

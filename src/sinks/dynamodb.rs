@@ -387,6 +387,13 @@ fn segment_list(segments: &[SegmentEntry]) -> AttributeValue {
     )
 }
 
+/// A chain item with its key alone (and `updated_at`): what an operator leaves to start a chain
+/// afresh. Any other attribute, even one that does not read as part of a head (a misspelt or
+/// mistyped hand edit), makes the item a damaged head, not a fresh start.
+fn bare_item(item: &HashMap<String, AttributeValue>) -> bool {
+    item.contains_key("PK") && item.keys().all(|k| k == "PK" || k == "updated_at")
+}
+
 fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
     let committed = match (read_i64(item, "last_offset"), read_hash(item, "last_hash")) {
         (Some(last_offset), Some(last_hash)) => Some(HeadPos { last_offset, last_hash }),
@@ -417,7 +424,7 @@ fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
             .collect(),
         _ => Vec::new(),
     };
-    ChainHead { stored: false, committed, pending, digest, undigested }
+    ChainHead { afresh: false, committed, pending, digest, undigested }
 }
 
 fn is_condition_failure<R>(
@@ -441,7 +448,7 @@ impl HeadStore for DynamoStore {
             .send()
             .await
             .map_err(|e| classify_sdk_error(BACKEND, "GetItem", &self.chain_table, &e))?;
-        Ok(out.item().map(|item| ChainHead { stored: true, ..parse_head(item) }).unwrap_or_default())
+        Ok(out.item().map(|item| ChainHead { afresh: bare_item(item), ..parse_head(item) }).unwrap_or_default())
     }
 
     async fn begin_flush(
@@ -566,5 +573,26 @@ impl HeadStore for DynamoStore {
             }
             Err(e) => Err(classify_sdk_error(BACKEND, "UpdateItem", &self.chain_table, &e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_item_with_its_key_alone_starts_a_chain_afresh() {
+        let item = |attrs: &[(&str, AttributeValue)]| -> HashMap<String, AttributeValue> {
+            attrs.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+        };
+        let pk = ("PK", AttributeValue::S(chain_head_pk("t", 3)));
+        let now = ("updated_at", AttributeValue::S("2026-12-03T04:00:00Z".into()));
+        assert!(bare_item(&item(std::slice::from_ref(&pk))));
+        assert!(bare_item(&item(&[pk.clone(), now.clone()])));
+        // A hand edit that misspells the head reads as no head: damaged, never a fresh start.
+        let misspelt = item(&[pk.clone(), now, ("last_ofset", AttributeValue::N("41".into()))]);
+        assert!(!bare_item(&misspelt) && parse_head(&misspelt).committed.is_none());
+        assert!(!bare_item(&item(&[pk, ("last_offset", AttributeValue::S("41".into()))])));
+        assert!(!bare_item(&HashMap::new()), "an emulator's empty answer is no item");
     }
 }

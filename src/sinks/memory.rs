@@ -181,7 +181,14 @@ pub struct MemoryHeads {
 impl MemoryHeads {
     pub fn get(&self, topic: &str, partition: i32) -> ChainHead {
         let heads = self.heads.lock().unwrap();
-        heads.get(&(topic.to_string(), partition)).map(|h| ChainHead { stored: true, ..h.clone() }).unwrap_or_default()
+        let head = heads.get(&(topic.to_string(), partition)).cloned().unwrap_or_default();
+        // As DynamoDB's: an item is bare when its head, intent and digest state are all gone.
+        let bare = heads.contains_key(&(topic.to_string(), partition))
+            && head.committed.is_none()
+            && head.pending.is_none()
+            && head.digest.is_none()
+            && head.undigested.is_empty();
+        ChainHead { afresh: bare, ..head }
     }
 
     /// What an operator does for an irreproducible flush (RUNBOOK): the intent removed, the
@@ -217,15 +224,16 @@ impl HeadStore for MemoryHeads {
     ) -> Result<(), SinkError> {
         self.check("UpdateItem")?;
         let mut heads = self.heads.lock().unwrap();
-        let head = heads.entry((topic.to_string(), partition)).or_default();
-        if head.committed != expected || head.pending.is_some() {
+        // A refused conditional write creates no item (as in DynamoDB).
+        let stored = heads.get(&(topic.to_string(), partition)).cloned().unwrap_or_default();
+        if stored.committed != expected || stored.pending.is_some() {
             return Err(SinkError::FenceLost {
                 topic: topic.into(),
                 partition,
-                detail: format!("stored {head:?}, expected {expected:?}"),
+                detail: format!("stored {stored:?}, expected {expected:?}"),
             });
         }
-        head.pending = Some(pending);
+        heads.entry((topic.to_string(), partition)).or_default().pending = Some(pending);
         Ok(())
     }
 
@@ -238,7 +246,8 @@ impl HeadStore for MemoryHeads {
     ) -> Result<(), SinkError> {
         self.check("UpdateItem")?;
         let mut heads = self.heads.lock().unwrap();
-        let head = heads.entry((topic.to_string(), partition)).or_default();
+        let mut missing = ChainHead::default();
+        let head = heads.get_mut(&(topic.to_string(), partition)).unwrap_or(&mut missing);
         if head.pending != Some(pending) {
             return Err(SinkError::FenceLost {
                 topic: topic.into(),
@@ -263,7 +272,8 @@ impl HeadStore for MemoryHeads {
     ) -> Result<(), SinkError> {
         self.check("UpdateItem")?;
         let mut heads = self.heads.lock().unwrap();
-        let head = heads.entry((topic.to_string(), partition)).or_default();
+        let mut missing = ChainHead::default();
+        let head = heads.get_mut(&(topic.to_string(), partition)).unwrap_or(&mut missing);
         if head.committed != Some(expected) || head.pending.is_some() || head.digest != previous {
             return Err(SinkError::FenceLost {
                 topic: topic.into(),

@@ -172,10 +172,11 @@ pub struct DigestPos {
 /// The stored head of one topic-partition's chain.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChainHead {
-    /// The chain table holds an item for the partition. An item without a head or an intent
-    /// (an operator cleared an unrecoverable first flush, RUNBOOK) starts a chain; no item at
-    /// all, where the trail has begun, is a lost table.
-    pub stored: bool,
+    /// The chain table holds an item for the partition with nothing but its key (and
+    /// `updated_at`): an operator's word that the chain starts afresh (an unrecoverable first
+    /// flush cleared, RUNBOOK). No item, or one whose attributes do not read as a head, where
+    /// the trail has begun, is a lost or damaged table: refused, never a second chain.
+    pub afresh: bool,
     pub committed: Option<HeadPos>,
     pub pending: Option<PendingFlush>,
     pub digest: Option<DigestPos>,
