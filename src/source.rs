@@ -724,27 +724,10 @@ impl Worker {
                     return;
                 }
                 _ = self.shutdown.cancelled() => {
-                    // Take what is already queued, then flush it all.
-                    while let Ok(inbound) = rx.try_recv() {
-                        self.took(&inbound);
-                        if inbound.generation < min_generation {
-                            continue;
-                        }
-                        match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) {
-                            // Flushes stay within their limits (size, placements) on the way out too.
-                            Ok(Admit::Appended) if writer.should_flush(Instant::now()) => {
-                                if !(self.flush_and_commit(&mut writer).await && self.digest(&mut writer, false).await) {
-                                    return;
-                                }
-                            }
-                            // The chain continues before these records: the seek cannot happen
-                            // any more, and admitting past it would link across a gap Kafka
-                            // still holds. The next owner reads from the head.
-                            Ok(Admit::SeekTo(_)) => break,
-                            Ok(Admit::Appended | Admit::AlreadyChained) => {}
-                            Err(e) => return self.stop(&e),
-                        }
-                    }
+                    // Flush what is buffered and leave what is still queued: it is not
+                    // committed, so the next owner reads it again. Draining the queue (up to
+                    // `kafka.max_queued_bytes`) made a stop take a flush per segment's worth of
+                    // backlog, past the pod's grace period on a slow backend.
                     if self.flush_and_commit(&mut writer).await {
                         // Sign what this owner made durable, so the next one starts clean.
                         self.digest(&mut writer, true).await;
