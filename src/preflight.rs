@@ -30,15 +30,16 @@ fn fail(key: &'static str, message: impl Into<String>) -> PreflightError {
     PreflightError::Resource { key, message: message.into() }
 }
 
-/// `key: message`, as [`fail`], but retryable when the SDK error is one an outage gives: no
-/// connection or a timeout, throttling, a 5xx (the sinks' rule). A request that could not be
-/// sent for another reason (an endpoint or identity that does not resolve) is not.
+/// `key: {resource} at {endpoint}: {what went wrong}`, as [`fail`], but retryable when the SDK
+/// error is one an outage gives: no connection or a timeout, throttling, a 5xx (the sinks'
+/// rule). A request that could not be sent for another reason (an endpoint or identity that
+/// does not resolve) is not.
 fn sdk_failure<E>(
     key: &'static str,
     backend: &'static str,
     operation: &'static str,
     target: &str,
-    message: String,
+    resource: String,
     e: &aws_smithy_runtime_api::client::result::SdkError<E, aws_smithy_runtime_api::http::Response>,
 ) -> PreflightError
 where
@@ -51,6 +52,7 @@ where
         }
         _ => crate::sinks::classify_sdk_error(backend, operation, target, e).is_retryable(),
     };
+    let message = format!("{resource}: {}", describe(e));
     if outage {
         PreflightError::Unreachable { key, message }
     } else {
@@ -174,14 +176,13 @@ pub async fn check(config: &Config, sdk: &aws_config::SdkConfig) -> Result<(), P
                 format!("bucket {bucket:?} does not exist at {endpoint}; create it with `aegis-audit init`"),
             )
         } else {
-            let message = format!("bucket {bucket:?} at {endpoint}: {}", describe(&e));
-            sdk_failure("s3.endpoint_url", "s3", "HeadBucket", bucket, message, &e)
+            sdk_failure("s3.endpoint_url", "s3", "HeadBucket", bucket, format!("bucket {bucket:?} at {endpoint}"), &e)
         });
     }
     if let Some(days) = config.s3.object_lock_retention_days {
         let enabled = crate::sinks::s3::object_lock_state(&s3, bucket).await.map_err(|e| {
-            let message = format!("bucket {bucket:?} at {endpoint}: {}", describe(&e));
-            sdk_failure("s3.object_lock_retention_days", "s3", "GetObjectLockConfiguration", bucket, message, &e)
+            let resource = format!("bucket {bucket:?} at {endpoint}");
+            sdk_failure("s3.object_lock_retention_days", "s3", "GetObjectLockConfiguration", bucket, resource, &e)
         })?;
         if !enabled {
             return Err(fail(
@@ -200,8 +201,8 @@ pub async fn check(config: &Config, sdk: &aws_config::SdkConfig) -> Result<(), P
             return Err(if missing {
                 fail(key, format!("table {table:?} does not exist at {endpoint}; create it with `aegis-audit init`"))
             } else {
-                let message = format!("table {table:?} at {endpoint}: {}", describe(&e));
-                sdk_failure("dynamodb.endpoint_url", "dynamodb", "DescribeTable", table, message, &e)
+                let resource = format!("table {table:?} at {endpoint}");
+                sdk_failure("dynamodb.endpoint_url", "dynamodb", "DescribeTable", table, resource, &e)
             });
         }
     }
