@@ -239,8 +239,8 @@ pub fn decode(
         position: std::str::from_utf8(bytes).err().map_or(0, |e| e.valid_up_to()),
     })?;
     let wire: Wire<'_> = serde_json::from_str(&text).map_err(|e| match e.classify() {
-        serde_json::error::Category::Data => RejectReason::Schema(e.to_string()),
-        _ => RejectReason::NotJson(e.to_string()),
+        serde_json::error::Category::Data => RejectReason::Schema(bounded_message(&e)),
+        _ => RejectReason::NotJson(bounded_message(&e)),
     })?;
     // serde fills a struct from a JSON array too (fields in order); an event is an object.
     if !text.trim_start_matches([' ', '\t', '\n', '\r']).starts_with('{') {
@@ -514,6 +514,26 @@ impl TokenGaps {
     }
 }
 
+/// serde_json's message quotes the offending value in full (a 300 KB string comes back as up to
+/// 1 MB of escapes): kept whole, the reason would not fit a dead-letter header, whose refusal
+/// stops the partition, nor a log line. The value is cut; where it is (line, column) is kept.
+fn bounded_message(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let location = format!(" at line {} column {}", error.line(), error.column());
+    let (what, location) = match text.strip_suffix(&location) {
+        Some(what) => (what, location.as_str()),
+        None => (text.as_str(), ""),
+    };
+    let chars = what.chars().count();
+    if chars <= 200 {
+        return text;
+    }
+    // The quoted value sits between what went wrong and what was expected: both ends stay.
+    let head: String = what.chars().take(120).collect();
+    let tail: String = what.chars().skip(chars - 60).collect();
+    format!("{head}…{tail}{location}")
+}
+
 fn truncate(text: &str, max_chars: usize) -> String {
     if text.chars().count() <= max_chars {
         text.to_string()
@@ -644,6 +664,21 @@ mod tests {
         assert_eq!(decode(Some(&Bytes::from_static(b"\xff\xfe")), None, &rules()).unwrap_err().code(), "not_utf8");
         let big = vec![b' '; rules().max_record_bytes + 1];
         assert_eq!(decode(Some(&Bytes::from(big)), None, &rules()).unwrap_err().code(), "oversize");
+    }
+
+    #[test]
+    fn a_huge_value_in_a_parse_error_is_cut_and_its_place_kept() {
+        // U+0085 is 2 bytes in the payload and 6 in serde's quote (`\u{85}`): whole, this reason
+        // came to ~1 MB, over a dead-letter header's limit.
+        let mut g = good();
+        g["confidence_score"] = "\u{85}".repeat(170_000).into();
+        let payload = Bytes::from(g.to_string());
+        let rules = ValidationConfig { max_record_bytes: 358_400, ..rules() };
+        let reason = decode(Some(&payload), Some(TS), &rules).unwrap_err();
+        assert_eq!(reason.code(), "schema");
+        let text = reason.to_string();
+        assert!(text.len() < 1024, "{} bytes", text.len());
+        assert!(text.contains("expected f64") && text.contains(" at line 1 column "), "{text}");
     }
 
     #[test]

@@ -57,9 +57,13 @@ impl KafkaDeadLetters {
         let partition = letter.source_partition.to_string();
         let offset = letter.source_offset.to_string();
         let timestamp = letter.kafka_timestamp_ms.map(|ts| ts.to_string());
+        // The retry without the payload must fit whatever the reason says (its whole text is in
+        // the quarantine row's `reject_reason`).
+        let reason =
+            if with_payload { letter.reason.as_str() } else { prefix_within(&letter.reason, MAX_REASON_BYTES) };
         let mut headers = OwnedHeaders::new()
             .insert(Header { key: "aegis.reason_code", value: Some(letter.reason_code) })
-            .insert(Header { key: "aegis.reason", value: Some(letter.reason.as_str()) })
+            .insert(Header { key: "aegis.reason", value: Some(reason) })
             .insert(Header { key: "aegis.source_topic", value: Some(letter.source_topic.as_str()) })
             .insert(Header { key: "aegis.source_partition", value: Some(partition.as_str()) })
             .insert(Header { key: "aegis.source_offset", value: Some(offset.as_str()) });
@@ -79,6 +83,18 @@ impl KafkaDeadLetters {
         // a broker bounding timestamps would refuse them). The source's is in a header.
         self.producer.send(record, Duration::from_secs(30)).await.map(|_| ()).map_err(|(e, _)| e)
     }
+}
+
+/// The reason header of a letter sent without its payload is cut to this many bytes.
+const MAX_REASON_BYTES: usize = 1024;
+
+/// The longest prefix of `text` within `max` bytes that ends on a character boundary.
+fn prefix_within(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 /// Why a dead letter may come without its payload.
@@ -122,5 +138,19 @@ impl DeadLetterSink for KafkaDeadLetters {
             })
         });
         futures::future::try_join_all(sends).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::prefix_within;
+
+    #[test]
+    fn a_cut_reason_ends_on_a_character_boundary() {
+        assert_eq!(prefix_within("short", 1024), "short");
+        let text = "é".repeat(1000); // 2000 bytes
+        let cut = prefix_within(&text, 1023);
+        assert_eq!(cut.len(), 1022);
+        assert_eq!(prefix_within(&text, 1024).len(), 1024);
     }
 }
