@@ -7,7 +7,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -349,7 +349,7 @@ impl Config {
         if !path.exists() {
             return Err(ConfigError::MissingFile { path: path.display().to_string() });
         }
-        Self::from_figment(Figment::from(Toml::file(path)).merge(env_provider()), env_properties())
+        Self::from_figment(with_env(Figment::from(Toml::file(path))), env_properties())
     }
 
     /// Parses TOML text and validates it, without environment overrides (tests, examples).
@@ -359,7 +359,7 @@ impl Config {
 
     /// Parses TOML text with `AEGIS_*` overrides, as [`Config::load`] does for a file.
     pub fn from_toml_str_with_env(text: &str) -> Result<Self, ConfigError> {
-        Self::from_figment(Figment::from(Toml::string(text)).merge(env_provider()), env_properties())
+        Self::from_figment(with_env(Figment::from(Toml::string(text))), env_properties())
     }
 
     /// `env_properties` override the file's `[kafka.properties]`. Environment variable names
@@ -558,11 +558,62 @@ impl Config {
     }
 }
 
-fn env_provider() -> Env {
-    // Only AEGIS_<SECTION>__<KEY> are config keys; other AEGIS_* variables (AEGIS_CONFIG,
-    // AEGIS_LOG_FORMAT, scripts' own settings) are not, and must not trip deny_unknown_fields.
-    // librdkafka properties are read verbatim instead (`env_properties`).
-    Env::prefixed("AEGIS_").filter(|key| key.as_str().contains("__") && !key.starts_with(PROPERTIES_ENV)).split("__")
+/// The file's keys overridden by `AEGIS_<SECTION>__<KEY>`: typed keys through figment, text keys
+/// (`TEXT_KEYS`) byte for byte.
+fn with_env(figment: Figment) -> Figment {
+    let typed = Env::prefixed("AEGIS_")
+        // Only AEGIS_<SECTION>__<KEY> are config keys; other AEGIS_* variables (AEGIS_CONFIG,
+        // AEGIS_LOG_FORMAT, scripts' own settings) are not, and must not trip
+        // deny_unknown_fields. librdkafka properties are read verbatim instead (`env_properties`).
+        .filter(|key| {
+            key.as_str().contains("__")
+                && !key.starts_with(PROPERTIES_ENV)
+                && !TEXT_KEYS.iter().any(|text| key.as_str().eq_ignore_ascii_case(&text_key_env(text)))
+        })
+        .split("__");
+    env_text()
+        .into_iter()
+        .fold(figment.merge(typed), |figment, (key, value)| figment.merge(Serialized::default(key, value)))
+}
+
+/// The keys whose values are text. Through figment an environment value is typed first (a group
+/// id `2024` became a number and was refused as one, `007` would have become `7`) and trimmed
+/// and unquoted; these arrive as set.
+const TEXT_KEYS: &[&str] = &[
+    "kafka.brokers",
+    "kafka.topic",
+    "kafka.group_id",
+    "kafka.dead_letter_topic",
+    "s3.bucket",
+    "s3.prefix",
+    "s3.endpoint_url",
+    "s3.sse_kms_key_id",
+    "dynamodb.table",
+    "dynamodb.chain_table",
+    "dynamodb.endpoint_url",
+    "aws.region",
+    "aws.access_key_id",
+    "aws.secret_access_key",
+    "metrics.listen",
+    "digest.signing_key_file",
+    "digest.signing_key",
+];
+
+/// `kafka.group_id` -> `KAFKA__GROUP_ID` (after the `AEGIS_` prefix).
+fn text_key_env(key: &str) -> String {
+    key.replace('.', "__").to_ascii_uppercase()
+}
+
+/// The text keys set in the environment (case-insensitive, as figment matches the rest).
+fn env_text() -> Vec<(&'static str, String)> {
+    std::env::vars_os()
+        .filter_map(|(name, value)| {
+            let name = name.into_string().ok()?;
+            let rest = name.get("AEGIS_".len()..).filter(|_| name[.."AEGIS_".len()].eq_ignore_ascii_case("AEGIS_"))?;
+            let key = TEXT_KEYS.iter().find(|key| rest.eq_ignore_ascii_case(&text_key_env(key)))?;
+            Some((*key, value.into_string().ok()?))
+        })
+        .collect()
 }
 
 /// `AEGIS_KAFKA__PROPERTIES__<NAME>`, after the `AEGIS_` prefix.
@@ -695,6 +746,41 @@ mod tests {
         table = "audit-index"
         chain_table = "audit-chain"
     "#;
+
+    /// Every text key of the config is read from the environment as text (`TEXT_KEYS`): the
+    /// strings of a parsed config, and its unset options, which must be classified here.
+    #[test]
+    fn every_text_key_is_read_from_the_environment_as_text() {
+        fn leaves(value: &serde_json::Value, path: String, out: &mut Vec<(String, serde_json::Value)>) {
+            match value {
+                serde_json::Value::Object(map) => {
+                    for (key, v) in map {
+                        let path = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
+                        if path != "kafka.properties" {
+                            leaves(v, path, out);
+                        }
+                    }
+                }
+                other => out.push((path, other.clone())),
+            }
+        }
+        let mut found = Vec::new();
+        leaves(&serde_json::to_value(Config::from_toml_str(MINIMAL).unwrap()).unwrap(), String::new(), &mut found);
+        let text: Vec<&str> = found.iter().filter(|(_, v)| v.is_string()).map(|(k, _)| k.as_str()).collect();
+        let unset: Vec<&str> = found.iter().filter(|(_, v)| v.is_null()).map(|(k, _)| k.as_str()).collect();
+        // Enums: their names never read as numbers or booleans.
+        let enums = ["s3.sse"];
+        let missing: Vec<_> = text.iter().filter(|k| !TEXT_KEYS.contains(k) && !enums.contains(k)).collect();
+        assert!(missing.is_empty(), "text keys not in TEXT_KEYS: {missing:?}");
+        // Unset options: text ones are in TEXT_KEYS, the others are named here.
+        let typed_options = ["s3.object_lock_retention_days"];
+        for key in &unset {
+            assert!(TEXT_KEYS.contains(key) != typed_options.contains(key), "{key}: text (TEXT_KEYS) or typed?");
+        }
+        for key in TEXT_KEYS {
+            assert!(text.contains(key) || unset.contains(key), "{key} is not a config key");
+        }
+    }
 
     // Env overrides are process-global; tests that set them hold this lock.
     static ENV_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -873,7 +959,16 @@ mod tests {
         std::env::set_var("AEGIS_KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "00123");
         std::env::set_var("aegis_kafka__properties__sasl_username", " \"quoted\" ");
         std::env::set_var("AEGIS_KAFKA__PROPERTIES__SSL.CA.LOCATION", "/ca.pem");
+        // Text keys too: a value that reads as a number or a boolean stays the text it was.
+        std::env::set_var("AEGIS_KAFKA__GROUP_ID", "2024");
+        std::env::set_var("aegis_s3__prefix", "007");
+        std::env::set_var("AEGIS_AWS__SECRET_ACCESS_KEY", " \"true\"");
+        std::env::set_var("AEGIS_AWS__ACCESS_KEY_ID", "12345");
         let c = Config::from_toml_str_with_env(MINIMAL);
+        std::env::remove_var("AEGIS_KAFKA__GROUP_ID");
+        std::env::remove_var("aegis_s3__prefix");
+        std::env::remove_var("AEGIS_AWS__SECRET_ACCESS_KEY");
+        std::env::remove_var("AEGIS_AWS__ACCESS_KEY_ID");
         std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SASL_PASSWORD");
         std::env::remove_var("AEGIS_KAFKA__PROPERTIES__SSL_KEY_PASSWORD");
         std::env::remove_var("aegis_kafka__properties__sasl_username");
@@ -888,6 +983,9 @@ mod tests {
         assert_eq!(c.kafka.properties.get("ssl.key.password").map(String::as_str), Some("00123"));
         assert_eq!(c.kafka.properties.get("sasl.username").map(String::as_str), Some(" \"quoted\" "));
         assert_eq!(c.kafka.properties.get("ssl.ca.location").map(String::as_str), Some("/ca.pem"), "dots work too");
+        assert_eq!((c.kafka.group_id.as_str(), c.s3.prefix.as_str()), ("2024", "007"));
+        assert_eq!(c.aws.secret_access_key.as_deref(), Some(" \"true\""));
+        assert_eq!(c.aws.access_key_id.as_deref(), Some("12345"));
         // In the file, too, `_` reads as `.` in property keys.
         let file = MINIMAL.replace(
             "topic = \"decisions\"",
