@@ -8,7 +8,9 @@ the Rust sources, so a bug in either implementation (or in the spec) shows up as
 
 What it checks, per partition of one topic:
   * segments `<topic>-p<PPPP>-<first:020>-<last:020>.parquet` in the writer's directories
-    directly under the prefix (year=/month=/day=/environment=/ and quarantine/year=/month=/day=/), one flush (first, last) at a time in ascending order, rows of
+    directly under the prefix (year=/month=/day=/environment=/ and quarantine/year=/month=/day=/);
+    anything else there but another topic's segments and names starting with _ or . (what
+    Athena skips) is an unexpected_object; one flush (first, last) at a time in ascending order, rows of
     a flush merged by kafka_offset: offsets (segment_range, duplicate_offset), placement
     (misplaced_row), the columns derived from the payload (derived_column), links from genesis
     (broken_link), entry hashes (entry_hash), the footer
@@ -277,6 +279,8 @@ class Layout(NamedTuple):
     digests: dict[int, dict[int, str]]
     unexpected: dict[int, list[str]]
     key_files: list[str]
+    strangers: list[str]  # in a trail directory, a segment of no topic: Athena reads it all the same
+    other_topics: list[str]  # topics whose segments share the directories (verified on their own)
 
     def partitions(self) -> list[int]:
         return sorted(set(self.segments) | set(self.digests) | set(self.unexpected))
@@ -303,6 +307,8 @@ def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
     digests_root = f"{base}_digests/"
     topic_digests = f"{digests_root}{topic}/"
     segment_name = re.compile(re.escape(topic) + r"-p([0-9]{4,})-([0-9]{20})-([0-9]{20})\.parquet\Z")
+    any_segment = re.compile(r"(.+)-p([0-9]{4,})-([0-9]{20})-([0-9]{20})\.parquet\Z")
+    strangers, other_topics = [], set()
     segments: dict = defaultdict(lambda: defaultdict(list))
     digests: dict = defaultdict(dict)
     unexpected: dict = defaultdict(list)
@@ -325,10 +331,18 @@ def scan(store, prefix: str, topic: str, only_partition: int | None) -> Layout:
             continue  # the rest of _digests/ (other topics) is not part of this chain
         if trail_directory(base, key) is None:
             continue  # not one of this trail's directories (another trail under a longer prefix)
-        if (m := segment_name.match(key.rsplit("/", 1)[-1])) and int(m[1]) <= I32_MAX and wanted(int(m[1])) \
-                and int(m[2]) <= I64_MAX and int(m[3]) <= I64_MAX:
-            segments[int(m[1])][(int(m[2]), int(m[3]))].append(key)
-    return Layout(segments, digests, unexpected, sorted(key_files))
+        file = key.rsplit("/", 1)[-1]
+        if (m := segment_name.match(file)) and int(m[1]) <= I32_MAX and int(m[2]) <= I64_MAX and int(m[3]) <= I64_MAX:
+            if wanted(int(m[1])):
+                segments[int(m[1])][(int(m[2]), int(m[3]))].append(key)
+        elif file == "" or file[0] in "_.":
+            continue  # folder markers, and what Athena skips (names starting with _ or .)
+        elif (m := any_segment.match(file)) and m[1] != topic and int(m[2]) <= I32_MAX \
+                and int(m[3]) <= I64_MAX and int(m[4]) <= I64_MAX:
+            other_topics.add(m[1])
+        elif only_partition is None:
+            strangers.append(key)
+    return Layout(segments, digests, unexpected, sorted(key_files), strangers, sorted(other_topics))
 
 
 def digest_key(prefix: str, topic: str, partition: int, seq: int) -> str:
@@ -1073,6 +1087,12 @@ def verify(args) -> Report:
     keys = trusted_keys(args, store, layout, report)
     if args.dir:
         report.notes.append("local mirror: S3's stored checksums are not available, object_checksum not checked")
+    for key in layout.strangers:
+        report.problem("unexpected_object", -1, key, None,
+                       "in a trail directory but not a segment of any topic: Athena reads it as part of the table")
+    if layout.other_topics:
+        report.notes.append(f"segments of other topics share the trail's directories, not verified here: "
+                            f"{', '.join(layout.other_topics)} (verify each with --topic)")
     partitions = layout.partitions()
     if not partitions:
         report.notes.append(f"no segments or digests for topic {args.topic!r} under {store.describe()}{prefix}")

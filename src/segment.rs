@@ -173,6 +173,15 @@ pub fn parse_segment_key(key: &str, topic: &str) -> Option<SegmentName> {
     })
 }
 
+/// The topic of a well-formed segment name of any topic (`<topic>-p<PPPP>-<first>-<last>.parquet`,
+/// numbers in range): another topic's segments may share the trail's directories.
+pub fn segment_topic(key: &str) -> Option<&str> {
+    let file = key.rsplit('/').next()?.strip_suffix(".parquet")?;
+    let mut parts = file.rsplitn(4, '-');
+    let (_last, _first, _partition, topic) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    parse_segment_key(key, topic).map(|_| topic).filter(|topic| !topic.is_empty())
+}
+
 pub fn join_key(parts: &[&str]) -> String {
     parts.iter().map(|p| p.trim_matches('/')).filter(|p| !p.is_empty()).collect::<Vec<_>>().join("/")
 }

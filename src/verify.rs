@@ -194,6 +194,7 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
     let listing = store.list(&crate::segment::dir_prefix(&[prefix])).await?;
     let digests_root = join_key(&[prefix, DIGESTS_DIR]) + "/";
     let mut segments: BTreeMap<i32, Vec<SegmentName>> = BTreeMap::new();
+    let mut other_topics = std::collections::BTreeSet::new();
     for object in &listing {
         if object.key.starts_with(&digests_root) {
             continue;
@@ -202,11 +203,32 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
         if crate::segment::trail_directory(prefix, &object.key).is_none() {
             continue;
         }
+        let file = object.key.rsplit('/').next().unwrap_or_default();
         if let Some(name) = parse_segment_key(&object.key, &options.topic) {
             if options.partition.is_none_or(|p| p == name.partition) {
                 segments.entry(name.partition).or_default().push(name);
             }
+        } else if file.is_empty() || file.starts_with(['_', '.']) {
+            // Folder markers, and what Athena skips.
+        } else if let Some(topic) = crate::segment::segment_topic(&object.key) {
+            other_topics.insert(topic.to_string());
+        } else if options.partition.is_none() {
+            // Athena reads every file of the table's directories: a row no chain holds.
+            report.problems.push(Problem {
+                code: "unexpected_object",
+                partition: -1,
+                key: object.key.clone(),
+                offset: None,
+                detail: "in a trail directory but not a segment of any topic: Athena reads it as part of the table"
+                    .into(),
+            });
         }
+    }
+    if !other_topics.is_empty() {
+        report.notes.push(format!(
+            "segments of other topics share the trail's directories, not verified here: {} (verify each with --topic)",
+            other_topics.into_iter().collect::<Vec<_>>().join(", ")
+        ));
     }
     let mut digest_keys: BTreeMap<i32, Vec<DigestName>> = BTreeMap::new();
     let topic_digests = join_key(&[prefix, DIGESTS_DIR, &options.topic]) + "/";
@@ -833,10 +855,12 @@ async fn check_partition(
             let expected = match &expected_prev {
                 Some((hash, _, _)) => Some(hash.clone()),
                 None if first_flush && options.from.is_none() => match (&anchor, &marker) {
-                    (Some(anchor), _) => Some(anchor.clone()),
-                    // Flushes no digest ever listed (signing off, or not yet on) were pruned: the
-                    // marker `prune` left says which entry the rest links to.
-                    (None, Some(m)) if row.offset > m.last_offset => {
+                    // Flushes no digest ever listed (signing off, not yet on, or the writer
+                    // stopped before its next digest) were pruned, alone or after signed ones:
+                    // the marker `prune` left says which entry the rest links to.
+                    (anchor, Some(m))
+                        if row.offset > m.last_offset && anchor.as_ref().is_none_or(|(at, _)| m.last_offset > *at) =>
+                    {
                         report.notes.push(format!(
                             "partition {partition}: the chain starts at offset {} in {key}, after the flushes \
                              prune deleted through offset {} (cutoff {}); no digest signed those",
@@ -844,6 +868,7 @@ async fn check_partition(
                         ));
                         Some(m.last_entry_hash.clone())
                     }
+                    (Some((_, anchor)), _) => Some(anchor.clone()),
                     _ => Some(hex::encode(genesis(topic, partition))),
                 },
                 None => None, // --from: the first row is the anchor
@@ -907,8 +932,9 @@ async fn check_partition(
 }
 
 /// The signed flushes at the start of the partition that are gone and dated before `cutoff`
-/// (pruned on purpose), and the entry hash the first remaining entry must link to. Where
-/// `prune` left a marker, only flushes up to the one it names count as pruned.
+/// (pruned on purpose), and the offset and entry hash of the last of them (what the first
+/// remaining entry links to, unless the marker names a later one). Where `prune` left a marker,
+/// only flushes up to the one it names count as pruned.
 fn pruned_prefix(
     signed: &Signed,
     present: &BTreeMap<&str, &SegmentName>,
@@ -916,7 +942,7 @@ fn pruned_prefix(
     topic: &str,
     cutoff: Option<chrono::NaiveDate>,
     marker: Option<&PruneMarker>,
-) -> (std::collections::BTreeSet<String>, Option<String>) {
+) -> (std::collections::BTreeSet<String>, Option<(i64, String)>) {
     let mut pruned = std::collections::BTreeSet::new();
     let mut anchor = None;
     let Some(cutoff) = cutoff else { return (pruned, anchor) };
@@ -938,7 +964,7 @@ fn pruned_prefix(
             break;
         }
         pruned.extend(entries.iter().map(|e| e.key.clone()));
-        anchor = entries.iter().max_by_key(|e| e.last_offset).map(|e| e.last_entry_hash.clone());
+        anchor = entries.iter().max_by_key(|e| e.last_offset).map(|e| (e.last_offset, e.last_entry_hash.clone()));
     }
     (pruned, anchor)
 }
@@ -1356,6 +1382,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_marker_past_the_last_signed_flush_anchors_the_rest() {
+        // Digest 0 signs flushes 0..=2 and 3..=5; the writer stopped before the digest of the
+        // next ones (digest 1 never written). prune then deleted flushes through offset 8.
+        let objects = trail().await;
+        objects.remove(&crate::digest::digest_key("trail", TOPIC, 0, 1));
+        let mut last_hash = None;
+        for key in segment_keys(&objects).into_iter().filter(|k| {
+            ["-00000000000000000000-", "-00000000000000000003-", "-00000000000000000006-"].iter().any(|f| k.contains(f))
+        }) {
+            let info = objects.head(&key).await.unwrap().unwrap();
+            if info.metadata.get("aegis-last-offset").map(String::as_str) == Some("8") {
+                last_hash = info.metadata.get("aegis-last-entry-hash").cloned();
+            }
+            objects.remove(&key);
+        }
+        let cutoff = chrono::NaiveDate::from_ymd_opt(2026, 11, 21).unwrap();
+        let marker = |hash: String| PruneMarker {
+            format: PRUNE_MARKER_FORMAT.into(),
+            topic: TOPIC.into(),
+            partition: 0,
+            last_offset: 8,
+            last_entry_hash: hash,
+            cutoff,
+            pruned_at: "2026-11-30T00:00:00Z".into(),
+        };
+        let key = prune_marker_key("trail", TOPIC, 0);
+        let options = VerifyOptions {
+            topic: TOPIC.into(),
+            public_keys: vec![signer().verifying_key()],
+            pruned_before: Some(cutoff),
+            concurrency: 4,
+            ..Default::default()
+        };
+        objects
+            .put(&key, Bytes::from(serde_json::to_vec(&marker(last_hash.unwrap())).unwrap()), &BTreeMap::new())
+            .await
+            .unwrap();
+        let report = verify(objects.clone(), "trail", &options).await.unwrap();
+        assert!(report.ok, "{:?}", report.problems);
+        assert_eq!(report.pruned_segments, 4, "the signed flushes 0..=5");
+        assert!(report.notes.iter().any(|n| n.contains("starts at offset 9")), "{:?}", report.notes);
+        // A marker that names another entry does not vouch for the rest.
+        objects
+            .put(&key, Bytes::from(serde_json::to_vec(&marker("00".repeat(32))).unwrap()), &BTreeMap::new())
+            .await
+            .unwrap();
+        let report = verify(objects.clone(), "trail", &options).await.unwrap();
+        assert_eq!(codes(&report), vec!["broken_link"]);
+    }
+
+    #[tokio::test]
     async fn tail_truncation_is_caught_by_the_digest() {
         let objects = trail().await;
         for key in segment_keys(&objects).into_iter().filter(|k| k.contains("-00000000000000000009-")) {
@@ -1392,6 +1469,46 @@ mod tests {
             report.problems.iter().filter(|p| p.code == "duplicate_offset").filter_map(|p| p.offset).collect();
         repeated.sort();
         assert_eq!(repeated, vec![3, 4, 5], "{:?}", report.problems);
+    }
+
+    #[tokio::test]
+    async fn objects_athena_would_read_that_are_no_segment_are_unexpected() {
+        let objects = trail().await;
+        let listing = objects.list("trail/").await.unwrap();
+        let segment = listing.iter().map(|o| o.key.as_str()).find(|k| k.ends_with(".parquet")).unwrap();
+        let body = objects.body(segment).unwrap();
+        let directory = segment.rsplit_once('/').unwrap().0.to_string();
+        // Made-up rows under a name of no segment, and under this topic's name with offsets no
+        // chain can have: both in the table Athena reads.
+        let strangers = [
+            format!("{directory}/extra.parquet"),
+            format!("{directory}/{TOPIC}-p0000-99999999999999999999-99999999999999999999.parquet"),
+        ];
+        for key in &strangers {
+            objects.put(key, body.clone(), &BTreeMap::new()).await.unwrap();
+        }
+        // What Athena skips, and another topic's segment: not problems; the topic is named.
+        for file in
+            ["_SUCCESS", ".hidden.parquet", "other-topic-p0000-00000000000000000000-00000000000000000002.parquet"]
+        {
+            objects.put(&format!("{directory}/{file}"), body.clone(), &BTreeMap::new()).await.unwrap();
+        }
+        let report = check(&objects).await;
+        let mut found: Vec<_> = report.problems.iter().map(|p| (p.code, p.key.clone())).collect();
+        found.sort();
+        let mut expected: Vec<_> = strangers.iter().map(|k| ("unexpected_object", k.clone())).collect();
+        expected.sort();
+        assert_eq!(found, expected);
+        assert!(
+            report.notes.iter().any(|n| n.contains("other topics") && n.contains("other-topic")),
+            "{:?}",
+            report.notes
+        );
+        assert_eq!(
+            crate::segment::segment_topic("a/b-c-p0001-00000000000000000000-00000000000000000002.parquet"),
+            Some("b-c")
+        );
+        assert_eq!(crate::segment::segment_topic("a/-p0001-00000000000000000000-00000000000000000002.parquet"), None);
     }
 
     #[tokio::test]

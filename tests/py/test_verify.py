@@ -346,8 +346,21 @@ def tamper_digest_folder_spelled_twice(bucket):
     return {"digest_unexpected"}
 
 
+def tamper_made_up_objects(bucket):
+    """Made-up decisions where Athena reads them: a segment's copy under a name of no segment,
+    and under the topic's name with offsets no chain can have. Neither verifier may skip them."""
+    s3 = trail.s3()
+    key = segments(bucket, 1)[0]
+    directory, file = key.rsplit("/", 1)
+    topic = file.rsplit("-p0001-", 1)[0]
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    for name in ["extra.parquet", f"{topic}-p0001-{'9' * 20}-{'9' * 20}.parquet"]:
+        s3.put_object(Bucket=bucket, Key=f"{directory}/{name}", Body=body, ChecksumAlgorithm="SHA256")
+    return {"unexpected_object"}
+
+
 @pytest.mark.parametrize("tamper", [
-    tamper_delete_segment, tamper_change_row, tamper_swap_rows, tamper_swap_payloads, tamper_truncate_tail,
+    tamper_made_up_objects, tamper_delete_segment, tamper_change_row, tamper_swap_rows, tamper_swap_payloads, tamper_truncate_tail,
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
     tamper_unknown_status, tamper_delete_quarantine_segment, tamper_rejected_row_marked_accepted,
