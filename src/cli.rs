@@ -154,6 +154,10 @@ pub enum Command {
         /// Up to 100,000 (273 years).
         #[arg(long, value_name = "DAYS", value_parser = clap::value_parser!(u32).range(0..=100_000))]
         older_than: u32,
+        /// Flushes checked and deleted per prune-marker write: a lock set meanwhile splits at
+        /// most one batch's progress; each write is a version Object Lock may retain.
+        #[arg(long, value_name = "FLUSHES", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..=10_000))]
+        batch_flushes: u16,
         #[arg(long)]
         dry_run: bool,
         #[arg(long)]

@@ -199,7 +199,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let report = rebuild::rebuild(&config, objects, index, &options).await?;
             println!("{}", serde_json::to_string(&report)?);
         }
-        Command::Prune { older_than, dry_run, json } => {
+        Command::Prune { older_than, batch_flushes, dry_run, json } => {
             let config = load(&cli)?;
             let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
             let store = S3Store::new(&sdk, &config.s3);
@@ -209,6 +209,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                 &config.s3.prefix,
                 &config.kafka.topic,
                 *older_than,
+                usize::from(*batch_flushes),
                 *dry_run,
             )
             .await?;
@@ -275,7 +276,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
                     })
                 })
                 .transpose()?;
-            run_consumer(config, idle).await?;
+            let stopped = run_consumer(config, idle).await?;
+            if idle.is_some() && !stopped.is_empty() {
+                // A backfill's runner must not read success: these partitions' records after
+                // their chain heads are not in the trail.
+                eprintln!(
+                    "error: partition(s) {stopped:?} stopped for good during the run (the log says why; ops/RUNBOOK.md): their records after the chain head are not in the trail"
+                );
+                return Ok(std::process::ExitCode::from(3));
+            }
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -317,7 +326,8 @@ fn print_report(report: &Report, json: bool, bucket: &str) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> anyhow::Result<()> {
+/// Runs the pipeline; returns the partitions that had stopped for good when it ended.
+async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> anyhow::Result<Vec<i32>> {
     let shutdown = CancellationToken::new();
     let hard_stop = CancellationToken::new();
     let handle = metrics::install();
@@ -335,7 +345,7 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
     let sdk = aegis_audit::sinks::aws_sdk_config(&config.aws).await;
     if !aegis_audit::preflight::wait_for_backends(&config, &sdk, &shutdown).await? {
         tracing::info!("stopped while waiting for the start-up checks");
-        return Ok(());
+        return Ok(Vec::new());
     }
     let dynamo = Arc::new(DynamoStore::new(&sdk, &config.dynamodb));
     let dead_letters: Option<Arc<dyn DeadLetterSink>> = match &config.kafka.dead_letter_topic {
@@ -359,7 +369,7 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
             .await
             {
                 Ok(()) => {}
-                Err(aegis_audit::retry::RetryError::Cancelled { .. }) => return Ok(()),
+                Err(aegis_audit::retry::RetryError::Cancelled { .. }) => return Ok(Vec::new()),
                 Err(e) => return Err(e).context("publishing the digest public key"),
             }
         }
@@ -384,8 +394,7 @@ async fn run_consumer(config: Arc<Config>, exit_when_idle: Option<Duration>) -> 
     if let Err(e) = dynamo.leave(&config.kafka.group_id, &member).await {
         tracing::warn!(error = %e, "could not remove this member's heartbeat (it expires by itself)");
     }
-    result?;
-    Ok(())
+    Ok(result?)
 }
 
 /// Every 5 s, tells `replay` and `status` this member is alive (for brokers that cannot

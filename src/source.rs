@@ -182,6 +182,8 @@ struct WorkerHandle {
     /// (or the queue empty): how a stalled worker is told from a busy one.
     taken: Arc<AtomicU64>,
     progress: (u64, Instant),
+    /// `taken` when the partition was paused.
+    taken_at_pause: u64,
 }
 
 impl WorkerHandle {
@@ -277,13 +279,14 @@ pub struct RunOptions {
 
 /// Consumes until `shutdown` fires (graceful: flush, commit, leave the group) or, with
 /// `exit_when_idle`, until the topic has been quiet that long. `hard_stop` abandons buffers.
+/// Returns the partitions whose workers had stopped for good (a fatal error) when it ended.
 pub async fn run(
     config: Arc<Config>,
     sinks: Sinks,
     options: RunOptions,
     shutdown: CancellationToken,
     hard_stop: CancellationToken,
-) -> Result<(), SourceError> {
+) -> Result<Vec<i32>, SourceError> {
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let context = AuditContext { topic: config.kafka.topic.clone(), events: events_tx };
     let consumer: StreamConsumer<AuditContext> = consumer_config(&config)
@@ -468,6 +471,8 @@ pub async fn run(
         }
     }
 
+    // A running worker's channel is open; a stopped one dropped its end.
+    let stopped: Vec<i32> = workers.iter().filter(|(_, w)| w.tx.is_closed()).map(|(&p, _)| p).collect();
     // Graceful: workers see `shutdown`, flush what they hold, commit, and end.
     tracing::info!(workers = workers.len(), "shutting down: flushing and committing");
     for (_, w) in std::mem::take(&mut workers) {
@@ -482,7 +487,7 @@ pub async fn run(
     .await;
     metrics::set_in_group(false);
     tracing::info!("left the consumer group");
-    Ok(())
+    Ok(stopped)
 }
 
 /// Hands one record to its partition's worker: the one copy out of librdkafka's buffer, which the
@@ -516,7 +521,15 @@ fn dispatch(
     cost
 }
 
-/// Resumes every paused partition whose (still running) worker is down to its resume mark.
+/// Whether a paused partition may resume: its worker is down to the resume mark and has taken
+/// something since the pause (or holds nothing). Stalled workers of many partitions each hold
+/// less than the mark when the budget runs out; resumed for that alone, they were paused again at
+/// once, ten times a second for the whole outage.
+fn may_resume(queued: usize, resume_at: usize, taken: u64, taken_at_pause: u64) -> bool {
+    queued == 0 || (queued <= resume_at && taken != taken_at_pause)
+}
+
+/// Resumes every paused partition whose (still running) worker may resume (`may_resume`).
 fn resume_drained(
     consumer: &StreamConsumer<AuditContext>,
     topic: &str,
@@ -524,7 +537,11 @@ fn resume_drained(
     workers: &mut BTreeMap<i32, WorkerHandle>,
 ) {
     for (&partition, worker) in workers.iter_mut() {
-        if worker.paused && !worker.tx.is_closed() && worker.queued() <= resume_at {
+        let taken = worker.taken.load(Ordering::Relaxed);
+        if worker.paused
+            && !worker.tx.is_closed()
+            && may_resume(worker.queued(), resume_at, taken, worker.taken_at_pause)
+        {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(topic, partition);
             if consumer.resume(&tpl).is_ok() {
@@ -576,6 +593,7 @@ fn pause(
     match consumer.pause(&tpl) {
         Ok(()) => {
             worker.paused = true;
+            worker.taken_at_pause = worker.taken.load(Ordering::Relaxed);
             metrics::paused(1.0);
             tracing::info!(partition, queued_bytes = worker.queued(), "{why}; partition paused");
         }
@@ -646,6 +664,7 @@ impl WorkerEnv {
             generation: 0,
             taken,
             progress: (0, Instant::now()),
+            taken_at_pause: 0,
         }
     }
 }
@@ -895,6 +914,20 @@ mod tests {
         assert_eq!(producer.get("linger.ms"), Some("20"));
         assert_eq!(producer.get("enable.idempotence"), Some("true"));
         assert_eq!(producer.get("bootstrap.servers"), Some("b:1"));
+    }
+
+    #[test]
+    fn a_paused_partition_resumes_once_its_worker_moves_or_empties() {
+        let resume_at = 1000;
+        // Stalled (nothing taken since the pause) with little queued: stays paused.
+        assert!(!may_resume(500, resume_at, 7, 7));
+        // Taking again, down to the mark: resumes.
+        assert!(may_resume(500, resume_at, 8, 7));
+        assert!(may_resume(1000, resume_at, 8, 7));
+        // Above the mark: not yet, however fast it takes.
+        assert!(!may_resume(1001, resume_at, 9, 7));
+        // Empty: nothing to wait for.
+        assert!(may_resume(0, resume_at, 7, 7));
     }
 
     #[test]

@@ -66,12 +66,17 @@ pub fn key_date(prefix: &str, key: &str) -> Option<NaiveDate> {
     NaiveDate::from_ymd_opt(num("year=")? as i32, num("month=")?, num("day=")?)
 }
 
+/// Deletes whole expired flushes, oldest first, `batch_flushes` at a time (`prune
+/// --batch-flushes`): a lock or legal hold set after a batch's check can split at most that
+/// batch's progress, a stopped run loses no more, and the versions held in memory stay bounded,
+/// however long the backlog.
 pub async fn prune(
     store: &crate::sinks::s3::S3Store,
     bucket: &str,
     prefix: &str,
     topic: &str,
     older_than_days: u32,
+    batch_flushes: usize,
     dry_run: bool,
 ) -> Result<PruneReport, SinkError> {
     let client = store.client();
@@ -130,7 +135,7 @@ pub async fn prune(
                 last_hash: checked.last_hash.unwrap_or_default(),
                 objects: checked.objects,
             });
-            if doomed.len() == PRUNE_BATCH_FLUSHES {
+            if doomed.len() >= batch_flushes {
                 delete_flushes(
                     store,
                     prefix,
@@ -148,11 +153,6 @@ pub async fn prune(
     }
     Ok(report)
 }
-
-/// Flushes checked and deleted together: a lock or legal hold set after its check can split at
-/// most one batch's worth of progress, a stopped run loses no more, and the versions held in
-/// memory stay bounded, however long the backlog.
-const PRUNE_BATCH_FLUSHES: usize = 64;
 
 struct CheckedFlush {
     locked: Vec<(String, String)>,

@@ -384,3 +384,9 @@ def test_a_segment_key_holding_other_content_stops_only_that_partition(aegis, tm
         consumer.send_signal(signal.SIGTERM)
         consumer.wait(timeout=60)
     assert len(delivered) == 200
+    # A backfill's run that ends idle with a partition stopped does not exit as a success.
+    backfill = aegis.start("run", "--exit-when-idle", "3", AEGIS_SEGMENT__MAX_RECORDS="100",
+                           AEGIS_SEGMENT__MAX_AGE_MS="600000")
+    assert backfill.wait(timeout=120) == 3
+    log = open(aegis.logs[-1]).read()
+    assert "partition(s) [0] stopped for good" in log, log[-3000:]
