@@ -635,6 +635,26 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
+def _no_repeats(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("a key repeated")
+    return dict(pairs)
+
+
+def _typed(value):
+    """The value with each scalar tagged by its JSON type: Python's True == 1 == 1.0."""
+    if isinstance(value, dict):
+        return ("object", tuple(sorted((k, _typed(v)) for k, v in value.items())))
+    if isinstance(value, list):
+        return ("array", tuple(_typed(v) for v in value))
+    return (type(value).__name__, value)
+
+
+def _strict_json(text: str):
+    return _typed(json.loads(text, parse_constant=_no_constants, object_pairs_hook=_no_repeats))
+
+
 def derived_check(row: Row) -> tuple[list[str], str | None]:
     """The derived columns that disagree with the payload and verdict, and the directory the row
     belongs in (None when an accepted row's payload gives no date or environment)."""
@@ -653,9 +673,11 @@ def derived_check(row: Row) -> tuple[list[str], str | None]:
             raw = members.get("metadata")
             expected = compact_json(raw) if raw is not None and raw.startswith("{") else None
             if expected is not None and d[name] is not None and expected != d[name]:
-                # Images before c32fe7f (2026-11-23) re-serialised metadata: the same JSON value.
+                # Images before c32fe7f (2026-11-23) re-serialised metadata: the same JSON value,
+                # compared strictly (no repeated key, which a first-wins reader would see
+                # otherwise; true is not 1, 1 is not 1.0).
                 try:
-                    if json.loads(expected, parse_constant=_no_constants) == json.loads(d[name], parse_constant=_no_constants):
+                    if _strict_json(expected) == _strict_json(d[name]):
                         expected = d[name]
                 except (ValueError, RecursionError):
                     pass
@@ -1180,6 +1202,14 @@ def self_test() -> bool:
     for text, want in OCCURRED_AT_VECTORS:
         checks.append((f"occurred_at {text!r}", repr(parse_rfc3339(text)), repr(want)))
     checks.append(("metadata compacted", compact_json(r'{ "a" : [ 1 , "b c\\" ] ,"d":{}}'), r'{"a":[1,"b c\\"],"d":{}}'))
+    # An older image's re-serialised metadata: the same value, strictly (CHAIN.md).
+    for column, want in [('{"a":[true],"z":1}', True), ('{"a":[true],"z":1,"z":1}', "a key repeated"),
+                         ('{"a":[1],"z":1}', False), ('{"a":[true],"z":1.0}', False)]:
+        try:
+            got = _strict_json(column) == _strict_json('{"z": 1, "a": [true]}')
+        except ValueError as e:
+            got = str(e)
+        checks.append((f"metadata as an older image wrote it: {column}", repr(got), repr(want)))
     ok = True
     for name, got, want in checks:
         good = got == want

@@ -138,10 +138,12 @@ pub fn derived_check(row: &Row, columns: &DerivedColumns) -> (Vec<&'static str>,
         } else {
             text(name)
         };
-        // Images before c32fe7f (2026-11-23) re-serialised metadata instead: the same JSON value.
+        // Images before c32fe7f (2026-11-23) re-serialised metadata instead: exactly that text.
+        // Not any text of the same value: `{"k":"low","k":"high"}` parses to the payload's
+        // `{"k":"high"}` here (the last wins), while a reader taking the first sees "low".
         let reserialised = || {
             let parse = |text: Option<&str>| text.and_then(|t| serde_json::from_str::<serde_json::Value>(t).ok());
-            *name == "metadata" && parse(expected.as_deref()).is_some_and(|e| parse(value.as_deref()) == Some(e))
+            *name == "metadata" && parse(expected.as_deref()).is_some_and(|e| value.as_deref() == Some(&e.to_string()))
         };
         if expected != *value && !reserialised() {
             wrong.push(*name);
@@ -1139,7 +1141,12 @@ mod tests {
         let placed = Some("year=2026/month=11/day=20/environment=prod".to_string());
         assert_eq!(check(r#"{"z":1,"a":[true]}"#), (vec![], placed.clone()));
         assert_eq!(check(r#"{"a":[true],"z":1}"#), (vec![], placed.clone()), "as images before c32fe7f wrote it");
-        assert_eq!(check(r#"{"a":[true],"z":2}"#), (vec!["metadata"], placed));
+        assert_eq!(check(r#"{"a":[true],"z":2}"#), (vec!["metadata"], placed.clone()));
+        // The same value in another text is not what any image wrote: a duplicate key that a
+        // first-wins reader sees, a number spelled otherwise, keys in another order.
+        assert_eq!(check(r#"{"a":[true],"z":2,"z":1}"#), (vec!["metadata"], placed.clone()));
+        assert_eq!(check(r#"{"a":[true],"z":1.0}"#), (vec!["metadata"], placed.clone()));
+        assert_eq!(check(r#"{"z":1, "a":[true]}"#), (vec!["metadata"], placed));
     }
 
     /// CHAIN.md's occurred_at vectors, also checked by `ops/verify_trail.py --self-test`.
