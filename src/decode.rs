@@ -240,6 +240,10 @@ pub fn decode(
     })?;
     let wire: Wire<'_> = serde_json::from_str(&text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => RejectReason::Schema(bounded_message(&e)),
+        // `"\ud800"` is JSON, but no UTF-8 text: the event cannot be stored, not "not JSON".
+        _ if has_lone_surrogate(text.as_bytes()) => {
+            RejectReason::Schema(format!("{} (a lone UTF-16 surrogate cannot be stored as text)", bounded_message(&e)))
+        }
         _ => RejectReason::NotJson(bounded_message(&e)),
     })?;
     // serde fills a struct from a JSON array too (fields in order); an event is an object.
@@ -522,6 +526,38 @@ impl TokenGaps {
     }
 }
 
+/// Whether the text holds a `\uD800`-`\uDFFF` escape that is not half of a pair (valid JSON
+/// text that no UTF-8 string can hold). Only asked of text serde_json refused.
+fn has_lone_surrogate(text: &[u8]) -> bool {
+    let hex4 = |at: usize| {
+        let digits = text.get(at..at + 4)?;
+        u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
+    };
+    let mut lead_pending = false;
+    let mut i = 0;
+    while i < text.len() {
+        if text[i] == b'\\' {
+            if let (Some(b'u'), Some(unit)) = (text.get(i + 1), hex4(i + 2)) {
+                match unit {
+                    0xD800..=0xDBFF if !lead_pending => lead_pending = true,
+                    0xDC00..=0xDFFF if lead_pending => lead_pending = false,
+                    0xD800..=0xDFFF => return true,
+                    _ if lead_pending => return true,
+                    _ => {}
+                }
+                i += 6;
+                continue;
+            }
+            i += 1; // the escaped character is skipped below
+        }
+        if lead_pending {
+            return true;
+        }
+        i += 1;
+    }
+    lead_pending
+}
+
 /// serde_json's message quotes the offending value in full (a 300 KB string comes back as up to
 /// 1 MB of escapes): kept whole, the reason would not fit a dead-letter header, whose refusal
 /// stops the partition, nor a log line. The value is cut; where it is (line, column) is kept.
@@ -673,6 +709,26 @@ mod tests {
         assert_eq!(decode(None, None, &rules()).unwrap_err().code(), "null_payload");
         assert_eq!(decode(Some(&Bytes::from_static(b"{\"a\":")), None, &rules()).unwrap_err().code(), "not_json");
         assert_eq!(decode(Some(&Bytes::from_static(b"\xff\xfe")), None, &rules()).unwrap_err().code(), "not_utf8");
+        for lone in [
+            r#"{"user_id":"\ud800"}"#,
+            r#"{"user_id":"\udc00"}"#,
+            r#"{"user_id":"\ud800x"}"#,
+            r#"{"a":"\uD800\u0041"}"#,
+        ] {
+            let reason = decode(Some(&Bytes::from_static(lone.as_bytes())), None, &rules()).unwrap_err();
+            assert_eq!(reason.code(), "schema", "{lone}: {reason}");
+        }
+        // A pair is one character; an escaped backslash before `ud800` is no escape; a cut
+        // escape is not JSON.
+        assert!(!has_lone_surrogate(br#""\ud83d\ude00""#));
+        assert!(!has_lone_surrogate(br#""\\ud800""#));
+        for bad in [r#"{"a":"\u12"}"#, r#"{"a":"\\ud800"#] {
+            assert_eq!(
+                decode(Some(&Bytes::from_static(bad.as_bytes())), None, &rules()).unwrap_err().code(),
+                "not_json",
+                "{bad}"
+            );
+        }
         let big = vec![b' '; rules().max_record_bytes + 1];
         assert_eq!(decode(Some(&Bytes::from(big)), None, &rules()).unwrap_err().code(), "oversize");
     }
