@@ -126,6 +126,20 @@ def test_end_to_end_four_partitions(aegis, tmp_path):
         items = ddb.query(TableName=aegis.table, KeyConditionExpression="PK = :pk AND begins_with(SK, :o)",
                           ExpressionAttributeValues={":pk": {"S": f"DECISION#{e['decision_id']}"}, ":o": {"S": "OVERRIDE#"}})["Items"]
         assert any(i["reviewer_id"]["S"] == e["reviewer_id"] for i in items)
+    # The documented current state (schemas/dynamodb-layout.md): the newest override's action.
+    overridden, checked = {}, 0
+    for e in overrides:
+        overridden.setdefault(e["decision_id"], []).append(e)
+    for decision_id, its in list(overridden.items())[:20]:
+        newest = ddb.query(TableName=aegis.table, KeyConditionExpression="PK = :pk AND begins_with(SK, :o)",
+                           ExpressionAttributeValues={":pk": {"S": f"DECISION#{decision_id}"}, ":o": {"S": "OVERRIDE#"}},
+                           ScanIndexForward=False, Limit=1)["Items"]
+        at = lambda e: datetime.datetime.fromisoformat(e["occurred_at"].replace("Z", "+00:00"))  # noqa: E731
+        latest = [e for e in its if at(e) == max(map(at, its))]
+        if len(latest) == 1:  # (a tie in time is ordered by Kafka coordinates)
+            assert [i["action"]["S"] for i in newest] == [latest[0]["action"]], (decision_id, newest, its)
+            checked += 1
+    assert checked, "no overridden decision to look up"
     user = events[0]["user_id"]
     gsi1 = []
     for page in ddb.get_paginator("query").paginate(TableName=aegis.table, IndexName="GSI1", KeyConditionExpression="GSI1PK = :u",
