@@ -182,6 +182,9 @@ pub enum Resolution {
     /// The candidate outranks the stored decision: keep the displaced one as a duplicate item
     /// and put the candidate in its place (marked when any bytes seen so far differ).
     Replace { displaced: IndexItem, differs: bool, replacement: IndexItem },
+    /// The stored decision has no rank to compare (a hand edit): the candidate replaces it,
+    /// keeping its conflict flag. `rebuild-index` then puts the true winner back.
+    Damaged { replacement: IndexItem },
 }
 
 fn attr_s<'a>(item: &'a IndexItem, name: &str) -> &'a str {
@@ -224,6 +227,13 @@ pub fn duplicate_item(decision: &IndexItem) -> IndexItem {
 /// up true exactly when two records with different bytes were seen, whatever the order.
 pub fn resolve(candidate: &IndexItem, existing: &IndexItem) -> Resolution {
     let (mine, theirs) = (attr_s(candidate, "rank"), attr_s(existing, "rank"));
+    if theirs.is_empty() {
+        let mut replacement = candidate.clone();
+        if has_conflict(existing) {
+            replacement.attrs.insert("conflict".into(), Attr::Bool(true));
+        }
+        return Resolution::Damaged { replacement };
+    }
     if mine == theirs {
         return Resolution::Keep;
     }
@@ -281,6 +291,7 @@ pub async fn upsert_decision(store: &dyn IndexStore, candidate: IndexItem) -> Re
                 }
                 store.mark_conflict(&existing.pk, &existing.sk, &observed).await?
             }
+            Resolution::Damaged { replacement } => store.put_guarded(&replacement, Guard::Damaged).await?,
             Resolution::Replace { displaced, differs, replacement } => {
                 conflicted |= differs;
                 store.write(vec![displaced]).await?;
@@ -458,6 +469,25 @@ mod tests {
         index.write(vec![respelled.clone()]).await.unwrap();
         upsert_decision(&index, winner).await.unwrap();
         assert_eq!(stored(&index)["DECISION"], respelled);
+    }
+
+    #[tokio::test]
+    async fn a_decision_item_without_a_rank_is_replaced_not_fought_over() {
+        for damage in [None, Some(Attr::N("1".into())), Some(Attr::S(String::new()))] {
+            let index = MemoryIndex::default();
+            let mut damaged = decision(5, "2026-11-20T08:00:00Z", "deny");
+            match &damage {
+                None => damaged.attrs.remove("rank"),
+                Some(value) => damaged.attrs.insert("rank".into(), value.clone()),
+            };
+            damaged.attrs.insert("conflict".into(), Attr::Bool(true));
+            index.write(vec![damaged]).await.unwrap();
+            let candidate = decision(9, "2026-11-20T09:00:00Z", "approve");
+            upsert_decision(&index, candidate.clone()).await.unwrap();
+            let winner = &stored(&index)["DECISION"];
+            assert_eq!(winner.attrs["rank"], candidate.attrs["rank"], "{damage:?}");
+            assert_eq!(winner.attrs["conflict"], Attr::Bool(true), "the flag is kept");
+        }
     }
 
     #[tokio::test]

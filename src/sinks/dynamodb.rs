@@ -181,15 +181,25 @@ impl IndexStore for DynamoStore {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         let request = match guard {
             Guard::Absent => request.condition_expression("attribute_not_exists(PK)"),
+            Guard::Damaged => request
+                .condition_expression(
+                    "attribute_exists(PK) AND (attribute_not_exists(#rank) OR NOT attribute_type(#rank, :s) OR #rank = :empty)",
+                )
+                .expression_attribute_names("#rank", "rank")
+                .expression_attribute_values(":s", AttributeValue::S("S".into()))
+                .expression_attribute_values(":empty", AttributeValue::S(String::new())),
             Guard::Rank { rank, flagged } => {
                 let request = request
                     .expression_attribute_names("#rank", "rank")
                     .expression_attribute_values(":rank", AttributeValue::S(rank.into()));
                 match flagged {
                     true => request.condition_expression("#rank = :rank"),
+                    // As the reader decided "unflagged": anything but BOOL true (an operator's
+                    // `conflict = false` failed `attribute_not_exists` on every retry, forever).
                     false => request
-                        .condition_expression("#rank = :rank AND attribute_not_exists(#conflict)")
-                        .expression_attribute_names("#conflict", "conflict"),
+                        .condition_expression("#rank = :rank AND (attribute_not_exists(#conflict) OR #conflict <> :yes)")
+                        .expression_attribute_names("#conflict", "conflict")
+                        .expression_attribute_values(":yes", AttributeValue::Bool(true)),
                 }
             }
         };

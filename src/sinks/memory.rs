@@ -145,6 +145,9 @@ impl IndexStore for MemoryIndex {
         let current = stored.get(&key);
         let holds = match guard {
             Guard::Absent => current.is_none(),
+            Guard::Damaged => {
+                current.is_some_and(|c| !matches!(c.attrs.get("rank"), Some(Attr::S(rank)) if !rank.is_empty()))
+            }
             Guard::Rank { rank, flagged } => current.is_some_and(|c| {
                 c.attrs.get("rank") == Some(&Attr::S(rank.to_string()))
                     && (flagged || !matches!(c.attrs.get("conflict"), Some(Attr::Bool(true))))

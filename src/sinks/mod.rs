@@ -127,6 +127,9 @@ pub enum Guard<'a> {
     /// not flagged, still without `conflict` (a writer that saw no flag computes a replacement
     /// without one, and must not erase a flag set meanwhile).
     Rank { rank: &'a str, flagged: bool },
+    /// The stored item has no `rank` a writer can compare (missing, not a string, or empty: a
+    /// hand edit). The winner rule cannot place it, so the candidate replaces it.
+    Damaged,
 }
 
 /// Result of a guarded write.
