@@ -1147,6 +1147,12 @@ mod tests {
         assert_eq!(check(r#"{"a":[true],"z":2,"z":1}"#), (vec!["metadata"], placed.clone()));
         assert_eq!(check(r#"{"a":[true],"z":1.0}"#), (vec!["metadata"], placed.clone()));
         assert_eq!(check(r#"{"z":1, "a":[true]}"#), (vec!["metadata"], placed));
+        // What those images made of unusual payloads, as `ops/verify_trail.py`'s self-test reads
+        // them: the last repeated key, -0 and huge integers as floats.
+        let old_image = |raw: &str| serde_json::from_str::<serde_json::Value>(raw).unwrap().to_string();
+        assert_eq!(old_image(r#"{"a":1,"a":2}"#), r#"{"a":2}"#);
+        assert_eq!(old_image(r#"{"a":-0}"#), r#"{"a":-0.0}"#);
+        assert_eq!(old_image(r#"{"a":18446744073709551616}"#), r#"{"a":1.8446744073709552e+19}"#);
     }
 
     /// CHAIN.md's occurred_at vectors, also checked by `ops/verify_trail.py --self-test`.
