@@ -241,7 +241,12 @@ pub fn decode(
     let wire: Wire<'_> = serde_json::from_str(&text).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => RejectReason::Schema(bounded_message(&e)),
         // `"\ud800"` is JSON, but no UTF-8 text: the event cannot be stored, not "not JSON".
-        _ if has_lone_surrogate(text.as_bytes()) => {
+        // JSON all the same if it parses with those escapes replaced.
+        _ if without_lone_surrogates(&text).is_some_and(|fixed| {
+            serde_json::from_str::<Wire<'_>>(&fixed)
+                .map_or_else(|e| e.classify() == serde_json::error::Category::Data, |_| true)
+        }) =>
+        {
             RejectReason::Schema(format!("{} (a lone UTF-16 surrogate cannot be stored as text)", bounded_message(&e)))
         }
         _ => RejectReason::NotJson(bounded_message(&e)),
@@ -526,36 +531,53 @@ impl TokenGaps {
     }
 }
 
-/// Whether the text holds a `\uD800`-`\uDFFF` escape that is not half of a pair (valid JSON
-/// text that no UTF-8 string can hold). Only asked of text serde_json refused.
-fn has_lone_surrogate(text: &[u8]) -> bool {
-    let hex4 = |at: usize| {
-        let digits = text.get(at..at + 4)?;
+/// The text with every `\uD800`-`\uDFFF` escape that is not half of a pair replaced by
+/// `\uFFFD`, when it has any: valid JSON text that no UTF-8 string can hold.
+fn without_lone_surrogates(text: &str) -> Option<String> {
+    let bytes = text.as_bytes();
+    let unit_at = |at: usize| {
+        let digits = bytes.get(at..at + 4)?;
+        if bytes.get(at - 1) != Some(&b'u') || !digits.iter().all(u8::is_ascii_hexdigit) {
+            return None;
+        }
         u16::from_str_radix(std::str::from_utf8(digits).ok()?, 16).ok()
     };
-    let mut lead_pending = false;
+    // Byte offsets of the lone escapes' backslashes.
+    let mut lone = Vec::new();
     let mut i = 0;
-    while i < text.len() {
-        if text[i] == b'\\' {
-            if let (Some(b'u'), Some(unit)) = (text.get(i + 1), hex4(i + 2)) {
-                match unit {
-                    0xD800..=0xDBFF if !lead_pending => lead_pending = true,
-                    0xDC00..=0xDFFF if lead_pending => lead_pending = false,
-                    0xD800..=0xDFFF => return true,
-                    _ if lead_pending => return true,
-                    _ => {}
-                }
+    while i < bytes.len() {
+        if bytes[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        let Some(unit) = unit_at(i + 2) else {
+            i += 2; // another escape: skip the escaped character
+            continue;
+        };
+        let trail = |at: usize| {
+            bytes.get(at) == Some(&b'\\') && unit_at(at + 2).is_some_and(|u| (0xDC00..=0xDFFF).contains(&u))
+        };
+        match unit {
+            0xD800..=0xDBFF if trail(i + 6) => i += 12,
+            0xD800..=0xDFFF => {
+                lone.push(i);
                 i += 6;
-                continue;
             }
-            i += 1; // the escaped character is skipped below
+            _ => i += 6,
         }
-        if lead_pending {
-            return true;
-        }
-        i += 1;
     }
-    lead_pending
+    if lone.is_empty() {
+        return None;
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut from = 0;
+    for at in lone {
+        out.push_str(&text[from..at]);
+        out.push_str("\\uFFFD");
+        from = at + 6;
+    }
+    out.push_str(&text[from..]);
+    Some(out)
 }
 
 /// serde_json's message quotes the offending value in full (a 300 KB string comes back as up to
@@ -720,9 +742,11 @@ mod tests {
         }
         // A pair is one character; an escaped backslash before `ud800` is no escape; a cut
         // escape is not JSON.
-        assert!(!has_lone_surrogate(br#""\ud83d\ude00""#));
-        assert!(!has_lone_surrogate(br#""\\ud800""#));
-        for bad in [r#"{"a":"\u12"}"#, r#"{"a":"\\ud800"#] {
+        assert_eq!(without_lone_surrogates(r#""\ud83d\ude00""#), None);
+        assert_eq!(without_lone_surrogates(r#""\\ud800""#), None);
+        assert_eq!(without_lone_surrogates(r#""a\ud800\ud800\udc00b""#).as_deref(), Some(r#""a\uFFFD\ud800\udc00b""#));
+        // Not JSON around the lone escape: not JSON.
+        for bad in [r#"{"a":"\u12"}"#, r#"{"a":"\\ud800"#, r#"{oops "a":"\ud800"}"#, r#"\ud800"#, r#"{"a":"\ud800"#] {
             assert_eq!(
                 decode(Some(&Bytes::from_static(bad.as_bytes())), None, &rules()).unwrap_err().code(),
                 "not_json",
