@@ -349,7 +349,7 @@ impl Config {
         if !path.exists() {
             return Err(ConfigError::MissingFile { path: path.display().to_string() });
         }
-        Self::from_figment(with_env(Figment::from(Toml::file(path))), env_properties())
+        Self::from_figment(with_env(Figment::from(Toml::file(path)))?, env_properties())
     }
 
     /// Parses TOML text and validates it, without environment overrides (tests, examples).
@@ -359,7 +359,7 @@ impl Config {
 
     /// Parses TOML text with `AEGIS_*` overrides, as [`Config::load`] does for a file.
     pub fn from_toml_str_with_env(text: &str) -> Result<Self, ConfigError> {
-        Self::from_figment(with_env(Figment::from(Toml::string(text))), env_properties())
+        Self::from_figment(with_env(Figment::from(Toml::string(text)))?, env_properties())
     }
 
     /// `env_properties` override the file's `[kafka.properties]`. Environment variable names
@@ -560,7 +560,7 @@ impl Config {
 
 /// The file's keys overridden by `AEGIS_<SECTION>__<KEY>`: typed keys through figment, text keys
 /// (`TEXT_KEYS`) byte for byte.
-fn with_env(figment: Figment) -> Figment {
+fn with_env(figment: Figment) -> Result<Figment, ConfigError> {
     let typed = Env::prefixed("AEGIS_")
         // Only AEGIS_<SECTION>__<KEY> are config keys; other AEGIS_* variables (AEGIS_CONFIG,
         // AEGIS_LOG_FORMAT, scripts' own settings) are not, and must not trip
@@ -571,9 +571,9 @@ fn with_env(figment: Figment) -> Figment {
                 && !TEXT_KEYS.iter().any(|text| key.as_str().eq_ignore_ascii_case(&text_key_env(text)))
         })
         .split("__");
-    env_text()
+    Ok(env_text()?
         .into_iter()
-        .fold(figment.merge(typed), |figment, (key, value)| figment.merge(Serialized::default(key, value)))
+        .fold(figment.merge(typed), |figment, (key, value)| figment.merge(Serialized::default(key, value))))
 }
 
 /// The keys whose values are text. Through figment an environment value is typed first (a group
@@ -604,16 +604,24 @@ fn text_key_env(key: &str) -> String {
     key.replace('.', "__").to_ascii_uppercase()
 }
 
-/// The text keys set in the environment (case-insensitive, as figment matches the rest).
-fn env_text() -> Vec<(&'static str, String)> {
-    std::env::vars_os()
-        .filter_map(|(name, value)| {
-            let name = name.into_string().ok()?;
-            let rest = name.get("AEGIS_".len()..).filter(|_| name[.."AEGIS_".len()].eq_ignore_ascii_case("AEGIS_"))?;
-            let key = TEXT_KEYS.iter().find(|key| rest.eq_ignore_ascii_case(&text_key_env(key)))?;
-            Some((*key, value.into_string().ok()?))
-        })
-        .collect()
+/// The text keys set in the environment (case-insensitive, as figment matches the rest),
+/// trimmed of surrounding whitespace as figment trims (a secret file's trailing newline would
+/// otherwise join another consumer group or move the trail).
+fn env_text() -> Result<Vec<(&'static str, String)>, ConfigError> {
+    let mut found = Vec::new();
+    for (name, value) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name.get("AEGIS_".len()..).filter(|_| name[.."AEGIS_".len()].eq_ignore_ascii_case("AEGIS_"))
+        else {
+            continue;
+        };
+        let Some(key) = TEXT_KEYS.iter().find(|key| rest.eq_ignore_ascii_case(&text_key_env(key))) else { continue };
+        let value = value
+            .into_string()
+            .map_err(|_| ConfigError::Invalid { key, message: format!("{name} is not valid UTF-8") })?;
+        found.push((*key, value.trim().to_string()));
+    }
+    Ok(found)
 }
 
 /// `AEGIS_KAFKA__PROPERTIES__<NAME>`, after the `AEGIS_` prefix.
@@ -962,7 +970,7 @@ mod tests {
         // Text keys too: a value that reads as a number or a boolean stays the text it was.
         std::env::set_var("AEGIS_KAFKA__GROUP_ID", "2024");
         std::env::set_var("aegis_s3__prefix", "007");
-        std::env::set_var("AEGIS_AWS__SECRET_ACCESS_KEY", " \"true\"");
+        std::env::set_var("AEGIS_AWS__SECRET_ACCESS_KEY", " \"true\"\n");
         std::env::set_var("AEGIS_AWS__ACCESS_KEY_ID", "12345");
         let c = Config::from_toml_str_with_env(MINIMAL);
         std::env::remove_var("AEGIS_KAFKA__GROUP_ID");
@@ -984,7 +992,7 @@ mod tests {
         assert_eq!(c.kafka.properties.get("sasl.username").map(String::as_str), Some(" \"quoted\" "));
         assert_eq!(c.kafka.properties.get("ssl.ca.location").map(String::as_str), Some("/ca.pem"), "dots work too");
         assert_eq!((c.kafka.group_id.as_str(), c.s3.prefix.as_str()), ("2024", "007"));
-        assert_eq!(c.aws.secret_access_key.as_deref(), Some(" \"true\""));
+        assert_eq!(c.aws.secret_access_key.as_deref(), Some("\"true\""), "trimmed, quotes kept");
         assert_eq!(c.aws.access_key_id.as_deref(), Some("12345"));
         // In the file, too, `_` reads as `.` in property keys.
         let file = MINIMAL.replace(

@@ -17,7 +17,7 @@
 //! completes or leaves an intent the next owner finishes; fencing makes both safe).
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -184,6 +184,9 @@ struct WorkerHandle {
     progress: (u64, Instant),
     /// `taken` when the partition was paused.
     taken_at_pause: u64,
+    /// Set when the worker stopped for good (a fatal error or a panic; not a lost fence, after
+    /// which a new worker continues).
+    stopped: Arc<AtomicBool>,
 }
 
 impl WorkerHandle {
@@ -471,12 +474,15 @@ pub async fn run(
         }
     }
 
-    // A running worker's channel is open; a stopped one dropped its end.
-    let stopped: Vec<i32> = workers.iter().filter(|(_, w)| w.tx.is_closed()).map(|(&p, _)| p).collect();
     // Graceful: workers see `shutdown`, flush what they hold, commit, and end.
     tracing::info!(workers = workers.len(), "shutting down: flushing and committing");
-    for (_, w) in std::mem::take(&mut workers) {
+    let mut stopped = Vec::new();
+    for (partition, w) in std::mem::take(&mut workers) {
         let _ = w.task.await;
+        // Also a final flush that failed for good.
+        if w.stopped.load(Ordering::Relaxed) {
+            stopped.push(partition);
+        }
     }
     // Dropping the consumer closes it and leaves the group; it blocks, so not on a runtime thread.
     drop(env); // its committer holds the consumer
@@ -622,6 +628,7 @@ impl WorkerEnv {
         let queued = Arc::new(AtomicUsize::new(0));
         let taken = Arc::new(AtomicU64::new(0));
         let revoke = self.hard_stop.child_token();
+        let stopped = Arc::new(AtomicBool::new(false));
         let worker = Worker {
             partition,
             topic: self.config.kafka.topic.clone(),
@@ -636,10 +643,11 @@ impl WorkerEnv {
             revoke: revoke.clone(),
             shutdown: self.shutdown.clone(),
             restarted,
+            stopped: stopped.clone(),
         };
         let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
         // A panic (a bug) must stop the partition visibly, not leave it paused without a word.
-        let (commands, worker_queued) = (self.commands.clone(), queued.clone());
+        let (commands, worker_queued, panicked) = (self.commands.clone(), queued.clone(), stopped.clone());
         let task = tokio::spawn(
             async move {
                 if let Err(panic) = std::panic::AssertUnwindSafe(worker.run(rx)).catch_unwind().await {
@@ -648,6 +656,7 @@ impl WorkerEnv {
                         .map(|s| s.to_string())
                         .or_else(|| panic.downcast_ref::<String>().cloned())
                         .unwrap_or_default();
+                    panicked.store(true, Ordering::Relaxed);
                     metrics::partition_stopped(partition, &format!("the worker panicked: {what}"));
                     let _ = commands.send(Command::Stopped { partition, worker: worker_queued });
                 }
@@ -665,6 +674,7 @@ impl WorkerEnv {
             taken,
             progress: (0, Instant::now()),
             taken_at_pause: 0,
+            stopped,
         }
     }
 }
@@ -686,6 +696,7 @@ struct Worker {
     shutdown: CancellationToken,
     /// Replaces a worker that lost the fence: the records it held past the head are gone.
     restarted: bool,
+    stopped: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -890,6 +901,7 @@ impl Worker {
             // here (AegisBackendFatalErrors).
             metrics::backend_error(conflict);
         }
+        self.stopped.store(true, Ordering::Relaxed);
         metrics::partition_stopped(self.partition, &error.to_string());
         let _ = self.commands.send(Command::Stopped { partition: self.partition, worker: self.queued.clone() });
     }
