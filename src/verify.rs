@@ -502,7 +502,10 @@ async fn check_digests(
             }
         }
         for entry in &body.segments {
-            signed.segments.insert(entry.key.clone(), entry.clone());
+            // The first listing stands, as in `ops/verify_trail.py`: a later digest (perhaps
+            // one whose signature failed) naming a signed segment with another SHA-256 must not
+            // make an edit of that segment look as signed.
+            signed.segments.entry(entry.key.clone()).or_insert_with(|| entry.clone());
         }
         signed.anchors.entry(body.last_offset).or_default().push((body.last_entry_hash.clone(), key.clone()));
         signed.through = signed.through.max(Some(body.last_offset));
@@ -1465,6 +1468,32 @@ mod tests {
         assert_eq!(codes(&check(&objects).await), vec!["digest_signature"]);
         objects.remove(&key);
         assert!(codes(&check(&objects).await).contains(&"digest_missing"));
+    }
+
+    #[tokio::test]
+    async fn a_later_digest_cannot_re_sign_a_segment_an_earlier_one_listed() {
+        let objects = trail().await;
+        let first = crate::digest::digest_key("trail", TOPIC, 0, 0);
+        let signed = DigestObject::parse(&first, &objects.body(&first).unwrap()).unwrap();
+        let victim = signed.body.segments[0].clone();
+        // The victim's bytes change (here: another object's body), and a forged digest 2 lists
+        // it with the new SHA-256.
+        let other = segment_keys(&objects).into_iter().find(|k| *k != victim.key).unwrap();
+        let edited = objects.body(&other).unwrap();
+        objects.put(&victim.key, edited.clone(), &BTreeMap::new()).await.unwrap();
+        let second = crate::digest::digest_key("trail", TOPIC, 0, 1);
+        let mut forged = DigestObject::parse(&second, &objects.body(&second).unwrap()).unwrap().body;
+        forged.seq = 2;
+        forged.segments = vec![SegmentEntry { sha256: hex::encode(Sha256::digest(&edited)), ..victim.clone() }];
+        let intruder = DigestSigner::from_text("k", &"22".repeat(32)).unwrap();
+        let forged_key = crate::digest::digest_key("trail", TOPIC, 0, 2);
+        objects.put(&forged_key, Bytes::from(intruder.encode(&forged)), &BTreeMap::new()).await.unwrap();
+        let report = check(&objects).await;
+        assert!(
+            report.problems.iter().any(|p| p.code == "object_changed" && p.key == victim.key),
+            "{:?}",
+            report.problems
+        );
     }
 
     #[tokio::test]
