@@ -206,7 +206,14 @@ pub fn verify_proof(proof: &Proof, key: &VerifyingKey) -> Result<String, ProofEr
         .map(|h| parse_hash(h).ok_or_else(|| bad(format!("merkle_path element {h:?} is not a hash"))))
         .collect::<Result<_, _>>()?;
     let root = merkle::root_from_path(&computed, proof.segment.leaf_index as usize, proof.segment.rows as usize, &path)
-        .ok_or_else(|| bad("merkle_path has the wrong length for the leaf's position".into()))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "merkle_path has {} hashes, wrong for leaf {} of {}",
+                path.len(),
+                proof.segment.leaf_index,
+                proof.segment.rows
+            ))
+        })?;
     if hex::encode(root) != proof.segment.merkle_root {
         return Err(bad(format!(
             "Merkle path leads to {}, segment root is {}",
@@ -224,7 +231,21 @@ pub fn verify_proof(proof: &Proof, key: &VerifyingKey) -> Result<String, ProofEr
         )));
     }
     if !digest.verify(key) {
-        return Err(bad("digest signature does not verify with the public key".into()));
+        return Err(bad(format!(
+            "the signature of digest {} does not verify with the public key {}",
+            proof.digest.key,
+            digest::key_id(key)
+        )));
+    }
+    // The key is not signed: it must be the one the signed body names, or the message below
+    // would vouch for a digest the proof does not hold.
+    let body = &digest.body;
+    let slot = digest::digest_key("", &body.topic, body.partition, body.seq);
+    if proof.digest.key != slot && !proof.digest.key.ends_with(&format!("/{slot}")) {
+        return Err(bad(format!(
+            "digest key {} is not where the signed body ({}/{} seq {}) belongs: {slot}",
+            proof.digest.key, body.topic, body.partition, body.seq
+        )));
     }
     let listed = digest
         .body
@@ -236,10 +257,21 @@ pub fn verify_proof(proof: &Proof, key: &VerifyingKey) -> Result<String, ProofEr
         || listed.rows != proof.segment.rows
         || listed.sha256 != proof.segment.sha256
     {
-        return Err(bad("the digest lists the segment with another root, row count or SHA-256".into()));
+        return Err(bad(format!(
+            "the digest lists the segment with root {}, {} rows, SHA-256 {}; the proof says {}, {} rows, {}",
+            listed.merkle_root,
+            listed.rows,
+            listed.sha256,
+            proof.segment.merkle_root,
+            proof.segment.rows,
+            proof.segment.sha256
+        )));
     }
     if digest.body.topic != e.topic || digest.body.partition != e.partition {
-        return Err(bad("the digest is for another topic-partition".into()));
+        return Err(bad(format!(
+            "the digest is for {}/{}, the entry is {}/{}",
+            digest.body.topic, digest.body.partition, e.topic, e.partition
+        )));
     }
     Ok(format!(
         "proof OK: decision {} is entry {}/{}@{} in {} (leaf {} of {}), signed in digest {} seq {} by key {}",

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import uuid
@@ -413,6 +414,13 @@ def test_inclusion_proof_checks_offline(signed_trail, tmp_path):
     (tmp_path / "forged.json").write_text(json.dumps(forged))
     bad = verify_proof(tmp_path / "forged.json")
     assert bad.returncode == 1 and "proof rejected" in bad.stdout, bad.stdout
+
+    # The digest's key is not signed: one that is not where its signed body belongs is refused.
+    moved = dict(proof, digest=dict(proof["digest"]))
+    moved["digest"]["key"] = re.sub(r"/p(\d{4,})/", "/p9999/", proof["digest"]["key"])
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    bad = verify_proof(tmp_path / "moved.json")
+    assert bad.returncode == 1 and "is not where the signed body" in bad.stdout, bad.stdout
 
     other = tmp_path / "other.pem"
     other.write_bytes(Ed25519PrivateKey.generate().public_key().public_bytes(
