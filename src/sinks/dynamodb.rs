@@ -314,14 +314,13 @@ impl DynamoStore {
     pub async fn chain_heads(&self, topic: &str) -> Result<std::collections::BTreeMap<i32, ChainHead>, SinkError> {
         let prefix = chain_head_pk_prefix(topic);
         let items = self.scan_chain_table(prefix.clone(), None).await?;
-        Ok(items
-            .iter()
-            .filter_map(|item| {
-                let pk = item.get("PK")?.as_s().ok()?;
-                let partition = pk.strip_prefix(&prefix)?.parse::<i32>().ok()?;
-                Some((partition, parse_head(item)))
-            })
-            .collect())
+        let mut heads = std::collections::BTreeMap::new();
+        for item in &items {
+            let Some(pk) = item.get("PK").and_then(|v| v.as_s().ok()) else { continue };
+            let Some(partition) = pk.strip_prefix(&prefix).and_then(|p| p.parse::<i32>().ok()) else { continue };
+            heads.insert(partition, parse_head(item).map_err(|e| damaged(&self.chain_table, pk, e))?);
+        }
+        Ok(heads)
     }
 
     /// Where the index says decision `id`'s winning record is: (segment key, partition, offset).
@@ -397,6 +396,17 @@ fn segment_list(segments: &[SegmentEntry]) -> AttributeValue {
     )
 }
 
+/// A chain item no writer could have left: fatal, naming the item (ops/RUNBOOK.md, Lost chain
+/// table, has the repair).
+fn damaged(table: &str, pk: &str, message: String) -> SinkError {
+    SinkError::Fatal {
+        backend: BACKEND,
+        operation: "GetItem",
+        target: format!("{table} {pk}"),
+        message: format!("damaged chain item: {message}"),
+    }
+}
+
 /// A chain item with its key alone (and `updated_at`): what an operator leaves to start a chain
 /// afresh. Any other attribute, even one that does not read as part of a head (a misspelt or
 /// mistyped hand edit), makes the item a damaged head, not a fresh start.
@@ -404,7 +414,10 @@ fn bare_item(item: &HashMap<String, AttributeValue>) -> bool {
     item.contains_key("PK") && item.keys().all(|k| k == "PK" || k == "updated_at")
 }
 
-fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
+/// The head an item holds. An `undigested` list with an entry that does not read is an error
+/// (the message names it): dropping the entry would leave its segment unsigned for good and
+/// break the next digest's link, and the next digest would erase it from the table.
+fn parse_head(item: &HashMap<String, AttributeValue>) -> Result<ChainHead, String> {
     let committed = match (read_i64(item, "last_offset"), read_hash(item, "last_hash")) {
         (Some(last_offset), Some(last_hash)) => Some(HeadPos { last_offset, last_hash }),
         _ => None,
@@ -423,18 +436,16 @@ fn parse_head(item: &HashMap<String, AttributeValue>) -> ChainHead {
     let undigested = match item.get("undigested") {
         Some(AttributeValue::L(list)) => list
             .iter()
-            .filter_map(|v| v.as_s().ok())
-            .filter_map(|json| match serde_json::from_str(json) {
-                Ok(entry) => Some(entry),
-                Err(e) => {
-                    tracing::error!(error = %e, json, "unreadable undigested segment entry in the chain table");
-                    None
-                }
+            .enumerate()
+            .map(|(i, value)| {
+                let json = value.as_s().map_err(|_| format!("undigested[{i}] is not a string"))?;
+                serde_json::from_str(json).map_err(|e| format!("undigested[{i}] does not read ({e}): {json}"))
             })
-            .collect(),
-        _ => Vec::new(),
+            .collect::<Result<_, String>>()?,
+        None => Vec::new(),
+        Some(_) => return Err("undigested is not a list".into()),
     };
-    ChainHead { afresh: false, committed, pending, digest, undigested }
+    Ok(ChainHead { afresh: false, committed, pending, digest, undigested })
 }
 
 fn is_condition_failure<R>(
@@ -458,7 +469,9 @@ impl HeadStore for DynamoStore {
             .send()
             .await
             .map_err(|e| classify_sdk_error(BACKEND, "GetItem", &self.chain_table, &e))?;
-        Ok(out.item().map(|item| ChainHead { afresh: bare_item(item), ..parse_head(item) }).unwrap_or_default())
+        let Some(item) = out.item() else { return Ok(ChainHead::default()) };
+        let pk = chain_head_pk(topic, partition);
+        Ok(ChainHead { afresh: bare_item(item), ..parse_head(item).map_err(|e| damaged(&self.chain_table, &pk, e))? })
     }
 
     async fn begin_flush(
@@ -601,8 +614,34 @@ mod tests {
         assert!(bare_item(&item(&[pk.clone(), now.clone()])));
         // A hand edit that misspells the head reads as no head: damaged, never a fresh start.
         let misspelt = item(&[pk.clone(), now, ("last_ofset", AttributeValue::N("41".into()))]);
-        assert!(!bare_item(&misspelt) && parse_head(&misspelt).committed.is_none());
+        assert!(!bare_item(&misspelt) && parse_head(&misspelt).unwrap().committed.is_none());
         assert!(!bare_item(&item(&[pk, ("last_offset", AttributeValue::S("41".into()))])));
         assert!(!bare_item(&HashMap::new()), "an emulator's empty answer is no item");
+    }
+
+    #[test]
+    fn an_undigested_entry_that_does_not_read_is_an_error_not_dropped() {
+        let entry = crate::digest::SegmentEntry {
+            key: "trail/k.parquet".into(),
+            sha256: "00".repeat(32),
+            rows: 1,
+            first_offset: 0,
+            last_offset: 0,
+            first_prev_hash: "00".repeat(32),
+            last_entry_hash: "11".repeat(32),
+            merkle_root: "11".repeat(32),
+        };
+        let good = AttributeValue::S(serde_json::to_string(&entry).unwrap());
+        let with = |list: Vec<AttributeValue>| {
+            HashMap::from([
+                ("PK".to_string(), AttributeValue::S(chain_head_pk("t", 3))),
+                ("undigested".to_string(), AttributeValue::L(list)),
+            ])
+        };
+        assert_eq!(parse_head(&with(vec![good.clone()])).unwrap().undigested, vec![entry]);
+        let err = parse_head(&with(vec![good.clone(), AttributeValue::S("not json".into())])).unwrap_err();
+        assert!(err.contains("undigested[1]") && err.contains("not json"), "{err}");
+        let err = parse_head(&with(vec![AttributeValue::N("1".into()), good])).unwrap_err();
+        assert!(err.contains("undigested[0] is not a string"), "{err}");
     }
 }
