@@ -104,8 +104,14 @@ pub async fn prove(
     // order, so a binary search reads about log2(n) of a partition's digests (one every few
     // minutes adds up to ~100k a year), not all of them.
     let dir = digest::partition_dir(prefix, topic, located.partition);
+    // Only the writer's names (`<seq:012>.digest` in the partition's folder): a stray object
+    // there (`verify`'s digest_unexpected) must not break the search.
+    let writers_name = |key: &str| {
+        let seq = key.rsplit('/').next()?.strip_suffix(".digest").filter(|s| s.len() == 12)?.parse::<u64>().ok()?;
+        (digest::digest_key(prefix, topic, located.partition, seq) == key).then_some(())
+    };
     let keys: Vec<String> =
-        store.list(&dir).await?.into_iter().map(|o| o.key).filter(|k| k.ends_with(".digest")).collect();
+        store.list(&dir).await?.into_iter().map(|o| o.key).filter(|k| writers_name(k).is_some()).collect();
     let (mut low, mut high) = (0, keys.len());
     let mut covering = None;
     while low < high {
@@ -124,6 +130,14 @@ pub async fn prove(
         }
     }
     let Some((digest_key, bytes, parsed)) = covering else {
+        if low < keys.len() {
+            // Before a digest's range and after the previous one's: written while signing was
+            // off, it will never be in a digest.
+            return Err(ProofError::NotProvable(format!(
+                "{} lies between the ranges of two digests (written while digests were off): it is not signed",
+                located.segment_key
+            )));
+        }
         return Err(ProofError::NotProvable(format!(
             "{} is not in a digest yet (digests are written every digest.interval_ms); try again later",
             located.segment_key
