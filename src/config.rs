@@ -559,7 +559,7 @@ impl Config {
 }
 
 /// The file's keys overridden by `AEGIS_<SECTION>__<KEY>`: typed keys through figment, text keys
-/// (`TEXT_KEYS`) byte for byte.
+/// (`TEXT_KEYS`) as text (`env_text`).
 fn with_env(figment: Figment) -> Result<Figment, ConfigError> {
     let typed = Env::prefixed("AEGIS_")
         // Only AEGIS_<SECTION>__<KEY> are config keys; other AEGIS_* variables (AEGIS_CONFIG,
@@ -577,8 +577,8 @@ fn with_env(figment: Figment) -> Result<Figment, ConfigError> {
 }
 
 /// The keys whose values are text. Through figment an environment value is typed first (a group
-/// id `2024` became a number and was refused as one, `007` would have become `7`) and trimmed
-/// and unquoted; these arrive as set.
+/// id `2024` became a number and was refused as one, `007` would have become `7`) and unquoted;
+/// these arrive as text, only trimmed.
 const TEXT_KEYS: &[&str] = &[
     "kafka.brokers",
     "kafka.topic",

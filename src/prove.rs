@@ -132,7 +132,15 @@ pub async fn prove(
     let Some((digest_key, bytes, parsed)) = covering else {
         if low < keys.len() {
             // Before a digest's range and after the previous one's: written while signing was
-            // off, it will never be in a digest.
+            // off, unless a digest between them is missing.
+            let seq = |key: &str| key.rsplit('/').next().and_then(|n| n.strip_suffix(".digest")?.parse::<u64>().ok());
+            let expected = if low == 0 { Some(0) } else { seq(&keys[low - 1]).map(|s| s + 1) };
+            if expected != seq(&keys[low]) {
+                return Err(ProofError::NotProvable(format!(
+                    "the digests that would cover {} are missing before {}; run `aegis-audit verify`",
+                    located.segment_key, keys[low]
+                )));
+            }
             return Err(ProofError::NotProvable(format!(
                 "{} lies between the ranges of two digests (written while digests were off): it is not signed",
                 located.segment_key

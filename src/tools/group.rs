@@ -176,9 +176,20 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
         .await
         .expect("status task does not panic")?
     };
-    let chain_heads = load_heads(heads, &topic, &ids).await?;
+    // A damaged chain item is that partition's warning, not the end of the whole report: the
+    // runbook reads `status` to find it.
+    let mut chain_heads = Vec::with_capacity(ids.len());
+    for &partition in &ids {
+        chain_heads.push(match heads.load(&topic, partition).await {
+            Ok(head) => (head, None),
+            Err(e @ crate::sinks::SinkError::Fatal { .. }) => (ChainHead::default(), Some(e.to_string())),
+            Err(e) => return Err(e.into()),
+        });
+    }
     let mut out = Vec::new();
-    for (((&partition, committed), (low, high)), head) in ids.iter().zip(committed).zip(watermarks).zip(chain_heads) {
+    for (((&partition, committed), (low, high)), (head, damaged)) in
+        ids.iter().zip(committed).zip(watermarks).zip(chain_heads)
+    {
         out.push(PartitionStatus {
             partition,
             committed,
@@ -186,7 +197,7 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
             end_offset: high,
             lag: (high - committed.unwrap_or(low)).max(0),
             chain_head_offset: head.committed.map(|h| h.last_offset),
-            warning: head_past_end(head.committed.map(|h| h.last_offset), high),
+            warning: damaged.or_else(|| head_past_end(head.committed.map(|h| h.last_offset), high)),
             chain_head_hash: head.committed.map(|h| hex::encode(h.last_hash)),
             flush_pending: head.pending.map(|p| format!("{}..={}", p.first_offset, p.last_offset)),
             digest_seq: head.digest.map(|d| d.seq),

@@ -160,6 +160,28 @@ def test_status_replay_and_rebuild_index(aegis, tmp_path):
     assert committed_offsets(aegis.group, aegis.topic, aegis.partitions) == end, "dry runs change nothing"
 
 
+def test_a_damaged_chain_item_stops_its_partition_and_shows_in_status(aegis):
+    """A chain item whose list of segments awaiting a digest holds an entry no writer made: the
+    partition's worker refuses it (its segment would never be signed), `status` shows it as that
+    partition's warning and still reports the others."""
+    aegis.init()
+    produce_mix(aegis, 40, seed=77)
+    aegis.consume_until_idle()
+    ddb = trail.dynamodb()
+    key = {"PK": {"S": f"CHAIN#{aegis.topic}#1"}}
+    ddb.update_item(TableName=aegis.chain_table, Key=key, UpdateExpression="SET undigested = :l",
+                    ExpressionAttributeValues={":l": {"L": [{"S": "not json"}]}})
+    status = json.loads(aegis.run("status", "--json").stdout)
+    warnings = {p["partition"]: p["warning"] for p in status["partitions"]}
+    assert "damaged chain item: undigested[0] does not read" in (warnings[1] or ""), warnings
+    assert all(w is None for p, w in warnings.items() if p != 1), warnings
+    produce_mix(aegis, 40, seed=78, start=1000)
+    proc = aegis.start("run", "--exit-when-idle", "3")
+    assert proc.wait(timeout=120) == 3, "a backfill with a stopped partition is no success"
+    log = open(aegis.logs[-1]).read()
+    assert "damaged chain item" in log and "partition stopped" in log, log[-3000:]
+
+
 def test_replay_never_skips_a_partition_without_a_chain(aegis):
     """On a partition no consumer has chained yet, the first record read starts the chain: a
     group offset past the log start there would leave the records before it out for good."""
