@@ -56,10 +56,14 @@ step "aegis-audit verify (every hash, link, Merkle root, checksum and signed dig
 
 step "aegis-audit prove <decision_id> | verify-proof (offline, public key only)"
 DECISION=$("$AEGIS_PYTHON" - <<'PY'
-import json, os, boto3
-ddb = boto3.client("dynamodb", endpoint_url=os.environ["AEGIS_DYNAMODB__ENDPOINT_URL"], region_name="us-east-1",
-                   aws_access_key_id="testing", aws_secret_access_key="testing")
-item = ddb.scan(TableName="aegis-audit-index", FilterExpression="SK = :d",
+import os, tomllib, boto3
+config = tomllib.load(open(os.environ.get("AEGIS_CONFIG", "config/local.toml"), "rb"))
+table = os.environ.get("AEGIS_DYNAMODB__TABLE", config["dynamodb"]["table"])
+ddb = boto3.client("dynamodb", endpoint_url=os.environ["AEGIS_DYNAMODB__ENDPOINT_URL"],
+                   region_name=config.get("aws", {}).get("region", "us-east-1"),
+                   aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "testing"),
+                   aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "testing"))
+item = ddb.scan(TableName=table, FilterExpression="SK = :d",
                 ExpressionAttributeValues={":d": {"S": "DECISION"}}, Limit=200)["Items"][0]
 print(item["decision_id"]["S"])
 PY

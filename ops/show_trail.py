@@ -23,9 +23,11 @@ keys = []
 prefix = prefix.strip("/")
 base = f"{prefix}/" if prefix else ""  # an empty prefix: the trail is at the bucket's root
 for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base):
-    keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])]
+    # Segments only: digests and keys live under _digests/, markers under _chains/ and _pruned/.
+    keys += [(o["Key"], o["Size"]) for o in page.get("Contents", [])
+             if o["Key"].endswith(".parquet") and not o["Key"][len(base):].startswith("_")]
 if not keys:
-    sys.exit(f"no objects under s3://{bucket}/{base}")
+    sys.exit(f"no segments under s3://{bucket}/{base}")
 dirs = collections.Counter(k.rsplit("/", 1)[0] for k, _ in keys)
 print(f"s3://{bucket}/ holds {len(keys)} Parquet segments, {sum(s for _, s in keys) / 1e6:.2f} MB:")
 for d, n in sorted(dirs.items()):

@@ -195,8 +195,9 @@ pub enum Command {
         database: String,
         #[arg(long, default_value = "decisions")]
         table: String,
-        /// First year partition projection covers (events before it are invisible to Athena).
-        #[arg(long, default_value_t = 2000)]
+        /// First year partition projection covers (events before it are invisible to Athena);
+        /// 2000 to 2200, the years an event may have.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(i32).range(2000..=2200))]
         projection_start_year: i32,
     },
     /// Configuration commands.

@@ -323,6 +323,9 @@ def test_prune_lifecycle_and_athena_ddl(aegis, tmp_path):
 
     ddl = aegis.run("athena-ddl").stdout
     assert f"s3://{aegis.bucket}/trail/" in ddl and "{{" not in ddl
+    # A projection starting after its end (2200, the last year an event may have) is refused.
+    late = aegis.run("athena-ddl", "--projection-start-year", "2300", check=False)
+    assert late.returncode == 2 and "--projection-start-year" in late.stderr, late.stderr
 
 
 def scrape(port):
