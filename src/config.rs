@@ -611,10 +611,7 @@ fn env_text() -> Result<Vec<(&'static str, String)>, ConfigError> {
     let mut found = Vec::new();
     for (name, value) in std::env::vars_os() {
         let Some(name) = name.to_str() else { continue };
-        let Some(rest) = name.get("AEGIS_".len()..).filter(|_| name[.."AEGIS_".len()].eq_ignore_ascii_case("AEGIS_"))
-        else {
-            continue;
-        };
+        let Some(rest) = strip_prefix_ignore_case(name, "AEGIS_") else { continue };
         let Some(key) = TEXT_KEYS.iter().find(|key| rest.eq_ignore_ascii_case(&text_key_env(key))) else { continue };
         let value = value
             .into_string()
@@ -622,6 +619,11 @@ fn env_text() -> Result<Vec<(&'static str, String)>, ConfigError> {
         found.push((*key, value.trim().to_string()));
     }
     Ok(found)
+}
+
+/// `text` after `prefix`, matched case-insensitively, as figment matches `AEGIS_*`.
+fn strip_prefix_ignore_case<'t>(text: &'t str, prefix: &str) -> Option<&'t str> {
+    text.get(prefix.len()..).filter(|_| text[..prefix.len()].eq_ignore_ascii_case(prefix))
 }
 
 /// `AEGIS_KAFKA__PROPERTIES__<NAME>`, after the `AEGIS_` prefix.
@@ -635,8 +637,7 @@ fn env_properties() -> Vec<(String, String)> {
     std::env::vars_os()
         .filter_map(|(key, value)| {
             let key = key.into_string().ok()?;
-            // Case-insensitive, as figment matches the rest of `AEGIS_*`.
-            let name = key.get(prefix.len()..).filter(|_| key[..prefix.len()].eq_ignore_ascii_case(&prefix))?;
+            let name = strip_prefix_ignore_case(&key, &prefix)?;
             Some((name.to_ascii_lowercase(), value.into_string().ok()?))
         })
         .filter(|(name, _)| !name.is_empty())

@@ -269,6 +269,11 @@ pub fn partition_dir(prefix: &str, topic: &str, partition: i32) -> String {
     join_key(&[prefix, DIGESTS_DIR, topic, &format!("p{partition:04}")]) + "/"
 }
 
+/// The sequence number of a digest file name as the writer spells it (`<seq:012>.digest`).
+pub fn digest_seq(file: &str) -> Option<u64> {
+    file.strip_suffix(".digest").filter(|d| d.len() == 12 && d.bytes().all(|b| b.is_ascii_digit()))?.parse().ok()
+}
+
 pub fn digest_key(prefix: &str, topic: &str, partition: i32, seq: u64) -> String {
     format!("{}{seq:012}.digest", partition_dir(prefix, topic, partition))
 }

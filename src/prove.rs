@@ -104,14 +104,15 @@ pub async fn prove(
     // order, so a binary search reads about log2(n) of a partition's digests (one every few
     // minutes adds up to ~100k a year), not all of them.
     let dir = digest::partition_dir(prefix, topic, located.partition);
-    // Only the writer's names (`<seq:012>.digest` in the partition's folder): a stray object
-    // there (`verify`'s digest_unexpected) must not break the search.
-    let writers_name = |key: &str| {
-        let seq = key.rsplit('/').next()?.strip_suffix(".digest").filter(|s| s.len() == 12)?.parse::<u64>().ok()?;
-        (digest::digest_key(prefix, topic, located.partition, seq) == key).then_some(())
-    };
-    let keys: Vec<String> =
-        store.list(&dir).await?.into_iter().map(|o| o.key).filter(|k| writers_name(k).is_some()).collect();
+    // Only the writer's names (`<seq:012>.digest` in the partition's folder), with their
+    // sequence numbers: a stray object there (`verify`'s digest_unexpected) must not break the
+    // search.
+    let (seqs, keys): (Vec<u64>, Vec<String>) = store
+        .list(&dir)
+        .await?
+        .into_iter()
+        .filter_map(|o| Some((digest::digest_seq(o.key.strip_prefix(&dir)?)?, o.key)))
+        .unzip();
     let (mut low, mut high) = (0, keys.len());
     let mut covering = None;
     while low < high {
@@ -133,9 +134,8 @@ pub async fn prove(
         if low < keys.len() {
             // Before a digest's range and after the previous one's: written while signing was
             // off, unless a digest between them is missing.
-            let seq = |key: &str| key.rsplit('/').next().and_then(|n| n.strip_suffix(".digest")?.parse::<u64>().ok());
-            let expected = if low == 0 { Some(0) } else { seq(&keys[low - 1]).map(|s| s + 1) };
-            if expected != seq(&keys[low]) {
+            let expected = if low == 0 { 0 } else { seqs[low - 1] + 1 };
+            if expected != seqs[low] {
                 return Err(ProofError::NotProvable(format!(
                     "the digests that would cover {} are missing before {}; run `aegis-audit verify`",
                     located.segment_key, keys[low]

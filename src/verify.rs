@@ -387,11 +387,7 @@ fn parse_digest_key(under_topic: &str) -> Option<(i32, Option<u64>)> {
     if dir != format!("p{partition:04}") {
         return Some((partition, None)); // p00002/ beside p0002/: not the chain's folder
     }
-    let seq = rest
-        .strip_suffix(".digest")
-        .filter(|d| d.len() == 12 && d.bytes().all(|b| b.is_ascii_digit()))
-        .and_then(|d| d.parse().ok());
-    Some((partition, seq))
+    Some((partition, crate::digest::digest_seq(rest)))
 }
 
 async fn check_digests(
