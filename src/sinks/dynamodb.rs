@@ -396,12 +396,17 @@ fn segment_list(segments: &[SegmentEntry]) -> AttributeValue {
     )
 }
 
+/// The `operation` of a [`SinkError::Fatal`] for a chain item that was read but holds what no
+/// writer leaves: `status` shows it as that partition's warning, where other fatal errors (access,
+/// a missing table) end the report.
+pub const READ_CHAIN_ITEM: &str = "ReadChainItem";
+
 /// A chain item no writer could have left: fatal, naming the item (ops/RUNBOOK.md, Lost chain
 /// table, has the repair).
 fn damaged(table: &str, pk: &str, message: String) -> SinkError {
     SinkError::Fatal {
         backend: BACKEND,
-        operation: "GetItem",
+        operation: READ_CHAIN_ITEM,
         target: format!("{table} {pk}"),
         message: format!("damaged chain item: {message}"),
     }

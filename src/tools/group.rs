@@ -182,7 +182,9 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
     for &partition in &ids {
         chain_heads.push(match heads.load(&topic, partition).await {
             Ok(head) => (head, None),
-            Err(e @ crate::sinks::SinkError::Fatal { .. }) => (ChainHead::default(), Some(e.to_string())),
+            Err(e @ crate::sinks::SinkError::Fatal { operation: crate::sinks::dynamodb::READ_CHAIN_ITEM, .. }) => {
+                (ChainHead::default(), Some(e.to_string()))
+            }
             Err(e) => return Err(e.into()),
         });
     }
