@@ -4,7 +4,8 @@
 #
 #   broker  tansu 0.6.0 (Kafka API), storage sqlite://  -> topics, records and committed
 #           offsets survive a broker restart.                        127.0.0.1:${AEGIS_KAFKA_PORT:-9092}
-#   aws     moto_server (S3 + DynamoDB on one port) on an internal port, behind a small TCP
+#   aws     moto (S3 + DynamoDB on one port; ops/moto_serial.py serves one request at a time,
+#           so conditional writes are atomic as in AWS) on an internal port, behind a small TCP
 #           proxy (ops/tcp_proxy.py) on the public port: stop-aws stops only the proxy, so
 #           S3/DynamoDB become unreachable while moto keeps its state.  127.0.0.1:${AEGIS_AWS_PORT:-5000}
 #
@@ -64,6 +65,7 @@ LOG_DIR=$STACK_DIR/logs
 BROKER_DATA=$STACK_DIR/broker
 AWS_DATA=$STACK_DIR/aws
 PROXY_PY=$REPO_ROOT/ops/tcp_proxy.py
+MOTO_PY=$REPO_ROOT/ops/moto_serial.py
 
 log() { printf '[stack] %s\n' "$*" >&2; }
 die() { printf '[stack] ERROR: %s\n' "$*" >&2; exit 1; }
@@ -154,7 +156,7 @@ logfile() { printf '%s/%s.log' "$LOG_DIR" "$1"; }
 marker() {
     case $1 in
         broker) printf '%s' "$TANSU_BIN" ;;
-        moto) printf '%s' "moto_server -H $HOST -p $MOTO_PORT" ;;
+        moto) printf '%s' "moto_serial.py -H $HOST -p $MOTO_PORT" ;;
         awsproxy) printf '%s' "tcp_proxy.py --listen $HOST:$AWS_PORT" ;;
     esac
 }
@@ -341,7 +343,7 @@ start_moto() {
     local t0=$SECONDS
     launch moto "$AWS_DATA" \
         env AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1 \
-        "$VENV/bin/python" "$VENV/bin/moto_server" -H "$HOST" -p "$MOTO_PORT"
+        "$VENV/bin/python" "$MOTO_PY" -H "$HOST" -p "$MOTO_PORT"
     wait_ready moto moto_ok
     log "moto (S3+DynamoDB) up (pid $(our_pid moto), internal $HOST:$MOTO_PORT) in $((SECONDS - t0)) s"
 }
