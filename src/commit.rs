@@ -17,6 +17,9 @@ pub enum CommitError {
     /// Usually a revoked partition or a broker hiccup; the next flush commits again.
     #[error("commit {topic}/{partition} offset {offset}: {message}")]
     Failed { topic: String, partition: i32, offset: i64, message: String },
+    /// The broker did not say where the partition's log ends (a broker hiccup).
+    #[error("watermarks of {topic}/{partition}: {message}")]
+    Watermarks { topic: String, partition: i32, message: String },
 }
 
 #[derive(Clone)]
@@ -59,4 +62,19 @@ impl Committer {
             }
         }
     }
+
+    /// The offset the partition's log ends at (the high watermark: the next offset written), asked
+    /// of the broker. A worker checks it against the chain head before it skips records as
+    /// already chained.
+    pub async fn log_end(&self, partition: i32) -> Result<i64, CommitError> {
+        let consumer = self.consumer.clone();
+        let topic = self.topic.clone();
+        tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic, partition, LOG_END_TIMEOUT))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map(|(_low, high)| high).map_err(|e| e.to_string()))
+            .map_err(|message| CommitError::Watermarks { topic: self.topic.clone(), partition, message })
+    }
 }
+
+const LOG_END_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

@@ -54,6 +54,10 @@ pub enum PartitionError {
     /// The chain table has no head for a partition whose trail already exists.
     #[error("{topic}/{partition}: the chain table has no head but the trail exists ({detail}); refusing to start a second chain from genesis. Restore the head (ops/RUNBOOK.md, \"Lost chain table\")")]
     HeadMissing { topic: String, partition: i32, detail: String },
+    /// Kafka's log for the partition ends at or before the chain head: its records at offsets
+    /// the chain already holds are not the ones chained.
+    #[error("{topic}/{partition}: {detail}; stopping instead of skipping them")]
+    LogBehindChain { topic: String, partition: i32, detail: String },
 }
 
 impl PartitionError {
@@ -70,6 +74,17 @@ impl From<RetryError> for PartitionError {
             RetryError::Cancelled { last } => PartitionError::Cancelled(last.to_string()),
         }
     }
+}
+
+/// A chain head at or past the end of the partition: Kafka has fewer records than the chain
+/// holds, so the topic was deleted and recreated (or truncated), and every new record up to the
+/// head would be skipped as already chained.
+pub fn head_past_end(head: Option<i64>, end: i64) -> Option<String> {
+    let head = head.filter(|&h| h >= end)?;
+    Some(format!(
+        "the chain head ({head}) is at or past the partition's end ({end}): the topic was recreated or truncated; \
+         records up to {head} would be skipped as already chained (ops/RUNBOOK.md, \"Scale out and in\")"
+    ))
 }
 
 /// Seeks to the chain head before an offset gap at start-up is accepted as Kafka's own.
@@ -820,6 +835,7 @@ fn index_items(
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use crate::sinks::memory::{MemoryDeadLetters, MemoryHeads, MemoryIndex, MemoryObjectStore};
     use sha2::{Digest, Sha256};
     use std::sync::atomic::Ordering;
@@ -883,6 +899,14 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_head_past_the_end_is_flagged() {
+        assert_eq!(head_past_end(None, 0), None);
+        assert_eq!(head_past_end(Some(99), 100), None, "head 99, next offset 100: caught up");
+        assert!(head_past_end(Some(99), 99).unwrap().contains("recreated"));
+        assert!(head_past_end(Some(5_000), 10).is_some());
     }
 
     #[tokio::test]

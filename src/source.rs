@@ -644,6 +644,7 @@ impl WorkerEnv {
             shutdown: self.shutdown.clone(),
             restarted,
             stopped: stopped.clone(),
+            checked_below_head: AtomicBool::new(false),
         };
         let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
         // A panic (a bug) must stop the partition visibly, not leave it paused without a word.
@@ -697,6 +698,8 @@ struct Worker {
     /// Replaces a worker that lost the fence: the records it held past the head are gone.
     restarted: bool,
     stopped: Arc<AtomicBool>,
+    /// Whether the log's end was checked against the chain head since a record arrived below it.
+    checked_below_head: AtomicBool,
 }
 
 impl Worker {
@@ -727,6 +730,9 @@ impl Worker {
         };
         if let Some(head) = writer.durable_head() {
             tracing::info!(topic = %self.topic, partition = self.partition, head_offset = head.last_offset, "continuing chain");
+            if let Err(e) = self.log_reaches_head(&writer).await {
+                return self.stop(&e);
+            }
         }
         let mut min_generation = 0u64;
         if let (true, Some(offset)) = (self.restarted, writer.resume_offset()) {
@@ -815,6 +821,14 @@ impl Worker {
             }
             Ok(Admit::AlreadyChained) => {
                 metrics::already_chained(self.partition);
+                // Checked again when records first arrive below the head: the log may have been
+                // recreated since the worker started, and the skip must not be silent.
+                if !self.checked_below_head.swap(true, Ordering::Relaxed) {
+                    if let Err(e) = self.log_reaches_head(writer).await {
+                        self.stop(&e);
+                        return false;
+                    }
+                }
                 // A replay reached the durable head: commit past it, so the group's position
                 // (and lag) reflect the trail without waiting for new data.
                 // Not once revoked: the partition's offsets are the new owner's to commit.
@@ -835,6 +849,32 @@ impl Worker {
                 self.stop(&e);
                 false
             }
+        }
+    }
+
+    /// Kafka's log must reach past the chain head. A topic deleted and recreated under the same
+    /// name (or truncated by an unclean leader election) has records again at offsets the chain
+    /// already holds, and each would be skipped as already chained: stop instead. A broker that
+    /// does not answer skips the check this time (a warning says so).
+    async fn log_reaches_head(&self, writer: &PartitionWriter) -> Result<(), PartitionError> {
+        let Some(head) = writer.durable_head() else { return Ok(()) };
+        let asked = tokio::select! {
+            _ = self.revoke.cancelled() => return Ok(()),
+            _ = self.shutdown.cancelled() => return Ok(()),
+            asked = self.committer.log_end(self.partition) => asked,
+        };
+        let end = match asked {
+            Ok(end) => end,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not check that the partition's log reaches the chain head");
+                return Ok(());
+            }
+        };
+        match crate::partition::head_past_end(Some(head.last_offset), end) {
+            Some(detail) => {
+                Err(PartitionError::LogBehindChain { topic: self.topic.clone(), partition: self.partition, detail })
+            }
+            None => Ok(()),
         }
     }
 

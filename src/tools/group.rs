@@ -108,20 +108,9 @@ pub struct PartitionStatus {
     pub flush_pending: Option<String>,
     pub digest_seq: Option<u64>,
     pub undigested_segments: usize,
-    /// Something about this partition an operator must look at (see [`head_past_end`]).
+    /// Something about this partition an operator must look at (see [`crate::partition::head_past_end`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
-}
-
-/// A chain head at or past the end of the partition: Kafka has fewer records than the chain
-/// holds, so the topic was deleted and recreated (or truncated), and every new record up to the
-/// head would be skipped as already chained.
-pub fn head_past_end(head: Option<i64>, end: i64) -> Option<String> {
-    let head = head.filter(|&h| h >= end)?;
-    Some(format!(
-        "the chain head ({head}) is at or past the partition's end ({end}): the topic was recreated or truncated; \
-         records up to {head} would be skipped as already chained (RUNBOOK: Scale out and in)"
-    ))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,7 +188,7 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
             end_offset: high,
             lag: (high - committed.unwrap_or(low)).max(0),
             chain_head_offset: head.committed.map(|h| h.last_offset),
-            warning: damaged.or_else(|| head_past_end(head.committed.map(|h| h.last_offset), high)),
+            warning: damaged.or_else(|| crate::partition::head_past_end(head.committed.map(|h| h.last_offset), high)),
             chain_head_hash: head.committed.map(|h| hex::encode(h.last_hash)),
             flush_pending: head.pending.map(|p| format!("{}..={}", p.first_offset, p.last_offset)),
             digest_seq: head.digest.map(|d| d.seq),
@@ -462,14 +451,6 @@ pub fn render_plan(plan: &ReplayPlan) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_head_past_the_end_is_flagged() {
-        assert_eq!(head_past_end(None, 0), None);
-        assert_eq!(head_past_end(Some(99), 100), None, "head 99, next offset 100: caught up");
-        assert!(head_past_end(Some(99), 99).unwrap().contains("recreated"));
-        assert!(head_past_end(Some(5_000), 10).is_some());
-    }
 
     #[test]
     fn offsets_parse_or_name_the_flag() {

@@ -182,6 +182,45 @@ def test_a_damaged_chain_item_stops_its_partition_and_shows_in_status(aegis):
     assert "damaged chain item" in log and "partition stopped" in log, log[-3000:]
 
 
+def test_a_log_behind_its_chain_head_stops_the_partition_instead_of_skipping(aegis):
+    """A topic deleted and recreated under the same name (or truncated by an unclean leader
+    election) restarts its offsets below the chain head: each new record up to the head would
+    pass for one already chained. The worker checks the log's end against its head and stops the
+    partition instead (exit 3 for a backfill); the others go on. tansu 0.6 deletes every topic
+    on DeleteTopics (README), so the head is moved past the log instead of recreating the topic:
+    the worker sees the same thing."""
+    aegis.init()
+    produce_mix(aegis, 80, seed=81)
+    aegis.consume_until_idle()
+    rows_before = len(trail.read_rows(aegis.bucket, aegis.prefix))
+    committed_before = committed_offsets(aegis.group, aegis.topic, aegis.partitions)
+    ddb = trail.dynamodb()
+    for p in (2, 3):
+        key = {"PK": {"S": f"CHAIN#{aegis.topic}#{p}"}}
+        head = ddb.get_item(TableName=aegis.chain_table, Key=key)["Item"]
+        assert int(head["last_offset"]["N"]) < 30
+        ddb.update_item(TableName=aegis.chain_table, Key=key, UpdateExpression="SET last_offset = :o",
+                        ExpressionAttributeValues={":o": {"N": "500"}})
+
+    # Partition 3 gets no new record: the check at the worker's start finds it all the same.
+    rng = random.Random(82)
+    later = produce(aegis.topic, [json.dumps(make_event(1000 + i, rng)).encode() for i in range(30)], partitions=3)
+    proc = aegis.start("run", "--exit-when-idle", "3")
+    assert proc.wait(timeout=120) == 3, "a partition whose log is behind its chain is no success"
+    log = open(aegis.logs[-1]).read()
+    for p in (2, 3):
+        assert re.search(rf"{aegis.topic}/{p}: the chain head \(500\) is at or past the partition's end \(\d+\): "
+                         r"the topic was recreated or truncated.*stopping instead of skipping them", log), log[-3000:]
+    assert "partition stopped" in log
+    rows = trail.read_rows(aegis.bucket, aegis.prefix)
+    assert len(rows) == rows_before + len([d for d in later if d[0] != 2]), "partitions 0 and 1 went on"
+    assert committed_offsets(aegis.group, aegis.topic, aegis.partitions)[2] == committed_before[2], \
+        "partition 2's new records are not committed"
+    status = json.loads(aegis.run("status", "--json").stdout)
+    warnings = {p["partition"]: p.get("warning") for p in status["partitions"]}
+    assert "the topic was recreated or truncated" in (warnings[2] or "") and warnings[0] is None, warnings
+
+
 def test_replay_never_skips_a_partition_without_a_chain(aegis):
     """On a partition no consumer has chained yet, the first record read starts the chain: a
     group offset past the log start there would leave the records before it out for good."""
