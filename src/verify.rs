@@ -64,7 +64,8 @@ pub struct VerifyOptions {
     pub progress: bool,
     /// The chain table's heads, read before the bucket is listed: the bucket must hold at least
     /// what they record (its newest entry and digest). `None`: not checked.
-    pub chain_heads: Option<BTreeMap<i32, ChainHead>>,
+    /// A head whose item does not read is that partition's `chain_head` problem.
+    pub chain_heads: Option<crate::sinks::dynamodb::ChainHeads>,
 }
 
 /// One finding. `code` is shared with `ops/verify_trail.py`.
@@ -269,6 +270,7 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             None => None,
         };
         let head = options.chain_heads.as_ref().and_then(|heads| heads.get(&partition));
+        let readable = head.and_then(|h| h.as_ref().ok());
         let seen = check_partition(
             store.clone(),
             prefix,
@@ -277,14 +279,24 @@ pub async fn verify(store: Arc<dyn ObjectStore>, prefix: &str, options: &VerifyO
             names,
             &signed,
             marker,
-            head.and_then(|h| h.committed).map(|h| h.last_offset),
+            readable.and_then(|h| h.committed).map(|h| h.last_offset),
             options,
             &bar,
             &mut report,
         )
         .await;
-        if let Some(head) = head {
-            check_against_head(prefix, &options.topic, partition, head, &signed, seen, options, &mut report);
+        match head {
+            Some(Ok(head)) => {
+                check_against_head(prefix, &options.topic, partition, head, &signed, seen, options, &mut report)
+            }
+            Some(Err(reason)) => report.problems.push(Problem {
+                code: "chain_head",
+                partition,
+                key: format!("chain table item {}", crate::sinks::dynamodb::chain_head_pk(&options.topic, partition)),
+                offset: None,
+                detail: format!("the bucket was not checked against the chain table: {reason}"),
+            }),
+            None => {}
         }
     }
     bar.finish_and_clear();
@@ -1260,7 +1272,7 @@ mod tests {
             topic: TOPIC.into(),
             public_keys: vec![signer().verifying_key()],
             concurrency: 4,
-            chain_heads: Some(heads),
+            chain_heads: Some(heads.into_iter().map(|(p, h)| (p, Ok(h))).collect()),
             ..Default::default()
         };
         let recorded = BTreeMap::from([(0, heads.get(TOPIC, 0))]);
@@ -1279,6 +1291,16 @@ mod tests {
         let elsewhere = BTreeMap::from([(3, heads.get(TOPIC, 0))]);
         let report = verify(objects.clone(), "trail", &against(elsewhere)).await.unwrap();
         assert!(report.problems.iter().any(|p| p.code == "chain_head" && p.partition == 3), "{:?}", report.problems);
+        // An item that does not read is its partition's problem; the others are still checked.
+        let (objects, heads) = trail_and_heads(Some(signer())).await;
+        let damaged = VerifyOptions {
+            chain_heads: Some(BTreeMap::from([(0, Ok(heads.get(TOPIC, 0))), (1, Err("damaged chain item: x".into()))])),
+            ..against(BTreeMap::new())
+        };
+        let report = verify(objects.clone(), "trail", &damaged).await.unwrap();
+        let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.partition)).collect();
+        assert_eq!(found, vec![("chain_head", 1)], "{:?}", report.problems);
+        assert!(report.problems[0].detail.contains("damaged chain item: x"), "{:?}", report.problems);
 
         // A partition pruned to its head: every flush older than the cutoff, gone on purpose.
         let (objects, heads) = trail_and_heads(Some(signer())).await;

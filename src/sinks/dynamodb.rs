@@ -311,14 +311,16 @@ impl DynamoStore {
     }
 
     /// Every partition of `topic` the chain table holds a head for (`verify --against-chain-table`).
-    pub async fn chain_heads(&self, topic: &str) -> Result<std::collections::BTreeMap<i32, ChainHead>, SinkError> {
+    /// Every partition's head of `topic`; a damaged item is that partition's error, not the
+    /// whole scan's (`verify` reports it and checks the rest).
+    pub async fn chain_heads(&self, topic: &str) -> Result<ChainHeads, SinkError> {
         let prefix = chain_head_pk_prefix(topic);
         let items = self.scan_chain_table(prefix.clone(), None).await?;
         let mut heads = std::collections::BTreeMap::new();
         for item in &items {
             let Some(pk) = item.get("PK").and_then(|v| v.as_s().ok()) else { continue };
             let Some(partition) = pk.strip_prefix(&prefix).and_then(|p| p.parse::<i32>().ok()) else { continue };
-            heads.insert(partition, parse_head(item).map_err(|e| damaged(&self.chain_table, pk, e))?);
+            heads.insert(partition, parse_head(item).map_err(|e| damaged(&self.chain_table, pk, e).to_string()));
         }
         Ok(heads)
     }
@@ -399,6 +401,9 @@ fn segment_list(segments: &[SegmentEntry]) -> AttributeValue {
 /// The `operation` of a [`SinkError::Fatal`] for a chain item that was read but holds what no
 /// writer leaves: `status` shows it as that partition's warning, where other fatal errors (access,
 /// a missing table) end the report.
+/// Each partition's chain head, or why its item does not read.
+pub type ChainHeads = std::collections::BTreeMap<i32, Result<ChainHead, String>>;
+
 pub const READ_CHAIN_ITEM: &str = "ReadChainItem";
 
 /// A chain item no writer could have left: fatal, naming the item (ops/RUNBOOK.md, Lost chain

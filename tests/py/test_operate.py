@@ -175,6 +175,10 @@ def test_a_damaged_chain_item_stops_its_partition_and_shows_in_status(aegis):
     warnings = {p["partition"]: p.get("warning") for p in status["partitions"]}
     assert "damaged chain item: undigested[0] does not read" in (warnings[1] or ""), warnings
     assert all(w is None for p, w in warnings.items() if p != 1), warnings
+    # verify reports it as that partition's problem and checks the rest against the table.
+    report = aegis.verify("--against-chain-table")
+    assert [(p["code"], p["partition"]) for p in report["problems"]] == [("chain_head", 1)], report["problems"]
+    assert report["partitions"] == aegis.partitions
     produce_mix(aegis, 40, seed=78, start=1000)
     proc = aegis.start("run", "--exit-when-idle", "3")
     assert proc.wait(timeout=120) == 3, "a backfill with a stopped partition is no success"
