@@ -6,12 +6,13 @@
 //! |-------------|--------------------|-----------------------------------------------|
 //! | decision    | `DECISION#<id>`    | `DECISION` (one per id: the winner)           |
 //! | duplicate   | `DECISION#<id>`    | `DUPLICATE#<rank>` (every other decision record with this id) |
-//! | override    | `DECISION#<id>`    | `OVERRIDE#<occurred_at>#<topic>#<p>#<off>`    |
-//! | safety flag | `DECISION#<id>`    | `SAFETY_FLAG#<occurred_at>#<topic>#<p>#<off>` |
+//! | override    | `DECISION#<id>`    | `OVERRIDE#<rank>`                             |
+//! | safety flag | `DECISION#<id>`    | `SAFETY_FLAG#<rank>`                          |
 //!
 //! GSI1: `GSI1PK = USER#<user_id>`, GSI2: `GSI2PK = SESSION#<session_id>`; both sort by
 //! `<occurred_at>#<event_type>#<decision_id>`. Overrides and flags carry the Kafka coordinates in
-//! their sort key, so they never clobber the decision or each other.
+//! their sort key (zero-padded, as in the rank: two overrides at one `occurred_at` sort in Kafka
+//! order), so they never clobber the decision or each other.
 //!
 //! Winner rule: the decision with the smallest rank `<occurred_at>#<topic>#<partition:010>#<offset:020>`
 //! (earliest `occurred_at`, ties by Kafka coordinates) holds the `DECISION` item; every other
@@ -48,11 +49,10 @@ pub fn rank(occurred_at_key: &str, topic: &str, partition: i32, offset: i64) -> 
 pub fn item_for(topic: &str, partition: i32, record: &ChainedRecord, segment_key: &str) -> Option<IndexItem> {
     let event = record.outcome.as_ref().ok()?;
     let ts = event.occurred_at_key();
-    let coordinates = format!("{topic}#{partition}#{}", record.offset);
     let sk = match event.event_type {
         EventType::Decision => DECISION_SK.to_string(),
-        EventType::Override => format!("OVERRIDE#{ts}#{coordinates}"),
-        EventType::SafetyFlag => format!("SAFETY_FLAG#{ts}#{coordinates}"),
+        EventType::Override => format!("OVERRIDE#{}", rank(&ts, topic, partition, record.offset)),
+        EventType::SafetyFlag => format!("SAFETY_FLAG#{}", rank(&ts, topic, partition, record.offset)),
     };
     let gsi_sort = format!("{ts}#{}#{}", event.event_type.as_str(), event.decision_id());
     let mut attrs = Attrs::new();
@@ -349,8 +349,16 @@ mod tests {
         assert_eq!(o.pk, d.pk);
         assert_eq!(d.sk, "DECISION");
         assert_eq!(d.attrs["rank"], Attr::S("2026-11-20T08:00:00.000000Z#t#0000000000#00000000000000000001".into()));
-        assert_eq!(o.sk, "OVERRIDE#2026-11-20T08:00:00.000000Z#t#0#2");
-        assert_eq!(f.sk, "SAFETY_FLAG#2026-11-20T08:00:00.000000Z#t#0#3");
+        assert_eq!(o.sk, "OVERRIDE#2026-11-20T08:00:00.000000Z#t#0000000000#00000000000000000002");
+        assert_eq!(f.sk, "SAFETY_FLAG#2026-11-20T08:00:00.000000Z#t#0000000000#00000000000000000003");
+        // Two overrides at one instant: the later record sorts last, so the newest-override
+        // query (descending, limit 1) finds it.
+        let override_at = |offset| {
+            item_for("t", 0, &record(offset, &json("override", r#","reviewer_id":"rv","override_reason":"x""#)), "k")
+                .unwrap()
+                .sk
+        };
+        assert!(override_at(9) < override_at(10));
         assert_eq!(d.attrs["GSI1PK"], Attr::S("USER#u-1".into()));
         assert_eq!(d.attrs["GSI2PK"], Attr::S("SESSION#s-1".into()));
         assert_eq!(o.attrs["reviewer_id"], Attr::S("rv".into()));
