@@ -171,7 +171,8 @@ pub struct ValidationConfig {
     /// Records larger than this are rejected (dead-lettered), not indexed.
     #[serde(default = "defaults::max_record_bytes")]
     pub max_record_bytes: usize,
-    /// `occurred_at` further than this from the Kafka timestamp (or now) is rejected.
+    /// `occurred_at` further than this from the record's Kafka timestamp is rejected (a record
+    /// without one is not checked: the wall clock would judge a replay differently).
     #[serde(default = "defaults::max_clock_skew_days")]
     pub max_clock_skew_days: u32,
 }
