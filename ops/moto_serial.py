@@ -9,7 +9,8 @@ atomic, and aegis-audit's fencing (schemas/CHAIN.md) relies on that, so a racy e
 up as a forked flush (a segment written twice) in the two-writer fence test. Serialising the
 requests gives the emulator the guarantee the real services document.
 
-A request's body is read before the lock is taken, so a slow upload does not hold up others.
+A request's body with a Content-Length is read before the lock is taken, so a slow upload does not
+hold up others (a chunked body, which neither the Rust SDK nor boto3 sends here, is read inside it).
 
     moto_serial.py -H 127.0.0.1 -p 15000
 """

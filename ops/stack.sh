@@ -188,7 +188,8 @@ our_pid() {
     state=$(proc_state "$pid") || return 1
     [[ $state == Z ]] && return 1
     cmd=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) || return 1
-    [[ $cmd == *"$(marker "$name")"* ]] || return 1
+    # moto as launched before ops/moto_serial.py: still ours, so that `down` stops it.
+    [[ $cmd == *"$(marker "$name")"* || ($name == moto && $cmd == *"moto_server -H $HOST -p $MOTO_PORT"*) ]] || return 1
     printf '%s' "$pid"
 }
 
@@ -329,6 +330,9 @@ proxy_ok() { s3_ok "$AWS_PORT"; }
 start_moto() {
     local pid
     if pid=$(our_pid moto); then
+        if ! tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q moto_serial.py; then
+            log "WARNING: moto (pid $pid) was started without ops/moto_serial.py: its conditional writes are not atomic. Replace it with: bash ops/stack.sh down && bash ops/stack.sh up (its data is lost)"
+        fi
         if [[ $(proc_state "$pid") == T ]]; then
             log "unfreezing moto (pid $pid)"
             kill -CONT "$pid"

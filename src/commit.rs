@@ -77,4 +77,4 @@ impl Committer {
     }
 }
 
-const LOG_END_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const LOG_END_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);

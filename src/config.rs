@@ -73,6 +73,11 @@ pub struct KafkaConfig {
     /// reading until they catch up (`source.rs`).
     #[serde(default = "defaults::max_queued_bytes")]
     pub max_queued_bytes: usize,
+    /// Whether a worker checks that the partition's log reaches past the chain head before it
+    /// skips records as already chained (a topic recreated under the same name). Off only for a
+    /// broker whose high watermark is unreliable (tansu's in-memory storage, in the benchmarks).
+    #[serde(default = "defaults::check_log_end")]
+    pub check_log_end: bool,
     /// Extra librdkafka properties (security.protocol, sasl.*, ...), passed through verbatim,
     /// except that `_` reads as `.` (so the environment can set them).
     #[serde(default)]
@@ -260,6 +265,10 @@ mod defaults {
     pub fn max_queued_bytes() -> usize {
         16 * 1024 * 1024
     }
+    pub fn check_log_end() -> bool {
+        true
+    }
+
     pub fn session_timeout_ms() -> u32 {
         30_000
     }

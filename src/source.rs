@@ -644,7 +644,6 @@ impl WorkerEnv {
             shutdown: self.shutdown.clone(),
             restarted,
             stopped: stopped.clone(),
-            checked_below_head: AtomicBool::new(false),
         };
         let span = tracing::info_span!("partition", topic = %self.config.kafka.topic, partition);
         // A panic (a bug) must stop the partition visibly, not leave it paused without a word.
@@ -680,6 +679,39 @@ impl WorkerEnv {
     }
 }
 
+/// When a worker asks again where the partition's log ends ([`Worker::log_reaches_head`]): once
+/// for each run of records that arrive below the chain head (a replay, a re-read after a crash,
+/// or a log recreated under the worker), and, when the broker did not answer, again at most
+/// every [`LOG_END_RETRY`] while such records keep coming.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum LogEndCheck {
+    #[default]
+    Due,
+    Done,
+    Unanswered(Instant),
+}
+
+const LOG_END_RETRY: Duration = Duration::from_secs(5);
+
+impl LogEndCheck {
+    /// A record past the head: the next one below it starts a new run.
+    fn appended(&mut self) {
+        *self = LogEndCheck::Due;
+    }
+
+    fn due(&self, now: Instant) -> bool {
+        match *self {
+            LogEndCheck::Due => true,
+            LogEndCheck::Done => false,
+            LogEndCheck::Unanswered(at) => now.duration_since(at) >= LOG_END_RETRY,
+        }
+    }
+
+    fn checked(&mut self, answered: bool, now: Instant) {
+        *self = if answered { LogEndCheck::Done } else { LogEndCheck::Unanswered(now) };
+    }
+}
+
 struct Worker {
     partition: i32,
     topic: String,
@@ -698,8 +730,6 @@ struct Worker {
     /// Replaces a worker that lost the fence: the records it held past the head are gone.
     restarted: bool,
     stopped: Arc<AtomicBool>,
-    /// Whether the log's end was checked against the chain head since a record arrived below it.
-    checked_below_head: AtomicBool,
 }
 
 impl Worker {
@@ -734,6 +764,7 @@ impl Worker {
                 return self.stop(&e);
             }
         }
+        let mut log_end_check = LogEndCheck::default();
         let mut min_generation = 0u64;
         if let (true, Some(offset)) = (self.restarted, writer.resume_offset()) {
             // The records past the head (or the interrupted flush another writer left) went to
@@ -773,7 +804,7 @@ impl Worker {
                 inbound = rx.recv() => {
                     let Some(inbound) = inbound else { return };
                     let now = Instant::now();
-                    if !self.admit(&mut writer, inbound, &mut min_generation, now).await {
+                    if !self.admit(&mut writer, inbound, &mut min_generation, &mut log_end_check, now).await {
                         return;
                     }
                     // What is queued already, without a trip round the select per record (its
@@ -786,7 +817,7 @@ impl Worker {
                             break;
                         }
                         let Ok(inbound) = rx.try_recv() else { break };
-                        if !self.admit(&mut writer, inbound, &mut min_generation, now).await {
+                        if !self.admit(&mut writer, inbound, &mut min_generation, &mut log_end_check, now).await {
                             return;
                         }
                     }
@@ -809,6 +840,7 @@ impl Worker {
         writer: &mut PartitionWriter,
         inbound: Inbound,
         min_generation: &mut u64,
+        log_end_check: &mut LogEndCheck,
         now: Instant,
     ) -> bool {
         self.took(&inbound);
@@ -817,16 +849,20 @@ impl Worker {
         }
         match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) {
             Ok(Admit::Appended) => {
+                log_end_check.appended();
                 !writer.should_flush(now) || (self.flush_and_commit(writer).await && self.digest(writer, false).await)
             }
             Ok(Admit::AlreadyChained) => {
                 metrics::already_chained(self.partition);
-                // Checked again when records first arrive below the head: the log may have been
+                // Checked again when records arrive below the head: the log may have been
                 // recreated since the worker started, and the skip must not be silent.
-                if !self.checked_below_head.swap(true, Ordering::Relaxed) {
-                    if let Err(e) = self.log_reaches_head(writer).await {
-                        self.stop(&e);
-                        return false;
+                if log_end_check.due(now) {
+                    match self.log_reaches_head(writer).await {
+                        Ok(answered) => log_end_check.checked(answered, now),
+                        Err(e) => {
+                            self.stop(&e);
+                            return false;
+                        }
                     }
                 }
                 // A replay reached the durable head: commit past it, so the group's position
@@ -854,27 +890,30 @@ impl Worker {
 
     /// Kafka's log must reach past the chain head. A topic deleted and recreated under the same
     /// name (or truncated by an unclean leader election) has records again at offsets the chain
-    /// already holds, and each would be skipped as already chained: stop instead. A broker that
-    /// does not answer skips the check this time (a warning says so).
-    async fn log_reaches_head(&self, writer: &PartitionWriter) -> Result<(), PartitionError> {
-        let Some(head) = writer.durable_head() else { return Ok(()) };
+    /// already holds, and each would be skipped as already chained: stop instead. `Ok(false)`:
+    /// the broker did not answer (a warning says so), or the worker is ending.
+    async fn log_reaches_head(&self, writer: &PartitionWriter) -> Result<bool, PartitionError> {
+        let Some(head) = writer.durable_head() else { return Ok(true) };
+        if !self.config.kafka.check_log_end {
+            return Ok(true);
+        }
         let asked = tokio::select! {
-            _ = self.revoke.cancelled() => return Ok(()),
-            _ = self.shutdown.cancelled() => return Ok(()),
+            _ = self.revoke.cancelled() => return Ok(false),
+            _ = self.shutdown.cancelled() => return Ok(false),
             asked = self.committer.log_end(self.partition) => asked,
         };
         let end = match asked {
             Ok(end) => end,
             Err(e) => {
                 tracing::warn!(error = %e, "could not check that the partition's log reaches the chain head");
-                return Ok(());
+                return Ok(false);
             }
         };
         match crate::partition::head_past_end(Some(head.last_offset), end) {
             Some(detail) => {
                 Err(PartitionError::LogBehindChain { topic: self.topic.clone(), partition: self.partition, detail })
             }
-            None => Ok(()),
+            None => Ok(true),
         }
     }
 
@@ -950,6 +989,20 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_log_end_is_checked_once_per_run_below_the_head_and_retried_when_unanswered() {
+        let t0 = Instant::now();
+        let mut check = LogEndCheck::default();
+        assert!(check.due(t0), "the first record below the head is checked");
+        check.checked(true, t0);
+        assert!(!check.due(t0 + Duration::from_secs(60)), "not again within the same run");
+        check.appended();
+        assert!(check.due(t0), "a record past the head ends the run: the next one below it is checked");
+        check.checked(false, t0);
+        assert!(!check.due(t0 + LOG_END_RETRY / 2), "an unanswered check waits before asking again");
+        assert!(check.due(t0 + LOG_END_RETRY), "and is not given up");
+    }
 
     #[test]
     fn operator_properties_override_defaults() {

@@ -5,7 +5,6 @@ racing writers could both win (seen as a doubled segment in the two-writer fence
 ops/moto_serial.py serialises requests; these tests pin that down."""
 import importlib.util
 import os
-import subprocess
 import threading
 import time
 
@@ -62,7 +61,10 @@ def test_serialised_requests_let_exactly_one_conditional_writer_win():
 
 
 def test_the_local_stack_runs_moto_serialised():
-    out = subprocess.run(["bash", os.path.join(REPO, "ops", "stack.sh"), "status"], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
-    pids = subprocess.run(["pgrep", "-f", "moto_serial.py"], capture_output=True, text=True).stdout.split()
-    assert pids, "the stack's S3+DynamoDB server is not ops/moto_serial.py"
+    """The moto this stack started (its pid file), not just any process of that name."""
+    stack_dir = os.environ.get("AEGIS_STACK_DIR", os.path.join(REPO, ".stack"))
+    with open(os.path.join(stack_dir, "run", "moto.pid")) as f:
+        pid = f.read().split()[0]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().replace(b"\0", b" ").decode()
+    assert "ops/moto_serial.py" in cmdline, f"the stack's S3+DynamoDB server is not serialised: {cmdline}"
