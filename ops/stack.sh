@@ -330,8 +330,8 @@ proxy_ok() { s3_ok "$AWS_PORT"; }
 start_moto() {
     local pid
     if pid=$(our_pid moto); then
-        if ! tr '\0' ' ' <"/proc/$pid/cmdline" | grep -q moto_serial.py; then
-            log "WARNING: moto (pid $pid) was started without ops/moto_serial.py: its conditional writes are not atomic. Replace it with: bash ops/stack.sh down && bash ops/stack.sh up (its data is lost)"
+        if [[ $(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null) != *"$(marker moto)"* ]]; then
+            log "WARNING: moto (pid $pid) was started without ops/moto_serial.py: its conditional writes are not atomic. Replace it with: bash ops/stack.sh down && bash ops/stack.sh up (all the stack's data, the broker's included, is lost)"
         fi
         if [[ $(proc_state "$pid") == T ]]; then
             log "unfreezing moto (pid $pid)"

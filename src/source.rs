@@ -682,7 +682,9 @@ impl WorkerEnv {
 /// When a worker asks again where the partition's log ends ([`Worker::log_reaches_head`]): once
 /// for each run of records that arrive below the chain head (a replay, a re-read after a crash,
 /// or a log recreated under the worker), and, when the broker did not answer, again at most
-/// every [`LOG_END_RETRY`] while such records keep coming.
+/// every [`LOG_END_RETRY`] while such records keep coming. A run ends with a record past the
+/// head or at it. (The check at the worker's start does not count for the first run: the log
+/// may be recreated between the two.)
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 enum LogEndCheck {
     #[default]
@@ -691,11 +693,13 @@ enum LogEndCheck {
     Unanswered(Instant),
 }
 
-const LOG_END_RETRY: Duration = Duration::from_secs(5);
+/// Well above the ask's own timeout (`commit::LOG_END_TIMEOUT`): while the broker does not
+/// answer, each ask blocks the worker that long.
+const LOG_END_RETRY: Duration = Duration::from_secs(30);
 
 impl LogEndCheck {
-    /// A record past the head: the next one below it starts a new run.
-    fn appended(&mut self) {
+    /// A record past the head or at it: the next one below it starts a new run.
+    fn run_ended(&mut self) {
         *self = LogEndCheck::Due;
     }
 
@@ -849,16 +853,16 @@ impl Worker {
         }
         match writer.admit(inbound.offset, inbound.timestamp_ms, inbound.payload) {
             Ok(Admit::Appended) => {
-                log_end_check.appended();
+                log_end_check.run_ended();
                 !writer.should_flush(now) || (self.flush_and_commit(writer).await && self.digest(writer, false).await)
             }
             Ok(Admit::AlreadyChained) => {
                 metrics::already_chained(self.partition);
                 // Checked again when records arrive below the head: the log may have been
                 // recreated since the worker started, and the skip must not be silent.
-                if log_end_check.due(now) {
+                if writer.durable_head().is_some() && log_end_check.due(Instant::now()) {
                     match self.log_reaches_head(writer).await {
-                        Ok(answered) => log_end_check.checked(answered, now),
+                        Ok(answered) => log_end_check.checked(answered, Instant::now()),
                         Err(e) => {
                             self.stop(&e);
                             return false;
@@ -868,8 +872,11 @@ impl Worker {
                 // A replay reached the durable head: commit past it, so the group's position
                 // (and lag) reflect the trail without waiting for new data.
                 // Not once revoked: the partition's offsets are the new owner's to commit.
-                if writer.durable_head().is_some_and(|h| h.last_offset == inbound.offset) && !self.revoke.is_cancelled()
-                {
+                let at_head = writer.durable_head().is_some_and(|h| h.last_offset == inbound.offset);
+                if at_head {
+                    log_end_check.run_ended();
+                }
+                if at_head && !self.revoke.is_cancelled() {
                     if let Err(e) = self.committer.commit(self.partition, inbound.offset + 1).await {
                         tracing::warn!(error = %e, "offset commit failed");
                     }
@@ -997,8 +1004,8 @@ mod tests {
         assert!(check.due(t0), "the first record below the head is checked");
         check.checked(true, t0);
         assert!(!check.due(t0 + Duration::from_secs(60)), "not again within the same run");
-        check.appended();
-        assert!(check.due(t0), "a record past the head ends the run: the next one below it is checked");
+        check.run_ended();
+        assert!(check.due(t0), "a record past the head (or at it) ends the run: the next one below it is checked");
         check.checked(false, t0);
         assert!(!check.due(t0 + LOG_END_RETRY / 2), "an unanswered check waits before asking again");
         assert!(check.due(t0 + LOG_END_RETRY), "and is not given up");
