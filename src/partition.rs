@@ -835,7 +835,6 @@ fn index_items(
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use crate::sinks::memory::{MemoryDeadLetters, MemoryHeads, MemoryIndex, MemoryObjectStore};
     use sha2::{Digest, Sha256};
     use std::sync::atomic::Ordering;

@@ -310,9 +310,9 @@ impl DynamoStore {
         Ok(items.iter().filter_map(|item| item.get("detail").and_then(|v| v.as_s().ok()).cloned()).collect())
     }
 
-    /// Every partition of `topic` the chain table holds a head for (`verify --against-chain-table`).
-    /// Every partition's head of `topic`; a damaged item is that partition's error, not the
-    /// whole scan's (`verify` reports it and checks the rest).
+    /// Every partition of `topic` the chain table holds a head for (`verify --against-chain-table`);
+    /// a damaged item is that partition's error, not the whole scan's (`verify` reports it and
+    /// checks the rest).
     pub async fn chain_heads(&self, topic: &str) -> Result<ChainHeads, SinkError> {
         let prefix = chain_head_pk_prefix(topic);
         let items = self.scan_chain_table(prefix.clone(), None).await?;
@@ -398,12 +398,12 @@ fn segment_list(segments: &[SegmentEntry]) -> AttributeValue {
     )
 }
 
-/// The `operation` of a [`SinkError::Fatal`] for a chain item that was read but holds what no
-/// writer leaves: `status` shows it as that partition's warning, where other fatal errors (access,
-/// a missing table) end the report.
 /// Each partition's chain head, or why its item does not read.
 pub type ChainHeads = std::collections::BTreeMap<i32, Result<ChainHead, String>>;
 
+/// The `operation` of a [`SinkError::Fatal`] for a chain item that was read but holds what no
+/// writer leaves: `status` shows it as that partition's warning, where other fatal errors (access,
+/// a missing table) end the report.
 pub const READ_CHAIN_ITEM: &str = "ReadChainItem";
 
 /// A chain item no writer could have left: fatal, naming the item (ops/RUNBOOK.md, Lost chain
