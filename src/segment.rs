@@ -877,7 +877,7 @@ mod tests {
     proptest::proptest! {
         // Whatever a record says, its object key stays under the prefix with exactly the Hive shape.
         #[test]
-        fn keys_never_escape_the_prefix(env in "\\PC{0,40}", topic in "[a-z][a-z0-9._-]{0,20}", p in 0i32..10_000, first in 0i64..i64::MAX / 2) {
+        fn keys_never_escape_the_prefix(env in crate::decode::tests::environment_candidates(), topic in "[a-z][a-z0-9._-]{0,20}", p in 0i32..10_000, first in 0i64..i64::MAX / 2) {
             let json = event("d", "prod", 17).replace("\"prod\"", &serde_json::to_string(&env).unwrap());
             let records = sample_records(&topic, p, &[(first, json)]);
             let placement = Placement::of(&records[0]);
@@ -887,8 +887,14 @@ mod tests {
             proptest::prop_assert!(key.split('/').all(|seg| !seg.is_empty() && seg != "." && seg != ".."), "{}", key);
             // prefix/year/month/day/environment/file, or prefix/quarantine/year/month/day/file.
             proptest::prop_assert_eq!(key.split('/').count(), 6, "{}", key);
-            if let Placement::Trail { environment, .. } = &placement {
-                proptest::prop_assert!(crate::decode::is_partition_token(environment));
+            // A trail key names the record's own environment, and only one the schema allows.
+            let pattern = crate::decode::tests::schema_environment_pattern();
+            match &placement {
+                Placement::Trail { environment, .. } => {
+                    proptest::prop_assert_eq!(&environment[..], env.as_str());
+                    proptest::prop_assert!(pattern.is_match(&env) && key.contains(&format!("/environment={env}/")), "{}", key);
+                }
+                Placement::Quarantine { .. } => proptest::prop_assert!(!pattern.is_match(&env), "{:?} quarantined", env),
             }
         }
     }

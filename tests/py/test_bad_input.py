@@ -70,12 +70,18 @@ def test_bad_records_go_to_dead_letters_and_quarantine_and_chain_has_no_gap(aegi
         stream.append((payload, code))
     from confluent_kafka import Producer
     producer = Producer({"bootstrap.servers": BROKERS, "acks": "all"})
-    offsets = []
+    offsets, stamps = [], {}
+
+    def delivered(err, msg, code, payload):
+        assert err is None, err
+        offsets.append((msg.offset(), code, payload))
+        stamps[msg.offset()] = msg.timestamp()[1]  # the broker's record timestamp, independently
+
     for payload, code in stream:
         producer.produce(aegis.topic, value=payload, partition=1,
-                         on_delivery=lambda err, msg, code=code, payload=payload: offsets.append((msg.offset(), code, payload)))
+                         on_delivery=lambda err, msg, code=code, payload=payload: delivered(err, msg, code, payload))
     producer.flush(30)
-    assert len(offsets) == len(stream)
+    assert len(offsets) == len(stream) and all(stamps.values())
 
     aegis.consume_until_idle(AEGIS_VALIDATION__MAX_RECORD_BYTES=str(MAX_BYTES))
 
@@ -84,6 +90,7 @@ def test_bad_records_go_to_dead_letters_and_quarantine_and_chain_has_no_gap(aegi
     by_offset = {r["kafka_offset"]: r for r in rows if r["kafka_partition"] == 1}
     for offset, code, payload in offsets:
         row = by_offset[offset]
+        assert round(row["kafka_timestamp"].timestamp() * 1000) == stamps[offset], offset
         if code is None:
             assert row["status"] == "accepted" and "/quarantine/" not in row["_key"]
         else:
@@ -130,7 +137,7 @@ def test_bad_records_go_to_dead_letters_and_quarantine_and_chain_has_no_gap(aegi
             assert headers["aegis.source_topic"] == aegis.topic and headers["aegis.source_partition"] == "1"
             assert headers["aegis.reason"]
             assert value == payload, "the original bytes; no value for a record without one"
-            assert int(headers["aegis.source_timestamp"]) == round(by_offset[offset]["kafka_timestamp"].timestamp() * 1000)
+            assert int(headers["aegis.source_timestamp"]) == stamps[offset]
 
     # The consumer kept going and committed past everything.
     assert committed_offsets(aegis.group, aegis.topic, 4)[1] == offsets[-1][0] + 1

@@ -126,7 +126,7 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
             # of an eighth (the gauges follow within a 100 ms tick).
             wait_for(lambda: metric(aegis, "aegis_queue_limit_bytes") == 262144 // 8, timeout=10,
                      what="the flowing partitions' limit down to an eighth")
-            assert metric_series(aegis, "aegis_queued_bytes", state="paused") > 262144 * 7 // 8
+            assert metric_series(aegis, "aegis_queued_bytes", required=True, state="paused") > 262144 * 7 // 8
             # Nothing is committed past what is durable.
             assert committed_offsets(aegis.group, aegis.topic, 4) == committed_before
         finally:
@@ -137,7 +137,7 @@ def test_s3_dynamodb_outage_pauses_alerts_and_recovers(aegis, tmp_path):
         assert metric(aegis, "aegis_backend_up") == 1
         assert metric(aegis, "aegis_partitions_paused") == 0
         wait_for(lambda: metric(aegis, "aegis_queue_limit_bytes") == 262144, timeout=10, what="the whole budget back")
-        assert metric_series(aegis, "aegis_queued_bytes", state="paused") == 0
+        assert metric_series(aegis, "aegis_queued_bytes", required=True, state="paused") == 0
     finally:
         consumer.send_signal(signal.SIGTERM)
         assert consumer.wait(timeout=60) == 0
@@ -358,14 +358,16 @@ def test_a_worker_that_loses_its_fence_restarts_from_the_head(aegis, tmp_path):
     check_trail(aegis, tmp_path, delivered)
 
 
-def metric_series(aegis, name, **labels):
-    """The value of the one series of `name` with exactly these labels among its labels, or 0.0."""
+def metric_series(aegis, name, required=False, **labels):
+    """The value of the one series of `name` with these labels among its labels; 0.0 if there is
+    none, unless `required` (a gauge that vanished must not read as 0)."""
     status, text = http(aegis, "/metrics")
     assert status == 200, f"/metrics answered {status}"
     want = {f'{k}="{v}"' for k, v in labels.items()}
     for line in text.splitlines():
         if line.startswith(name + "{") and want <= set(line.split("{", 1)[1].rsplit("}", 1)[0].split(",")):
             return float(line.rsplit(" ", 1)[1])
+    assert not required, f"/metrics has no series {name}{labels}"
     return 0.0
 
 
