@@ -5,6 +5,7 @@ AEGIS_* overrides of config/local.toml, so tests never see each other's data.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -193,9 +194,10 @@ def make_event(i: int, rng: random.Random, kind: str | None = None, decision_id:
     return event
 
 
-def produce(topic: str, payloads: list[bytes], partitions: int | None = None, keys: list[str] | None = None) -> list[tuple[int, int, bytes]]:
+def produce(topic: str, payloads: list[bytes], partitions: int | None = None, keys: list[str] | None = None,
+            brokers: str = BROKERS) -> list[tuple[int, int, bytes]]:
     """Produces with librdkafka (confluent-kafka), acks=all; returns (partition, offset, payload)."""
-    producer = Producer({"bootstrap.servers": BROKERS, "acks": "all", "linger.ms": 5})
+    producer = Producer({"bootstrap.servers": brokers, "acks": "all", "linger.ms": 5})
     delivered, errors = [], []
 
     def report(err, msg):
@@ -223,13 +225,52 @@ def produce(topic: str, payloads: list[bytes], partitions: int | None = None, ke
     return delivered
 
 
-def committed_offsets(group: str, topic: str, partitions: int) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": BROKERS, "group.id": group, "enable.auto.commit": False})
+def committed_offsets(group: str, topic: str, partitions: int, brokers: str = BROKERS) -> dict[int, int]:
+    consumer = Consumer({"bootstrap.servers": brokers, "group.id": group, "enable.auto.commit": False})
     try:
         tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
         return {tp.partition: tp.offset for tp in tps}
     finally:
         consumer.close()
+
+
+@contextlib.contextmanager
+def private_broker(folder):
+    """A tansu broker of the test's own (the stack's binary, SQLite storage in `folder`) for what
+    the shared one cannot take: tansu 0.6 deletes every topic of the broker on DeleteTopics
+    (README). Yields its bootstrap address."""
+    stack_dir = os.environ.get("AEGIS_STACK_DIR", os.path.join(REPO, ".stack"))
+    with open(os.path.join(stack_dir, "run", "broker.pid")) as f:
+        pid = f.read().split()[0]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        tansu = f.read().split(b"\0")[0].decode()
+    assert os.path.basename(tansu) == "tansu", f"the stack's broker (pid {pid}) is not tansu: {tansu}"
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log = open(os.path.join(folder, "private-broker.log"), "w")
+    proc = subprocess.Popen([tansu, "broker", "--cluster-id", "aegis-private", "--listener-url", url,
+                             "--advertised-listener-url", url, "--storage-engine", "sqlite://tansu.db"],
+                            cwd=folder, stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "RUST_LOG": "warn", "NO_COLOR": "1"})
+    brokers = f"127.0.0.1:{port}"
+    try:
+        admin = AdminClient({"bootstrap.servers": brokers})
+
+        def answers():
+            try:
+                return admin.list_topics(timeout=2) is not None
+            except Exception:  # noqa: BLE001 - not listening yet
+                return False
+        wait_for(answers, timeout=30, what=f"the private broker on {brokers}")
+        yield brokers
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def http(aegis, path):
