@@ -533,7 +533,7 @@ impl Config {
             return Err(invalid("retry.max_backoff_ms", "needs 0 < retry.initial_backoff_ms <= retry.max_backoff_ms"));
         }
         if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid("metrics.listen", "must be host:port (e.g. \"0.0.0.0:9898\") or empty"));
+            return Err(invalid("metrics.listen", "must be IP:port (e.g. \"0.0.0.0:9898\"; not a host name) or empty"));
         }
         if self.digest.key_text().is_some() && self.digest.key_file().is_some() {
             return Err(invalid("digest.signing_key", "set digest.signing_key or digest.signing_key_file, not both"));

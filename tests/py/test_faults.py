@@ -302,7 +302,11 @@ def test_zombie_paused_past_session_timeout_cannot_fork_the_chain(aegis, tmp_pat
     finally:
         a.send_signal(signal.SIGCONT)
     time.sleep(8)  # A wakes, its age timers fire, it tries to flush what it held
-    # What A did on waking, read before it is told to stop (a clean stop revokes too).
+    # What A did on waking, read before it is told to stop (a clean stop revokes too). Which
+    # comes first is a race: its age timers start a flush that the chain head's condition
+    # refuses, or librdkafka reports the partitions lost and the flush is abandoned (seen more
+    # often). The refusal itself is forced in test_a_worker_that_loses_its_fence_restarts_from_the_head;
+    # here the outcome is what counts: no object, no row, no head moved (check_trail).
     log = open(a_log).read()
     assert "lost the partition's fence" in log or "partitions revoked" in log, log[-3000:]
     assert parquet_versions(aegis) == segment_versions, "the zombie wrote a segment object"
