@@ -268,7 +268,6 @@ mod defaults {
     pub fn check_log_end() -> bool {
         true
     }
-
     pub fn session_timeout_ms() -> u32 {
         30_000
     }

@@ -859,7 +859,8 @@ impl Worker {
             Ok(Admit::AlreadyChained) => {
                 metrics::already_chained(self.partition);
                 // Checked again when records arrive below the head: the log may have been
-                // recreated since the worker started, and the skip must not be silent.
+                // recreated since the worker started, and the skip must not be silent. (Without
+                // a durable head there is nothing to check, and the check is not used up.)
                 if writer.durable_head().is_some() && log_end_check.due(Instant::now()) {
                     match self.log_reaches_head(writer).await {
                         Ok(answered) => log_end_check.checked(answered, Instant::now()),

@@ -234,17 +234,23 @@ def committed_offsets(group: str, topic: str, partitions: int, brokers: str = BR
         consumer.close()
 
 
+def stack_service_argv(name: str) -> list[str]:
+    """The command line of the service `ops/stack.sh` started as `name` (from its pid file), not
+    just any process of that name."""
+    stack_dir = os.environ.get("AEGIS_STACK_DIR", os.path.join(REPO, ".stack"))
+    with open(os.path.join(stack_dir, "run", f"{name}.pid")) as f:
+        pid = f.read().split()[0]
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return [arg.decode() for arg in f.read().split(b"\0") if arg]
+
+
 @contextlib.contextmanager
 def private_broker(folder):
     """A tansu broker of the test's own (the stack's binary, SQLite storage in `folder`) for what
     the shared one cannot take: tansu 0.6 deletes every topic of the broker on DeleteTopics
     (README). Yields its bootstrap address."""
-    stack_dir = os.environ.get("AEGIS_STACK_DIR", os.path.join(REPO, ".stack"))
-    with open(os.path.join(stack_dir, "run", "broker.pid")) as f:
-        pid = f.read().split()[0]
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        tansu = f.read().split(b"\0")[0].decode()
-    assert os.path.basename(tansu) == "tansu", f"the stack's broker (pid {pid}) is not tansu: {tansu}"
+    tansu = stack_service_argv("broker")[0]
+    assert os.path.basename(tansu) == "tansu", f"the stack's broker is not tansu: {tansu}"
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
     log = open(os.path.join(folder, "private-broker.log"), "w")

@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from conftest import REPO
+from conftest import REPO, stack_service_argv
 
 spec = importlib.util.spec_from_file_location("moto_serial", os.path.join(REPO, "ops", "moto_serial.py"))
 moto_serial = importlib.util.module_from_spec(spec)
@@ -62,9 +62,5 @@ def test_serialised_requests_let_exactly_one_conditional_writer_win():
 
 def test_the_local_stack_runs_moto_serialised():
     """The moto this stack started (its pid file), not just any process of that name."""
-    stack_dir = os.environ.get("AEGIS_STACK_DIR", os.path.join(REPO, ".stack"))
-    with open(os.path.join(stack_dir, "run", "moto.pid")) as f:
-        pid = f.read().split()[0]
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        cmdline = f.read().replace(b"\0", b" ").decode()
+    cmdline = " ".join(stack_service_argv("moto"))
     assert "ops/moto_serial.py" in cmdline, f"the stack's S3+DynamoDB server is not serialised: {cmdline}"

@@ -63,8 +63,7 @@ def check_trail(aegis, tmp_path, delivered):
     # head back, or past what it wrote.
     for p in range(aegis.partitions):
         last = max((r for r in rows if r["kafka_partition"] == p), key=lambda r: r["kafka_offset"])
-        head = trail.dynamodb().get_item(TableName=aegis.chain_table, Key={"PK": {"S": f"CHAIN#{aegis.topic}#{p}"}},
-                                         ConsistentRead=True)["Item"]
+        head = trail.chain_head(aegis.chain_table, aegis.topic, p)
         assert (int(head["last_offset"]["N"]), head["last_hash"]["S"]) == (last["kafka_offset"], last["entry_hash"]), p
     # And aegis-audit's own verifier agrees, signed digests included (the consumer signs at
     # AEGIS_DIGEST__INTERVAL_MS and on shutdown, so everything is covered after a clean stop).

@@ -52,6 +52,12 @@ def dynamodb():
                         aws_access_key_id="testing", aws_secret_access_key="testing")
 
 
+def chain_head(table: str, topic: str, partition: int) -> dict:
+    """A partition's chain-head item in the chain table (schemas/dynamodb-layout.md)."""
+    return dynamodb().get_item(TableName=table, Key={"PK": {"S": f"CHAIN#{topic}#{partition}"}},
+                               ConsistentRead=True)["Item"]
+
+
 def kms():
     return boto3.client("kms", endpoint_url=ENDPOINT, region_name="us-east-1",
                         aws_access_key_id="testing", aws_secret_access_key="testing")
