@@ -10,9 +10,10 @@ use std::hint::black_box;
 use aegis_audit::chain::{Chain, EntryStatus};
 use aegis_audit::config::{SegmentConfig, ValidationConfig};
 use aegis_audit::produce::Generator;
-use aegis_audit::segment::{encode_flush, ChainedRecord};
+use aegis_audit::segment::{encode_flush, read_segment_for_verify, ChainedRecord, FooterCheck};
 use aegis_audit::source::PayloadArena;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use sha2::{Digest, Sha256};
 
 /// One flush's worth: large enough for Parquet to amortise its footer like a real segment.
@@ -144,5 +145,44 @@ fn interleaved_ratio(payloads: &[Vec<u8>], validation: &ValidationConfig, segmen
     );
 }
 
-criterion_group!(benches, hot_path);
+/// What `verify` spends reading a segment back, per record: the chain and derived columns with
+/// the footer held against them (`read_segment_for_verify`), and the footer check alone.
+fn verify_read(c: &mut Criterion) {
+    aegis_audit::budget::tune_allocator();
+    let payloads = payloads();
+    let records = chain_records(&payloads, &ValidationConfig::default());
+    let segments = encode_flush("trail", "ai-decisions", 0, &records, &SegmentConfig::default()).expect("encodes");
+    let mut group = c.benchmark_group("verify_read");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(RECORDS as u64));
+    group.bench_function("read_segment_for_verify", |b| {
+        b.iter(|| {
+            for segment in &segments {
+                black_box(read_segment_for_verify(segment.body.clone()).expect("reads"));
+            }
+        })
+    });
+    // The same columns decoded, then only the footer check over them.
+    let decoded: Vec<_> = segments
+        .iter()
+        .map(|segment| {
+            let reader = ParquetRecordBatchReaderBuilder::try_new(segment.body.clone()).expect("opens");
+            let (footer, schema) = (reader.metadata().clone(), reader.schema().clone());
+            let batches: Vec<_> = reader.build().expect("reads").map(|b| b.expect("decodes")).collect();
+            (footer, schema, batches)
+        })
+        .collect();
+    group.bench_function("footer check alone", |b| {
+        b.iter(|| {
+            for (footer, schema, batches) in &decoded {
+                let mut check = FooterCheck::new(footer, schema);
+                batches.iter().for_each(|batch| check.check_batch(batch));
+                black_box(check.finish());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, hot_path, verify_read);
 criterion_main!(benches);

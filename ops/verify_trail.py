@@ -13,8 +13,9 @@ What it checks, per partition of one topic:
     Athena skips) is an unexpected_object; one flush (first, last) at a time in ascending order, rows of
     a flush merged by kafka_offset: offsets (segment_range, duplicate_offset), placement
     (misplaced_row), the columns derived from the payload (derived_column), links from genesis
-    (broken_link), entry hashes (entry_hash), the footer
-    Merkle root (merkle_root), the SHA-256 checksum S3 stored at upload (object_checksum);
+    (broken_link), entry hashes (entry_hash), the footer Merkle root (merkle_root), the footer
+    statistics against the rows (statistics), the SHA-256 checksum S3 stored at upload
+    (object_checksum);
   * signed digests `<prefix>/_digests/<topic>/p<PPPP>/<seq:012>.digest`: presence from seq 0
     (digest_missing), format (digest_malformed), Ed25519 signature (digest_signature), chaining
     (digest_chain), other objects in that folder (digest_unexpected), and what the digests list:
@@ -51,6 +52,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -372,6 +374,7 @@ class Segment:
     no_checksum: bool = False          # S3 holds no plain SHA-256 of the body to compare with
     unreadable: str | None = None      # why the object could not be read or parsed
     footer_root: str | None = None
+    footer_problems: list[tuple[int | None, str]] = field(default_factory=list)
     merkle_root: str | None = None     # recomputed from the rows' entry hashes, in row order
     merkle_error: str | None = None
     rows: list[Row] = field(default_factory=list)
@@ -397,6 +400,7 @@ def load_segment(store, key: str) -> Segment:
     seg.unreadable = column_problem(table)
     if seg.unreadable:
         return seg
+    seg.footer_problems = footer_problems(parquet.metadata, table)
     root = meta.get(b"aegis.merkle_root")
     seg.footer_root = root.decode(errors="replace") if root is not None else None
     chain = [table.column(c).to_pylist() for c in COLUMNS]
@@ -417,6 +421,52 @@ def load_segment(store, key: str) -> Segment:
     except (TypeError, ValueError):
         seg.merkle_error = "an entry_hash is not hex, so the Merkle root cannot be recomputed"
     return seg
+
+
+def footer_problems(meta: pq.FileMetaData, table: pa.Table) -> list[tuple[int | None, str]]:
+    """Where the footer's statistics or indexes do not hold for the values (CHAIN.md, "Footer
+    statistics"), as (the first offset a statistic hides, or None; what): Athena skips a row
+    group whose min/max excludes what a query asks for, and no entry hash covers them. Every
+    min/max given must cover the row group's values, every null count given must be theirs, and
+    no column may carry a column index or bloom filter (the writer makes neither)."""
+    found, indexes, blooms = [], [], []
+    start = 0
+    for g in range(meta.num_row_groups):
+        row_group = meta.row_group(g)
+        rows = table.slice(start, row_group.num_rows)
+        start += row_group.num_rows
+        for j in range(row_group.num_columns):
+            chunk = row_group.column(j)
+            name = chunk.path_in_schema
+            if chunk.has_column_index and name not in indexes:
+                indexes.append(name)
+            if chunk.bloom_filter_offset is not None and name not in blooms:
+                blooms.append(name)
+            stats = chunk.statistics
+            if stats is None or name not in rows.column_names:
+                continue
+            values = rows.column(name)
+            if stats.has_null_count and stats.null_count != values.null_count:
+                found.append((None, f"row group {g}: the footer counts {stats.null_count} nulls in {name}, "
+                                    f"the values {values.null_count}"))
+            if not stats.has_min_max:  # e.g. a float column's IEEE 754 total order, unknown to pyarrow
+                continue
+            # Compared as stored: timestamps as integers, text as UTF-8 bytes (unsigned byte order).
+            if pa.types.is_timestamp(values.type):
+                values = values.cast(pa.int64())
+            elif _is_text(values.type):
+                values = values.cast(pa.binary())
+            for bound, raw, outside in (("min", stats.min_raw, pc.less), ("max", stats.max_raw, pc.greater)):
+                excluded = pc.fill_null(outside(values, pa.scalar(raw, values.type)), False)
+                if pc.any(excluded).as_py():
+                    i = pc.index(excluded, True).as_py()
+                    found.append((rows.column("kafka_offset")[i].as_py(),
+                                  f"row group {g}: the footer's {bound} of {name} excludes this row's value"))
+                    break
+    for what, columns in (("column indexes", indexes), ("bloom filters", blooms)):
+        if columns:
+            found.append((None, f"{what}, which the writer never writes, on {', '.join(columns)}"))
+    return found
 
 
 def column_problem(table: pa.Table) -> str | None:
@@ -952,6 +1002,8 @@ class Verifier:
             self.problem("segment_range", partition, key, first, "the object has no rows")
         self.no_checksum += seg.no_checksum
         self.check_footer_root(partition, seg, first)
+        for offset, detail in seg.footer_problems:
+            self.problem("statistics", partition, key, offset, detail)
         claim = signed.listed.pop(key, None)
         if claim is not None:
             self.check_claim(partition, seg, first, *claim)

@@ -17,16 +17,18 @@ use arrow_array::builder::{
     TimestampMillisecondBuilder,
 };
 use arrow_array::cast::AsArray;
-use arrow_array::types::{Int32Type, Int64Type, TimestampMillisecondType};
+use arrow_array::types::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
 use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_buffer::{Buffer, OffsetBuffer};
-use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_ord::ord::make_comparator;
+use arrow_schema::{DataType, Field, Schema, SchemaRef, SortOptions, TimeUnit};
 use bytes::Bytes;
 use chrono::{DateTime, Datelike, Utc};
+use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::metadata::KeyValue;
+use parquet::file::metadata::{KeyValue, ParquetMetaData};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
@@ -583,11 +585,16 @@ const CHAIN_COLUMNS: [&str; 8] = [
     "entry_hash",
 ];
 
-/// A segment's footer key-value metadata and a reader of `columns`.
-fn open_segment<'c>(
-    body: Bytes,
-    columns: impl IntoIterator<Item = &'c str>,
-) -> Result<(BTreeMap<String, String>, ParquetRecordBatchReader), String> {
+/// A segment opened for reading: its footer key-value metadata, its whole footer, its Arrow
+/// schema, and a reader of `columns`.
+struct OpenSegment {
+    metadata: BTreeMap<String, String>,
+    footer: Arc<ParquetMetaData>,
+    schema: SchemaRef,
+    reader: ParquetRecordBatchReader,
+}
+
+fn open_segment<'c>(body: Bytes, columns: impl IntoIterator<Item = &'c str>) -> Result<OpenSegment, String> {
     let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
     let metadata = builder
         .metadata()
@@ -595,30 +602,205 @@ fn open_segment<'c>(
         .key_value_metadata()
         .map(|kv| kv.iter().map(|k| (k.key.clone(), k.value.clone().unwrap_or_default())).collect())
         .unwrap_or_default();
+    let (footer, schema) = (builder.metadata().clone(), builder.schema().clone());
     let mask = ProjectionMask::columns(builder.parquet_schema(), columns);
-    Ok((metadata, builder.with_projection(mask).build().map_err(|e| e.to_string())?))
+    let reader = builder.with_projection(mask).build().map_err(|e| e.to_string())?;
+    Ok(OpenSegment { metadata, footer, schema, reader })
 }
 
 pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
-    let (metadata, reader) = open_segment(body, CHAIN_COLUMNS)?;
+    let open = open_segment(body, CHAIN_COLUMNS)?;
     let mut rows = Vec::new();
-    for batch in reader {
+    for batch in open.reader {
         chain_rows(&batch.map_err(|e| e.to_string())?, &mut rows)?;
     }
-    Ok(SegmentRead { rows, metadata })
+    Ok(SegmentRead { rows, metadata: open.metadata })
 }
 
-/// [`read_segment`] and the rows' [`DerivedColumns`], in one pass over the object (`verify`).
-pub fn read_segment_with_derived(body: Bytes) -> Result<(SegmentRead, Vec<DerivedColumns>), String> {
+/// What `verify` reads of a segment, in one pass over the object.
+pub struct SegmentCheckRead {
+    pub segment: SegmentRead,
+    /// The rows' derived columns, in row order.
+    pub derived: Vec<DerivedColumns>,
+    /// Where the footer's statistics or indexes do not hold for the values ([`FooterCheck`]).
+    pub footer_problems: Vec<FooterProblem>,
+}
+
+/// [`read_segment`], the rows' [`DerivedColumns`], and the footer held against the values.
+pub fn read_segment_for_verify(body: Bytes) -> Result<SegmentCheckRead, String> {
     let columns = CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS).chain(DERIVED_OTHER_COLUMNS);
-    let (metadata, reader) = open_segment(body, columns)?;
+    let open = open_segment(body, columns)?;
+    let mut footer_check = FooterCheck::new(&open.footer, &open.schema);
     let (mut rows, mut derived) = (Vec::new(), Vec::new());
-    for batch in reader {
+    for batch in open.reader {
         let batch = batch.map_err(|e| e.to_string())?;
+        footer_check.check_batch(&batch);
         chain_rows(&batch, &mut rows)?;
         derived_rows(&batch, &mut derived)?;
     }
-    Ok((SegmentRead { rows, metadata }, derived))
+    let segment = SegmentRead { rows, metadata: open.metadata };
+    Ok(SegmentCheckRead { segment, derived, footer_problems: footer_check.finish() })
+}
+
+/// A footer that does not hold for the segment's values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FooterProblem {
+    /// The first row whose value a statistic excludes, when there is one.
+    pub offset: Option<i64>,
+    pub detail: String,
+}
+
+/// One column's row-group statistics, and what the values seen so far say of them.
+struct ColumnStatistics {
+    name: String,
+    mins: ArrayRef,
+    maxes: ArrayRef,
+    /// `None` where the footer gives no count (parquet-rs omits a zero one).
+    null_counts: Vec<Option<u64>>,
+    nulls_seen: Vec<u64>,
+    /// One finding per row group and column is enough to name it.
+    reported: Vec<bool>,
+    /// Whether the reader reads the column at all (its null counts are checked only then).
+    read: bool,
+}
+
+/// Holds a segment's footer against its values, batch by batch (`verify`). Athena and DuckDB
+/// skip a row group whose min/max statistics exclude what a query asks for, so a narrowed
+/// statistic hides rows from analysts while every row still verifies: neither the chain nor
+/// the Merkle root covers the statistics. So every min and max given must cover the row group's
+/// values (a truncated string bound lies below or above them, so only exclusion is wrong),
+/// every null count given must be the row group's, and no column may carry a column index or a
+/// bloom filter: the writer makes neither, and readers skip pages and row groups by both.
+pub struct FooterCheck {
+    columns: Vec<ColumnStatistics>,
+    /// The first row of each row group, then the row count.
+    row_group_starts: Vec<u64>,
+    rows_seen: u64,
+    problems: Vec<FooterProblem>,
+}
+
+impl FooterCheck {
+    pub fn new(footer: &ParquetMetaData, schema: &Schema) -> Self {
+        let mut problems = Vec::new();
+        let row_groups = footer.row_groups();
+        let mut row_group_starts = vec![0u64];
+        let (mut column_indexes, mut bloom_filters) = (Vec::new(), Vec::new());
+        for (g, row_group) in row_groups.iter().enumerate() {
+            row_group_starts.push(row_group_starts[g] + row_group.num_rows().max(0) as u64);
+            for chunk in row_group.columns() {
+                let path = chunk.column_path().string();
+                if chunk.column_index_offset().is_some() && !column_indexes.contains(&path) {
+                    column_indexes.push(path.clone());
+                }
+                if chunk.bloom_filter_offset().is_some() && !bloom_filters.contains(&path) {
+                    bloom_filters.push(path);
+                }
+            }
+        }
+        for (what, columns) in [("column indexes", column_indexes), ("bloom filters", bloom_filters)] {
+            if !columns.is_empty() {
+                let detail = format!("{what}, which the writer never writes, on {}", columns.join(", "));
+                problems.push(FooterProblem { offset: None, detail });
+            }
+        }
+        let parquet_schema = footer.file_metadata().schema_descr();
+        let mut columns = Vec::new();
+        for field in schema.fields() {
+            let name = field.name();
+            let read = StatisticsConverter::try_new(name, schema, parquet_schema).and_then(|converter| {
+                let converter = converter.with_missing_null_counts_as_zero(false);
+                Ok((
+                    converter.row_group_mins(row_groups)?,
+                    converter.row_group_maxes(row_groups)?,
+                    converter.row_group_null_counts(row_groups)?,
+                ))
+            });
+            match read {
+                Ok((mins, maxes, null_counts)) => {
+                    let given = |a: &dyn Array| a.null_count() < a.len();
+                    if given(&mins) || given(&maxes) || given(&null_counts) {
+                        columns.push(ColumnStatistics {
+                            name: name.clone(),
+                            mins,
+                            maxes,
+                            null_counts: null_counts.iter().collect(),
+                            nulls_seen: vec![0; row_groups.len()],
+                            reported: vec![false; row_groups.len()],
+                            read: false,
+                        });
+                    }
+                }
+                Err(e) => problems.push(FooterProblem { offset: None, detail: format!("{name}: {e}") }),
+            }
+        }
+        FooterCheck { columns, row_group_starts, rows_seen: 0, problems }
+    }
+
+    /// Checks the next batch of rows, in file order.
+    pub fn check_batch(&mut self, batch: &RecordBatch) {
+        let offsets = batch.column_by_name("kafka_offset").and_then(|c| c.as_primitive_opt::<Int64Type>());
+        let offset_of = |i: usize| offsets.filter(|o| o.is_valid(i)).map(|o| o.value(i));
+        let last_group = self.row_group_starts.len().saturating_sub(2);
+        let mut group = self.row_group_starts.partition_point(|&start| start <= self.rows_seen).saturating_sub(1);
+        let groups: Vec<usize> = (self.rows_seen..self.rows_seen + batch.num_rows() as u64)
+            .map(|row| {
+                while group < last_group && self.row_group_starts[group + 1] <= row {
+                    group += 1;
+                }
+                group.min(last_group)
+            })
+            .collect();
+        self.rows_seen += batch.num_rows() as u64;
+        for column in &mut self.columns {
+            let Some(values) = batch.column_by_name(&column.name) else { continue };
+            column.read = true;
+            let compare = |bounds: &ArrayRef| make_comparator(bounds.as_ref(), values.as_ref(), SortOptions::default());
+            let (min_vs, max_vs) = match (compare(&column.mins), compare(&column.maxes)) {
+                (Ok(min), Ok(max)) => (min, max),
+                (Err(e), _) | (_, Err(e)) => {
+                    let detail = format!("{}: statistics not comparable with the values: {e}", column.name);
+                    self.problems.push(FooterProblem { offset: None, detail });
+                    column.reported.fill(true);
+                    continue;
+                }
+            };
+            let floats = values.as_primitive_opt::<Float64Type>();
+            for (i, &g) in groups.iter().enumerate() {
+                if values.is_null(i) {
+                    column.nulls_seen[g] += 1;
+                    continue;
+                }
+                // Writers leave NaN out of min/max (and no JSON number is one).
+                if column.reported[g] || floats.is_some_and(|f| f.value(i).is_nan()) {
+                    continue;
+                }
+                let bound = if column.mins.is_valid(g) && min_vs(g, i).is_gt() {
+                    "min"
+                } else if column.maxes.is_valid(g) && max_vs(g, i).is_lt() {
+                    "max"
+                } else {
+                    continue;
+                };
+                column.reported[g] = true;
+                let detail =
+                    format!("row group {g}: the footer's {bound} of {} excludes this row's value", column.name);
+                self.problems.push(FooterProblem { offset: offset_of(i), detail });
+            }
+        }
+    }
+
+    pub fn finish(mut self) -> Vec<FooterProblem> {
+        for column in self.columns.iter().filter(|column| column.read) {
+            for (g, (given, seen)) in column.null_counts.iter().zip(&column.nulls_seen).enumerate() {
+                if let Some(given) = given.filter(|given| given != seen) {
+                    let detail =
+                        format!("row group {g}: the footer counts {given} nulls in {}, the values {seen}", column.name);
+                    self.problems.push(FooterProblem { offset: None, detail });
+                }
+            }
+        }
+        self.problems
+    }
 }
 
 /// Appends `batch`'s rows (their chain columns) to `rows`.
@@ -706,10 +888,7 @@ fn derived_rows(batch: &RecordBatch, out: &mut Vec<DerivedColumns>) -> Result<()
     };
     let texts = DERIVED_TEXT_COLUMNS.map(text);
     let texts: Vec<StringArray> = texts.into_iter().collect::<Result<_, _>>()?;
-    let score = col("confidence_score")?
-        .as_primitive_opt::<arrow_array::types::Float64Type>()
-        .ok_or("confidence_score type")?
-        .clone();
+    let score = col("confidence_score")?.as_primitive_opt::<Float64Type>().ok_or("confidence_score type")?.clone();
     let occurred = col("occurred_at")?
         .as_primitive_opt::<arrow_array::types::TimestampMicrosecondType>()
         .ok_or("occurred_at type")?
@@ -897,6 +1076,131 @@ mod tests {
                 Placement::Quarantine { .. } => proptest::prop_assert!(!pattern.is_match(&env), "{:?} quarantined", env),
             }
         }
+    }
+
+    /// Ten records over row groups of four: decisions (override columns null), an override and
+    /// a rejected record, so columns hold nulls in some row groups and not in others.
+    fn footer_sample() -> (Vec<ChainedRecord>, SegmentConfig) {
+        let override_event = r#"{"decision_id":"o","event_type":"override","occurred_at":"2026-11-17T12:00:00Z","environment":"prod","user_id":"u","session_id":"s","action":"deny","policy_version":"p","model_version":"m","request_id":"r","reviewer_id":"rev","override_reason":"why","original_action":"a"}"#;
+        let payloads: Vec<(i64, String)> = (0..10)
+            .map(|i| {
+                let payload = match i {
+                    5 => override_event.to_string(),
+                    7 => "not json".to_string(),
+                    _ => event(&format!("d{i}"), "prod", 17),
+                };
+                (1000 + i, payload)
+            })
+            .collect();
+        let config = SegmentConfig { row_group_rows: 4, ..SegmentConfig::default() };
+        (sample_records("t", 0, &payloads), config)
+    }
+
+    fn footer_problems(body: Bytes) -> Vec<FooterProblem> {
+        read_segment_for_verify(body).unwrap().footer_problems
+    }
+
+    /// Replaces every copy of `from` in the footer (the thrift metadata before the last 8
+    /// bytes) with `to`, of the same length: the file stays readable.
+    fn patch_footer(body: &Bytes, from: &[u8], to: &[u8]) -> Bytes {
+        let mut bytes = body.to_vec();
+        let len = u32::from_le_bytes(bytes[bytes.len() - 8..bytes.len() - 4].try_into().unwrap()) as usize;
+        let start = bytes.len() - 8 - len;
+        let footer = &mut bytes[start..start + len];
+        let mut patched = 0;
+        for at in 0..=footer.len() - from.len() {
+            if &footer[at..at + from.len()] == from {
+                footer[at..at + from.len()].copy_from_slice(to);
+                patched += 1;
+            }
+        }
+        assert!(patched > 0, "{from:?} is not in the footer");
+        Bytes::from(bytes)
+    }
+
+    #[test]
+    fn the_writers_footers_hold_for_their_values() {
+        let (records, config) = footer_sample();
+        let segments = encode_flush("trail", "t", 0, &records, &config).unwrap();
+        assert_eq!(segments.len(), 2, "the trail and the quarantine");
+        let trail = &segments.iter().find(|s| matches!(s.placement, Placement::Trail { .. })).unwrap().body;
+        let footer = ParquetRecordBatchReaderBuilder::try_new(trail.clone()).unwrap().metadata().clone();
+        assert_eq!(footer.num_row_groups(), 3, "nine rows in groups of four");
+        for segment in &segments {
+            assert_eq!(footer_problems(segment.body.clone()), vec![], "{}", segment.key);
+        }
+    }
+
+    #[test]
+    fn a_narrowed_statistic_is_found_with_the_row_it_hides() {
+        let (records, config) = footer_sample();
+        let segments = encode_flush("trail", "t", 0, &records, &config).unwrap();
+        let trail = &segments.iter().find(|s| matches!(s.placement, Placement::Trail { .. })).unwrap().body;
+        // Row group 1 holds offsets 1004, 1005, 1006, 1008 (1007 is in quarantine): its max
+        // made 1007 hides 1008 from `WHERE kafka_offset = 1008`, and its min made 1005 hides 1004.
+        let max_narrowed = patch_footer(trail, &1008i64.to_le_bytes(), &1007i64.to_le_bytes());
+        let found = footer_problems(max_narrowed);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].offset, Some(1008));
+        assert!(found[0].detail.contains("row group 1: the footer's max of kafka_offset"), "{}", found[0].detail);
+        let min_narrowed = patch_footer(trail, &1004i64.to_le_bytes(), &1005i64.to_le_bytes());
+        let found = footer_problems(min_narrowed);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0].offset, Some(1004));
+        assert!(found[0].detail.contains("row group 1: the footer's min of kafka_offset"), "{}", found[0].detail);
+        // A text column: row group 0's decision_id max "d3" made "d2".
+        let found = footer_problems(patch_footer(trail, b"d3", b"d2"));
+        assert!(found.iter().any(|p| p.offset == Some(1003) && p.detail.contains("max of decision_id")), "{found:?}");
+    }
+
+    #[test]
+    fn a_null_count_that_is_not_the_values_is_found() {
+        let (records, config) = footer_sample();
+        let segments = encode_flush("trail", "t", 0, &records, &config).unwrap();
+        let trail = &segments.iter().find(|s| matches!(s.placement, Placement::Trail { .. })).unwrap().body;
+        let open = open_segment(trail.clone(), CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS)).unwrap();
+        let mut check = FooterCheck::new(&open.footer, &open.schema);
+        for batch in open.reader {
+            // The values' reviewer_id filled in where the footer counts nulls (every row but the
+            // override's): as if the rows had been edited under a footer left alone.
+            let batch = batch.unwrap();
+            let index = batch.schema().index_of("reviewer_id").unwrap();
+            let filled: StringArray = (0..batch.num_rows()).map(|_| Some("rev")).collect();
+            let mut columns = batch.columns().to_vec();
+            columns[index] = Arc::new(filled);
+            check.check_batch(&RecordBatch::try_new(batch.schema(), columns).unwrap());
+        }
+        let found = check.finish();
+        let details: Vec<&str> = found.iter().map(|p| p.detail.as_str()).collect();
+        assert_eq!(
+            details,
+            [
+                "row group 0: the footer counts 4 nulls in reviewer_id, the values 0",
+                "row group 1: the footer counts 3 nulls in reviewer_id, the values 0",
+                "row group 2: the footer counts 1 nulls in reviewer_id, the values 0",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_column_index_or_bloom_filter_the_writer_never_writes_is_found() {
+        let (records, config) = footer_sample();
+        let rows: Vec<&ChainedRecord> = records.iter().filter(|r| r.outcome.is_ok()).collect();
+        let base = || {
+            WriterProperties::builder()
+                .set_max_row_group_row_count(Some(config.row_group_rows))
+                .set_statistics_enabled(EnabledStatistics::Chunk)
+        };
+        let details = |props| -> Vec<String> {
+            footer_problems(encode_rows("t", 0, &rows, props).unwrap()).into_iter().map(|p| p.detail).collect()
+        };
+        assert_eq!(details(base().build()), Vec::<String>::new());
+        let page_statistics = base().set_column_statistics_enabled("user_id".into(), EnabledStatistics::Page);
+        assert_eq!(details(page_statistics.build()), ["column indexes, which the writer never writes, on user_id"]);
+        let bloom = base()
+            .set_column_bloom_filter_enabled("user_id".into(), true)
+            .set_column_bloom_filter_enabled("action".into(), true);
+        assert_eq!(details(bloom.build()), ["bloom filters, which the writer never writes, on user_id, action"]);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use sha2::{Digest, Sha256};
 use crate::chain::{entry_hash, genesis, parse_hash, Hash};
 use crate::digest::{self, DigestObject, SegmentEntry, DIGESTS_DIR};
 use crate::segment::{
-    join_key, parse_segment_key, read_segment_with_derived, DerivedColumns, Placement, Row, SegmentName,
+    join_key, parse_segment_key, read_segment_for_verify, DerivedColumns, Placement, Row, SegmentName,
     DERIVED_TEXT_COLUMNS,
 };
 use crate::sinks::{ChainHead, ObjectStore, SinkError};
@@ -776,13 +776,17 @@ async fn check_partition(
                     ));
                 }
             }
-            let (segment, derived) = match read_segment_with_derived(body) {
+            let read = match read_segment_for_verify(body) {
                 Ok(read) => read,
                 Err(e) => {
                     unreadable(&mut problems, &mut seen, key, format!("not a readable segment: {e}"));
                     continue;
                 }
             };
+            let (segment, derived) = (read.segment, read.derived);
+            for found in read.footer_problems {
+                problems.push(problem("statistics", &key, found.offset, found.detail));
+            }
             let directory = crate::segment::trail_directory(prefix, &key);
             for (row, columns) in segment.rows.iter().zip(&derived) {
                 let (wrong, expected_directory) = derived_check(row, columns);
@@ -1218,7 +1222,10 @@ mod tests {
         let mut columns = batch.columns().to_vec();
         columns[index] = Arc::new(StringArray::from(values.to_vec())) as ArrayRef;
         let batch = RecordBatch::try_new(batch.schema(), columns).unwrap();
-        let props = parquet::file::properties::WriterProperties::builder().set_key_value_metadata(footer).build();
+        let props = parquet::file::properties::WriterProperties::builder()
+            .set_key_value_metadata(footer)
+            .set_statistics_enabled(parquet::file::properties::EnabledStatistics::Chunk)
+            .build();
         let mut out = Vec::new();
         let mut writer = parquet::arrow::ArrowWriter::try_new(&mut out, batch.schema(), Some(props)).unwrap();
         writer.write(&batch).unwrap();
@@ -1263,6 +1270,27 @@ mod tests {
         let report = check(&objects).await;
         let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.offset)).collect();
         assert_eq!(found, vec![("derived_column", Some(7))], "{:?}", report.problems);
+    }
+
+    #[tokio::test]
+    async fn a_footer_statistic_that_hides_a_row_is_found() {
+        let objects = trail_signed_by(None).await;
+        let prod = segment_keys(&objects)
+            .into_iter()
+            .find(|k| k.contains("environment=prod") && k.contains("-00000000000000000000-"))
+            .unwrap();
+        // Rows d-0 and d-2: decision_id's max made "d-1" hides d-2 from `WHERE decision_id =
+        // 'd-2'` in Athena, while every row and link still verifies.
+        let mut body = objects.body(&prod).unwrap().to_vec();
+        let at = body.windows(3).rposition(|w| w == b"d-2").unwrap();
+        let footer_len = u32::from_le_bytes(body[body.len() - 8..body.len() - 4].try_into().unwrap()) as usize;
+        assert!(at > body.len() - 8 - footer_len, "the last \"d-2\" is in the footer");
+        body[at..at + 3].copy_from_slice(b"d-1");
+        objects.put(&prod, Bytes::from(body), &BTreeMap::new()).await.unwrap();
+        let report = check(&objects).await;
+        let found: Vec<_> = report.problems.iter().map(|p| (p.code, p.offset)).collect();
+        assert_eq!(found, vec![("statistics", Some(2))], "{:?}", report.problems);
+        assert_eq!(report.problems[0].detail, "row group 0: the footer's max of decision_id excludes this row's value");
     }
 
     #[tokio::test]

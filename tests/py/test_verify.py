@@ -3,6 +3,7 @@ cryptography, written from schemas/CHAIN.md alone) read the same trail from S3 a
 the same verdict: OK on an intact trail, and the same problem codes for each kind of tampering.
 Inclusion proofs are checked offline by `aegis-audit verify-proof`."""
 import base64
+import struct
 import hashlib
 import io
 import json
@@ -11,8 +12,10 @@ import random
 import re
 import subprocess
 import sys
+import tempfile
 import uuid
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -360,12 +363,43 @@ def tamper_made_up_objects(bucket):
     return {"unexpected_object"}
 
 
+def rows_duckdb_finds(body: bytes, offset: int) -> int:
+    with tempfile.NamedTemporaryFile(suffix=".parquet") as f:
+        f.write(body)
+        f.flush()
+        return duckdb.connect().execute(
+            f"SELECT count(*) FROM read_parquet('{f.name}') WHERE kafka_offset = {offset}").fetchone()[0]
+
+
+def tamper_narrowed_statistic(bucket):
+    """A row hidden from queries without touching it: row group 0's max kafka_offset in the
+    footer lowered by one. Every row, link and Merkle root still verifies; DuckDB (like Athena)
+    skips the row group for `WHERE kafka_offset = <the last>`."""
+    s3 = trail.s3()
+    victim = next(k for k in accepted_segments(bucket, 0) if pq.read_metadata(io.BytesIO(
+        s3.get_object(Bucket=bucket, Key=k)["Body"].read())).num_rows >= 2)
+    body = s3.get_object(Bucket=bucket, Key=victim)["Body"].read()
+    offsets = pq.read_metadata(io.BytesIO(body)).row_group(0).column(2)
+    assert offsets.path_in_schema == "kafka_offset"
+    top = offsets.statistics.max
+    footer_len = struct.unpack("<I", body[-8:-4])[0]
+    start = len(body) - 8 - footer_len
+    footer = body[start:-8].replace(struct.pack("<q", top), struct.pack("<q", top - 1))
+    narrowed = body[:start] + footer + body[-8:]
+    assert pq.read_metadata(io.BytesIO(narrowed)).row_group(0).column(2).statistics.max == top - 1
+    assert pq.read_table(io.BytesIO(narrowed)).equals(pq.read_table(io.BytesIO(body))), "the rows are untouched"
+    assert (rows_duckdb_finds(body, top), rows_duckdb_finds(narrowed, top)) == (1, 0), "the row is hidden"
+    s3.put_object(Bucket=bucket, Key=victim, Body=narrowed, ChecksumAlgorithm="SHA256")
+    return {"statistics", "object_changed"}
+
+
 @pytest.mark.parametrize("tamper", [
     tamper_made_up_objects, tamper_delete_segment, tamper_change_row, tamper_swap_rows, tamper_swap_payloads, tamper_truncate_tail,
     tamper_resign_digest, tamper_recomputed_chain, tamper_forged_stored_checksum, tamper_overlapping_flush,
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
     tamper_unknown_status, tamper_delete_quarantine_segment, tamper_rejected_row_marked_accepted,
     tamper_edit_derived_column, tamper_move_to_another_environment, tamper_null_partition, tamper_empty_segment,
+    tamper_narrowed_statistic,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
@@ -498,6 +532,37 @@ def test_a_tail_removed_with_its_digest_shows_only_against_the_chain_table(signe
     report = aegis.verify("--against-chain-table", AEGIS_S3__BUCKET=bucket)
     assert not report["ok"]
     assert {(p["code"], p["partition"]) for p in report["problems"]} == {("chain_head", 0)}, report["problems"]
+
+
+def test_the_python_footer_check_finds_indexes_and_null_counts():
+    """verify_trail.py's footer check beyond narrowed bounds (the tampering test above covers
+    those): column indexes and bloom filters the writer never makes, null counts not the
+    values'. In process: pyarrow writes the footers."""
+    sys.path.insert(0, os.path.dirname(PY_VERIFIER))
+    try:
+        import verify_trail
+    finally:
+        sys.path.pop(0)
+    table = pa.table({"kafka_offset": pa.array([10, 11, 12, 13], pa.int64()),
+                      "user_id": pa.array(["a", None, "c", None]),
+                      "payload": pa.array([b"x", b"y", b"z", b"w"])})
+
+    def problems(read_back=None, **options):
+        sink = io.BytesIO()
+        pq.write_table(table, sink, row_group_size=2, **options)
+        meta = pq.read_metadata(io.BytesIO(sink.getvalue()))
+        return verify_trail.footer_problems(meta, read_back or table)
+
+    assert problems() == []
+    assert problems(write_page_index=True) == [
+        (None, "column indexes, which the writer never writes, on kafka_offset, user_id, payload")]
+    assert problems(bloom_filter_options={"user_id": {"ndv": 4}}) == [
+        (None, "bloom filters, which the writer never writes, on user_id")]
+    filled = table.set_column(1, "user_id", pa.array(["a", "a", "c", "c"]))  # within the bounds
+    assert problems(filled) == [(None, "row group 0: the footer counts 1 nulls in user_id, the values 0"),
+                                (None, "row group 1: the footer counts 1 nulls in user_id, the values 0")]
+    widened = table.set_column(0, "kafka_offset", pa.array([10, 11, 12, 99], pa.int64()))
+    assert problems(widened) == [(99, "row group 1: the footer's max of kafka_offset excludes this row's value")]
 
 
 def test_independent_verifier_self_test():
