@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
@@ -168,10 +169,10 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
     // A damaged chain item is that partition's warning, not the end of the whole report: the
     // runbook reads `status` to find it.
     let mut chain_heads = Vec::with_capacity(ids.len());
-    for &partition in &ids {
-        chain_heads.push(match heads.load(&topic, partition).await {
+    for loaded in concurrent_loads(heads, &topic, &ids).await {
+        chain_heads.push(match loaded {
             Ok(head) => (head, None),
-            Err(e @ crate::sinks::SinkError::Fatal { operation: crate::sinks::dynamodb::READ_CHAIN_ITEM, .. }) => {
+            Err(e @ SinkError::Fatal { operation: crate::sinks::dynamodb::READ_CHAIN_ITEM, .. }) => {
                 (ChainHead::default(), Some(e.to_string()))
             }
             Err(e) => return Err(e.into()),
@@ -201,11 +202,13 @@ pub async fn status(config: &Config, dynamo: &DynamoStore) -> Result<GroupStatus
 
 /// Each of `ids`' chain heads, in the same order.
 async fn load_heads(heads: &dyn HeadStore, topic: &str, ids: &[i32]) -> Result<Vec<ChainHead>, GroupError> {
-    let mut out = Vec::with_capacity(ids.len());
-    for &partition in ids {
-        out.push(heads.load(topic, partition).await?);
-    }
-    Ok(out)
+    Ok(concurrent_loads(heads, topic, ids).await.into_iter().collect::<Result<_, _>>()?)
+}
+
+/// Reads of `ids`' chain heads, in the same order, a few at a time: one round trip each, so a
+/// topic of many partitions is not read one after the other.
+async fn concurrent_loads(heads: &dyn HeadStore, topic: &str, ids: &[i32]) -> Vec<Result<ChainHead, SinkError>> {
+    futures::stream::iter(ids).map(|&partition| heads.load(topic, partition)).buffered(16).collect().await
 }
 
 pub fn render_status(status: &GroupStatus) -> String {
