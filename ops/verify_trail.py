@@ -423,12 +423,19 @@ def load_segment(store, key: str) -> Segment:
     return seg
 
 
+# Text and binary bounds the writer cut (src/segment.rs, STATISTICS_TRUNCATE_BYTES): at 64 bytes,
+# at a character boundary for text (up to 3 bytes less), the max's last character raised (a
+# byte more). A shorter bound is no truncation.
+TRUNCATED_BOUND_BYTES = range(64 - 3, 64 + 2)
+
+
 def footer_problems(meta: pq.FileMetaData, table: pa.Table) -> list[tuple[int | None, str]]:
     """Where the footer's statistics or indexes do not hold for the values (CHAIN.md, "Footer
-    statistics"), as (the first offset a statistic hides, or None; what): Athena skips a row
-    group whose min/max excludes what a query asks for, and no entry hash covers them. Every
-    min/max given must cover the row group's values, every null count given must be theirs, and
-    no column may carry a column index or bloom filter (the writer makes neither)."""
+    statistics"), as (the first offset a bound excludes, or None; what). Readers trust them:
+    Athena and DuckDB skip a row group whose min/max excludes what a query asks for, and DuckDB
+    answers max() from them; no entry hash covers them. Each min/max pyarrow reads must be the
+    row group's smallest/largest value (or the writer's truncation of it), each null count the
+    values', and no column may carry a column index or bloom filter (the writer makes neither)."""
     found, indexes, blooms = [], [], []
     start = 0
     for g in range(meta.num_row_groups):
@@ -445,28 +452,60 @@ def footer_problems(meta: pq.FileMetaData, table: pa.Table) -> list[tuple[int | 
             stats = chunk.statistics
             if stats is None or name not in rows.column_names:
                 continue
-            values = rows.column(name)
-            if stats.has_null_count and stats.null_count != values.null_count:
-                found.append((None, f"row group {g}: the footer counts {stats.null_count} nulls in {name}, "
-                                    f"the values {values.null_count}"))
-            if not stats.has_min_max:  # e.g. a float column's IEEE 754 total order, unknown to pyarrow
-                continue
-            # Compared as stored: timestamps as integers, text as UTF-8 bytes (unsigned byte order).
-            if pa.types.is_timestamp(values.type):
-                values = values.cast(pa.int64())
-            elif _is_text(values.type):
-                values = values.cast(pa.binary())
-            for bound, raw, outside in (("min", stats.min_raw, pc.less), ("max", stats.max_raw, pc.greater)):
-                excluded = pc.fill_null(outside(values, pa.scalar(raw, values.type)), False)
-                if pc.any(excluded).as_py():
-                    i = pc.index(excluded, True).as_py()
-                    found.append((rows.column("kafka_offset")[i].as_py(),
-                                  f"row group {g}: the footer's {bound} of {name} excludes this row's value"))
-                    break
+            found += bound_problems(g, name, stats, rows.column(name), rows.column("kafka_offset"))
     for what, columns in (("column indexes", indexes), ("bloom filters", blooms)):
         if columns:
             found.append((None, f"{what}, which the writer never writes, on {', '.join(columns)}"))
     return found
+
+
+def bound_problems(g: int, name: str, stats, values: pa.ChunkedArray, offsets: pa.ChunkedArray) -> list:
+    found = []
+    if stats.has_null_count and stats.null_count != values.null_count:
+        found.append((None, f"row group {g}: the footer counts {stats.null_count} nulls in {name}, "
+                            f"the values {values.null_count}"))
+    if not stats.has_min_max:  # e.g. a double's IEEE 754 total order, which pyarrow 26 does not read
+        return found
+    text = _is_text(values.type)
+    bounds = {"min": stats.min_raw, "max": stats.max_raw}
+    if text:
+        for bound, raw in list(bounds.items()):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                found.append((None, f"row group {g}: the footer's {bound} of {name} does not read as its type"))
+                del bounds[bound]
+    # Compared as stored: timestamps as integers, text as UTF-8 bytes (unsigned byte order).
+    if pa.types.is_timestamp(values.type):
+        values = values.cast(pa.int64())
+    elif text:
+        values = values.cast(pa.binary())
+    excluded = [pc.fill_null(outside(values, pa.scalar(bounds[bound], values.type)), False)
+                for bound, outside in (("min", pc.less), ("max", pc.greater)) if bound in bounds]
+    first = min((pc.index(e, True).as_py() for e in excluded if pc.any(e).as_py()), default=None)
+    if first is not None:
+        lo = "min" in bounds and pc.less(values[first], pa.scalar(bounds["min"], values.type)).as_py()
+        found.append((offsets[first].as_py(),
+                      f"row group {g}: the footer's {'min' if lo else 'max'} of {name} excludes this row's value"))
+        return found
+    actual = pc.min_max(values).as_py()
+    for bound, raw in bounds.items():
+        value = actual[bound]
+        if value is not None and bound_attained(bound, raw, value, text or _is_bytes(values.type), text):
+            continue
+        found.append((None, f"row group {g}: the footer's {bound} of {name} is not the values' {bound} "
+                            "(an aggregate read from the footer would be wrong)"))
+    return found
+
+
+def bound_attained(bound: str, raw, value, cut: bool, text: bool) -> bool:
+    """Whether a bound that excludes no value is the values' extreme, or the writer's cut of it."""
+    if raw == value or not cut or len(raw) not in TRUNCATED_BOUND_BYTES:
+        return raw == value
+    if bound == "min":
+        return value.startswith(raw)
+    kept = len(raw) - (len(raw.decode("utf-8")[-1].encode()) if text and raw else 1)
+    return raw > value and len(value) > kept and value.startswith(raw[:kept])
 
 
 def column_problem(table: pa.Table) -> str | None:

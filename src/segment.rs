@@ -345,6 +345,10 @@ pub fn encode_flush(
         .collect()
 }
 
+/// Text and binary min/max statistics are cut to this many bytes (parquet-rs's default):
+/// `verify` accepts such a bound only at this length.
+const STATISTICS_TRUNCATE_BYTES: usize = 64;
+
 fn writer_properties(
     topic: &str,
     partition: i32,
@@ -373,6 +377,7 @@ fn writer_properties(
         // Row-group (chunk) min/max is what Athena and DuckDB prune on; page-level statistics
         // cost encode time for little gain on append-only audit data.
         .set_statistics_enabled(EnabledStatistics::Chunk)
+        .set_statistics_truncate_length(Some(STATISTICS_TRUNCATE_BYTES))
         .set_dictionary_enabled(true)
         .set_data_page_size_limit(DATA_PAGE_BYTES)
         .set_created_by(format!("aegis-audit {}", env!("CARGO_PKG_VERSION")))
@@ -655,22 +660,28 @@ struct ColumnStatistics {
     name: String,
     mins: ArrayRef,
     maxes: ArrayRef,
-    /// `None` where the footer gives no count (parquet-rs omits a zero one).
     null_counts: Vec<Option<u64>>,
     nulls_seen: Vec<u64>,
-    /// One finding per row group and column is enough to name it.
+    /// Whether a value of the row group is its min (max), or, for text, the bound is the
+    /// writer's truncation of one.
+    min_attained: Vec<bool>,
+    max_attained: Vec<bool>,
+    /// One exclusion per row group and column is enough to name it.
     reported: Vec<bool>,
-    /// Whether the reader reads the column at all (its null counts are checked only then).
+    /// Whether the reader reads the column at all (only then are its values checked).
     read: bool,
 }
 
-/// Holds a segment's footer against its values, batch by batch (`verify`). Athena and DuckDB
-/// skip a row group whose min/max statistics exclude what a query asks for, so a narrowed
-/// statistic hides rows from analysts while every row still verifies: neither the chain nor
-/// the Merkle root covers the statistics. So every min and max given must cover the row group's
-/// values (a truncated string bound lies below or above them, so only exclusion is wrong),
-/// every null count given must be the row group's, and no column may carry a column index or a
-/// bloom filter: the writer makes neither, and readers skip pages and row groups by both.
+/// Holds a segment's footer against its values, batch by batch (`verify`). Readers trust the
+/// footer's statistics: Athena and DuckDB skip a row group whose min/max excludes what a query
+/// asks for, and DuckDB answers `max(kafka_offset)` from them. Neither the chain nor the Merkle
+/// root covers them, so a footer edited to narrow them hides rows from analysts, and one edited
+/// to widen them gives wrong aggregates, while every hash still verifies. So each min and max
+/// given must be the row group's smallest and largest value (a text bound may be the writer's
+/// truncation: the min a prefix of the smallest value, the max above the largest and equal to
+/// it but for its last character), each null count given must be the values', every bound must
+/// read as a value of its column, and no column may carry a column index or a bloom filter:
+/// the writer makes neither, and readers skip pages and row groups by both.
 pub struct FooterCheck {
     columns: Vec<ColumnStatistics>,
     /// The first row of each row group, then the row count.
@@ -710,27 +721,46 @@ impl FooterCheck {
             let read = StatisticsConverter::try_new(name, schema, parquet_schema).and_then(|converter| {
                 let converter = converter.with_missing_null_counts_as_zero(false);
                 Ok((
+                    converter.parquet_column_index(),
                     converter.row_group_mins(row_groups)?,
                     converter.row_group_maxes(row_groups)?,
                     converter.row_group_null_counts(row_groups)?,
                 ))
             });
-            match read {
-                Ok((mins, maxes, null_counts)) => {
-                    let given = |a: &dyn Array| a.null_count() < a.len();
-                    if given(&mins) || given(&maxes) || given(&null_counts) {
-                        columns.push(ColumnStatistics {
-                            name: name.clone(),
-                            mins,
-                            maxes,
-                            null_counts: null_counts.iter().collect(),
-                            nulls_seen: vec![0; row_groups.len()],
-                            reported: vec![false; row_groups.len()],
-                            read: false,
-                        });
+            let (index, mins, maxes, null_counts) = match read {
+                Ok(read) => read,
+                Err(e) => {
+                    problems.push(FooterProblem { offset: None, detail: format!("{name}: {e}") });
+                    continue;
+                }
+            };
+            // A bound the converter cannot read as the column's type (text that is not UTF-8)
+            // comes back null, and a reader that compares bytes may still skip by it.
+            for (g, row_group) in row_groups.iter().enumerate() {
+                let Some(stats) = index.and_then(|i| row_group.column(i).statistics()) else { continue };
+                for (bound, given, read) in
+                    [("min", stats.min_bytes_opt(), &mins), ("max", stats.max_bytes_opt(), &maxes)]
+                {
+                    if given.is_some() && read.is_null(g) {
+                        let detail = format!("row group {g}: the footer's {bound} of {name} does not read as its type");
+                        problems.push(FooterProblem { offset: None, detail });
                     }
                 }
-                Err(e) => problems.push(FooterProblem { offset: None, detail: format!("{name}: {e}") }),
+            }
+            let given = |a: &dyn Array| a.null_count() < a.len();
+            if given(&mins) || given(&maxes) || given(&null_counts) {
+                let groups = row_groups.len();
+                columns.push(ColumnStatistics {
+                    name: name.clone(),
+                    mins,
+                    maxes,
+                    null_counts: null_counts.iter().collect(),
+                    nulls_seen: vec![0; groups],
+                    min_attained: vec![false; groups],
+                    max_attained: vec![false; groups],
+                    reported: vec![false; groups],
+                    read: false,
+                });
             }
         }
         FooterCheck { columns, row_group_starts, rows_seen: 0, problems }
@@ -754,16 +784,18 @@ impl FooterCheck {
         for column in &mut self.columns {
             let Some(values) = batch.column_by_name(&column.name) else { continue };
             column.read = true;
-            let compare = |bounds: &ArrayRef| make_comparator(bounds.as_ref(), values.as_ref(), SortOptions::default());
-            let (min_vs, max_vs) = match (compare(&column.mins), compare(&column.maxes)) {
-                (Ok(min), Ok(max)) => (min, max),
-                (Err(e), _) | (_, Err(e)) => {
-                    let detail = format!("{}: statistics not comparable with the values: {e}", column.name);
-                    self.problems.push(FooterProblem { offset: None, detail });
-                    column.reported.fill(true);
-                    continue;
-                }
-            };
+            let (min_vs, max_vs) =
+                match (bound_comparator(&column.mins, values), bound_comparator(&column.maxes, values)) {
+                    (Ok(min), Ok(max)) => (min, max),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let detail = format!("{}: statistics not comparable with the values: {e}", column.name);
+                        self.problems.push(FooterProblem { offset: None, detail });
+                        column.reported.fill(true);
+                        column.min_attained.fill(true);
+                        column.max_attained.fill(true);
+                        continue;
+                    }
+                };
             let floats = values.as_primitive_opt::<Float64Type>();
             for (i, &g) in groups.iter().enumerate() {
                 if values.is_null(i) {
@@ -771,12 +803,31 @@ impl FooterCheck {
                     continue;
                 }
                 // Writers leave NaN out of min/max (and no JSON number is one).
-                if column.reported[g] || floats.is_some_and(|f| f.value(i).is_nan()) {
+                if floats.is_some_and(|f| f.value(i).is_nan()) {
                     continue;
                 }
-                let bound = if column.mins.is_valid(g) && min_vs(g, i).is_gt() {
+                let (has_min, has_max) = (column.mins.is_valid(g), column.maxes.is_valid(g));
+                let (to_min, to_max) = (min_vs(g, i), max_vs(g, i));
+                if has_min && !column.min_attained[g] {
+                    // A truncated min is a prefix of the smallest value.
+                    column.min_attained[g] = to_min.is_eq()
+                        || byte_pair(values, &column.mins, i, g)
+                            .is_some_and(|(value, bound, _)| truncated(bound) && value.starts_with(bound));
+                }
+                if has_max && !column.max_attained[g] {
+                    // A truncated max is the largest value's prefix with its last character raised.
+                    column.max_attained[g] = to_max.is_eq()
+                        || (to_max.is_gt()
+                            && byte_pair(values, &column.maxes, i, g).is_some_and(|(value, bound, kept)| {
+                                truncated(bound) && value.len() > kept && value.starts_with(&bound[..kept])
+                            }));
+                }
+                if column.reported[g] {
+                    continue;
+                }
+                let bound = if has_min && to_min.is_gt() {
                     "min"
-                } else if column.maxes.is_valid(g) && max_vs(g, i).is_lt() {
+                } else if has_max && to_max.is_lt() {
                     "max"
                 } else {
                     continue;
@@ -798,9 +849,61 @@ impl FooterCheck {
                     self.problems.push(FooterProblem { offset: None, detail });
                 }
             }
+            for g in 0..column.reported.len() {
+                // An excluded value is reported already, and says more.
+                let bounds =
+                    [("min", &column.mins, column.min_attained[g]), ("max", &column.maxes, column.max_attained[g])];
+                for (bound, given, attained) in bounds {
+                    if given.is_valid(g) && !attained && !column.reported[g] {
+                        let detail = format!(
+                            "row group {g}: the footer's {bound} of {} is not the values' {bound} (an aggregate read from the footer would be wrong)",
+                            column.name
+                        );
+                        self.problems.push(FooterProblem { offset: None, detail });
+                    }
+                }
+            }
         }
         self.problems
     }
+}
+
+/// Whether `bound` is as long as the writer's truncation leaves one: it cuts at
+/// [`STATISTICS_TRUNCATE_BYTES`], at a character boundary for text (up to 3 bytes less), and may
+/// raise the last character by one (a byte more). A shorter bound than that is no truncation.
+fn truncated(bound: &[u8]) -> bool {
+    (STATISTICS_TRUNCATE_BYTES - 3..=STATISTICS_TRUNCATE_BYTES + 1).contains(&bound.len())
+}
+
+/// Value `i` and bound `g` as bytes, when the column is text or binary (whose bounds the
+/// writer truncates), with the length of the bound the writer keeps when it raises a truncated
+/// max: all but its last character (text) or byte (binary).
+fn byte_pair<'a>(
+    values: &'a ArrayRef,
+    bounds: &'a ArrayRef,
+    i: usize,
+    g: usize,
+) -> Option<(&'a [u8], &'a [u8], usize)> {
+    if let (Some(v), Some(b)) = (values.as_string_opt::<i32>(), bounds.as_string_opt::<i32>()) {
+        let bound = b.value(g);
+        let kept = bound.char_indices().last().map_or(0, |(at, _)| at);
+        return Some((v.value(i).as_bytes(), bound.as_bytes(), kept));
+    }
+    let (v, b) = (values.as_binary_opt::<i32>()?, bounds.as_binary_opt::<i32>()?);
+    Some((v.value(i), b.value(g), b.value(g).len().saturating_sub(1)))
+}
+
+/// Compares bound `g` with value `i`. Doubles as IEEE 754 numbers (+0 equals -0; a NaN bound
+/// says nothing), which every reader's order agrees with; other types as Parquet orders them.
+fn bound_comparator(
+    bounds: &ArrayRef,
+    values: &ArrayRef,
+) -> Result<arrow_ord::ord::DynComparator, arrow_schema::ArrowError> {
+    if let (Some(b), Some(v)) = (bounds.as_primitive_opt::<Float64Type>(), values.as_primitive_opt::<Float64Type>()) {
+        let (b, v) = (b.clone(), v.clone());
+        return Ok(Box::new(move |g, i| b.value(g).partial_cmp(&v.value(i)).unwrap_or(std::cmp::Ordering::Equal)));
+    }
+    make_comparator(bounds.as_ref(), values.as_ref(), SortOptions::default())
 }
 
 /// Appends `batch`'s rows (their chain columns) to `rows`.
@@ -1087,7 +1190,10 @@ mod tests {
                 let payload = match i {
                     5 => override_event.to_string(),
                     7 => "not json".to_string(),
-                    _ => event(&format!("d{i}"), "prod", 17),
+                    // Longer than the statistics keep: row group 2's bounds of it are truncated.
+                    9 => event(&format!("id-9{}", "é".repeat(60)), "prod", 17),
+                    // '-' is in no hex digest and no base64: a footer patch finds only the bounds.
+                    _ => event(&format!("id-{i}"), "prod", 17),
                 };
                 (1000 + i, payload)
             })
@@ -1148,9 +1254,38 @@ mod tests {
         assert_eq!(found.len(), 1, "{found:?}");
         assert_eq!(found[0].offset, Some(1004));
         assert!(found[0].detail.contains("row group 1: the footer's min of kafka_offset"), "{}", found[0].detail);
-        // A text column: row group 0's decision_id max "d3" made "d2".
-        let found = footer_problems(patch_footer(trail, b"d3", b"d2"));
+        // A text column: row group 0's decision_id max "id-3" made "id-2".
+        let found = footer_problems(patch_footer(trail, b"id-3", b"id-2"));
         assert!(found.iter().any(|p| p.offset == Some(1003) && p.detail.contains("max of decision_id")), "{found:?}");
+    }
+
+    #[test]
+    fn a_widened_or_unreadable_statistic_is_found() {
+        let (records, config) = footer_sample();
+        let segments = encode_flush("trail", "t", 0, &records, &config).unwrap();
+        let trail = &segments.iter().find(|s| matches!(s.placement, Placement::Trail { .. })).unwrap().body;
+        // Row group 1's max 1008 made 1009: no row hidden, but `max(kafka_offset)` read from
+        // the footer would say 1009.
+        let details = |body| footer_problems(body).into_iter().map(|p| (p.offset, p.detail)).collect::<Vec<_>>();
+        assert_eq!(
+            details(patch_footer(trail, &1008i64.to_le_bytes(), &1009i64.to_le_bytes())),
+            [(
+                None,
+                "row group 1: the footer's max of kafka_offset is not the values' max (an aggregate read from the footer would be wrong)".to_string()
+            )]
+        );
+        // Row group 0's decision_id max "id-3" made "id-4", or made bytes that are not UTF-8.
+        assert_eq!(
+            details(patch_footer(trail, b"id-3", b"id-4")),
+            [(
+                None,
+                "row group 0: the footer's max of decision_id is not the values' max (an aggregate read from the footer would be wrong)".to_string()
+            )]
+        );
+        assert_eq!(
+            details(patch_footer(trail, b"id-3", b"id-\xff")),
+            [(None, "row group 0: the footer's max of decision_id does not read as its type".to_string())]
+        );
     }
 
     #[test]

@@ -371,6 +371,14 @@ def rows_duckdb_finds(body: bytes, offset: int) -> int:
             f"SELECT count(*) FROM read_parquet('{f.name}') WHERE kafka_offset = {offset}").fetchone()[0]
 
 
+def patch_footer(body: bytes, old: bytes, new: bytes) -> bytes:
+    """`body` with every `old` in its Parquet footer (the thrift metadata) made `new`."""
+    footer_len = struct.unpack("<I", body[-8:-4])[0]
+    start = len(body) - 8 - footer_len
+    assert old in body[start:-8] and len(old) == len(new)
+    return body[:start] + body[start:-8].replace(old, new) + body[-8:]
+
+
 def tamper_narrowed_statistic(bucket):
     """A row hidden from queries without touching it: row group 0's max kafka_offset in the
     footer lowered by one. Every row, link and Merkle root still verifies; DuckDB (like Athena)
@@ -382,14 +390,32 @@ def tamper_narrowed_statistic(bucket):
     offsets = pq.read_metadata(io.BytesIO(body)).row_group(0).column(2)
     assert offsets.path_in_schema == "kafka_offset"
     top = offsets.statistics.max
-    footer_len = struct.unpack("<I", body[-8:-4])[0]
-    start = len(body) - 8 - footer_len
-    footer = body[start:-8].replace(struct.pack("<q", top), struct.pack("<q", top - 1))
-    narrowed = body[:start] + footer + body[-8:]
+    narrowed = patch_footer(body, struct.pack("<q", top), struct.pack("<q", top - 1))
     assert pq.read_metadata(io.BytesIO(narrowed)).row_group(0).column(2).statistics.max == top - 1
     assert pq.read_table(io.BytesIO(narrowed)).equals(pq.read_table(io.BytesIO(body))), "the rows are untouched"
     assert (rows_duckdb_finds(body, top), rows_duckdb_finds(narrowed, top)) == (1, 0), "the row is hidden"
     s3.put_object(Bucket=bucket, Key=victim, Body=narrowed, ChecksumAlgorithm="SHA256")
+    return {"statistics", "object_changed"}
+
+
+def tamper_widened_statistic(bucket):
+    """A footer's max kafka_offset raised above every row: nothing hidden, but DuckDB answers
+    `max(kafka_offset)` from the footer, so an analyst reads an offset the trail never had."""
+    s3 = trail.s3()
+    victim = accepted_segments(bucket, 1)[0]
+    body = s3.get_object(Bucket=bucket, Key=victim)["Body"].read()
+    meta = pq.read_metadata(io.BytesIO(body))
+    assert meta.num_row_groups == 1 and meta.row_group(0).column(2).path_in_schema == "kafka_offset"
+    top = meta.row_group(0).column(2).statistics.max
+    widened = patch_footer(body, struct.pack("<q", top), struct.pack("<q", top + 1000))
+
+    def duckdb_max(data: bytes) -> int:
+        with tempfile.NamedTemporaryFile(suffix=".parquet") as f:
+            f.write(data)
+            f.flush()
+            return duckdb.connect().execute(f"SELECT max(kafka_offset) FROM read_parquet('{f.name}')").fetchone()[0]
+    assert (duckdb_max(body), duckdb_max(widened)) == (top, top + 1000), "DuckDB reads max() from the footer"
+    s3.put_object(Bucket=bucket, Key=victim, Body=widened, ChecksumAlgorithm="SHA256")
     return {"statistics", "object_changed"}
 
 
@@ -399,7 +425,7 @@ def tamper_narrowed_statistic(bucket):
     tamper_misnamed_digest, tamper_uppercase_signature, tamper_replayed_digest, tamper_digest_folder_spelled_twice,
     tamper_unknown_status, tamper_delete_quarantine_segment, tamper_rejected_row_marked_accepted,
     tamper_edit_derived_column, tamper_move_to_another_environment, tamper_null_partition, tamper_empty_segment,
-    tamper_narrowed_statistic,
+    tamper_narrowed_statistic, tamper_widened_statistic,
 ], ids=lambda f: f.__name__.removeprefix("tamper_"))
 def test_tampering_is_detected_by_both_verifiers(signed_trail, tamper):
     aegis, _, _ = signed_trail
@@ -561,8 +587,11 @@ def test_the_python_footer_check_finds_indexes_and_null_counts():
     filled = table.set_column(1, "user_id", pa.array(["a", "a", "c", "c"]))  # within the bounds
     assert problems(filled) == [(None, "row group 0: the footer counts 1 nulls in user_id, the values 0"),
                                 (None, "row group 1: the footer counts 1 nulls in user_id, the values 0")]
-    widened = table.set_column(0, "kafka_offset", pa.array([10, 11, 12, 99], pa.int64()))
-    assert problems(widened) == [(99, "row group 1: the footer's max of kafka_offset excludes this row's value")]
+    beyond = table.set_column(0, "kafka_offset", pa.array([10, 11, 12, 99], pa.int64()))
+    assert problems(beyond) == [(99, "row group 1: the footer's max of kafka_offset excludes this row's value")]
+    below = table.set_column(0, "kafka_offset", pa.array([10, 11, 12, 12], pa.int64()))
+    assert problems(below) == [(None, "row group 1: the footer's max of kafka_offset is not the values' max "
+                                      "(an aggregate read from the footer would be wrong)")]
 
 
 def test_independent_verifier_self_test():
