@@ -18,17 +18,17 @@ use arrow_array::builder::{
 };
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int32Type, Int64Type, TimestampMillisecondType};
-use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray, UInt64Array};
 use arrow_buffer::{Buffer, OffsetBuffer};
 use arrow_ord::ord::make_comparator;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, SortOptions, TimeUnit};
 use bytes::Bytes;
 use chrono::{DateTime, Datelike, Utc};
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::metadata::{KeyValue, ParquetMetaData};
+use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
@@ -599,8 +599,15 @@ struct OpenSegment {
     reader: ParquetRecordBatchReader,
 }
 
-fn open_segment<'c>(body: Bytes, columns: impl IntoIterator<Item = &'c str>) -> Result<OpenSegment, String> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
+/// With `page_index`, the column and offset indexes are read too, where the file has them.
+fn open_segment<'c>(
+    body: Bytes,
+    columns: impl IntoIterator<Item = &'c str>,
+    page_index: bool,
+) -> Result<OpenSegment, String> {
+    let policy = if page_index { PageIndexPolicy::Optional } else { PageIndexPolicy::Skip };
+    let options = ArrowReaderOptions::new().with_page_index_policy(policy);
+    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(body, options).map_err(|e| e.to_string())?;
     let metadata = builder
         .metadata()
         .file_metadata()
@@ -614,7 +621,7 @@ fn open_segment<'c>(body: Bytes, columns: impl IntoIterator<Item = &'c str>) -> 
 }
 
 pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
-    let open = open_segment(body, CHAIN_COLUMNS)?;
+    let open = open_segment(body, CHAIN_COLUMNS, false)?;
     let mut rows = Vec::new();
     for batch in open.reader {
         chain_rows(&batch.map_err(|e| e.to_string())?, &mut rows)?;
@@ -634,7 +641,7 @@ pub struct SegmentCheckRead {
 /// [`read_segment`], the rows' [`DerivedColumns`], and the footer held against the values.
 pub fn read_segment_for_verify(body: Bytes) -> Result<SegmentCheckRead, String> {
     let columns = CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS).chain(DERIVED_OTHER_COLUMNS);
-    let open = open_segment(body, columns)?;
+    let open = open_segment(body, columns, true)?;
     let mut footer_check = FooterCheck::new(&open.footer, &open.schema);
     let (mut rows, mut derived) = (Vec::new(), Vec::new());
     for batch in open.reader {
@@ -655,37 +662,80 @@ pub struct FooterProblem {
     pub detail: String,
 }
 
-/// One column's row-group statistics, and what the values seen so far say of them.
+/// One column's statistics at one level (its row groups, or the pages of its column index), and
+/// what the values seen so far say of them. Group `g` is the `g`th row group or page.
 struct ColumnStatistics {
     name: String,
+    /// Where each group's rows start (in file order), then the row count.
+    starts: Vec<u64>,
+    /// (row group, page) of each group, for pages; `None` for row groups.
+    pages: Option<Vec<(usize, usize)>>,
     mins: ArrayRef,
     maxes: ArrayRef,
     null_counts: Vec<Option<u64>>,
     nulls_seen: Vec<u64>,
-    /// Whether a value of the row group is its min (max), or, for text, the bound is the
-    /// writer's truncation of one.
+    /// Whether a value of the group is its min (max), or the bound the writer's truncation of one.
     min_attained: Vec<bool>,
     max_attained: Vec<bool>,
-    /// One exclusion per row group and column is enough to name it.
+    /// One exclusion per group is enough to name it.
     reported: Vec<bool>,
     /// Whether the reader reads the column at all (only then are its values checked).
     read: bool,
 }
 
-/// Holds a segment's footer against its values, batch by batch (`verify`). Readers trust the
-/// footer's statistics: Athena and DuckDB skip a row group whose min/max excludes what a query
-/// asks for, and DuckDB answers `max(kafka_offset)` from them. Neither the chain nor the Merkle
-/// root covers them, so a footer edited to narrow them hides rows from analysts, and one edited
-/// to widen them gives wrong aggregates, while every hash still verifies. So each min and max
-/// given must be the row group's smallest and largest value (a text bound may be the writer's
-/// truncation: the min a prefix of the smallest value, the max above the largest and equal to
-/// it but for its last character), each null count given must be the values', every bound must
-/// read as a value of its column, and no column may carry a column index or a bloom filter:
-/// the writer makes neither, and readers skip pages and row groups by both.
+impl ColumnStatistics {
+    fn new(
+        name: &str,
+        starts: Vec<u64>,
+        pages: Option<Vec<(usize, usize)>>,
+        bounds: [ArrayRef; 2],
+        nulls: UInt64Array,
+    ) -> Self {
+        let groups = starts.len() - 1;
+        let [mins, maxes] = bounds;
+        ColumnStatistics {
+            name: name.to_string(),
+            starts,
+            pages,
+            mins,
+            maxes,
+            null_counts: nulls.iter().collect(),
+            nulls_seen: vec![0; groups],
+            min_attained: vec![false; groups],
+            max_attained: vec![false; groups],
+            reported: vec![false; groups],
+            read: false,
+        }
+    }
+
+    fn gives_anything(&self) -> bool {
+        let given = |a: &dyn Array| a.null_count() < a.len();
+        given(&self.mins) || given(&self.maxes) || self.null_counts.iter().any(Option::is_some)
+    }
+
+    /// "row group 1" or "row group 1, page 3".
+    fn group(&self, g: usize) -> String {
+        match &self.pages {
+            Some(pages) => format!("row group {}, page {}", pages[g].0, pages[g].1),
+            None => format!("row group {g}"),
+        }
+    }
+}
+
+/// Holds a segment's footer and page index against its values, batch by batch (`verify`).
+/// Readers trust the statistics: Athena and DuckDB skip a row group (Trino also a page, by the
+/// column index) whose min/max excludes what a query asks for, and DuckDB answers
+/// `max(kafka_offset)` from them. Neither the chain nor the Merkle root covers them, so
+/// statistics edited to narrow them hide rows from analysts, and edited to widen them give
+/// wrong aggregates, while every hash still verifies. So each min and max given must be the
+/// group's smallest and largest value (a text or binary bound may be the writer's truncation:
+/// the min a prefix of the smallest value, the max above the largest and equal to it but for
+/// its last character), each null count given must be the values', every row-group bound must
+/// read as a value of its column, and no column may carry a bloom filter, which the writer never
+/// makes. (Images of 2026-11-23 before 192443e wrote page statistics, so a column index is
+/// held like the row groups, page by page.)
 pub struct FooterCheck {
     columns: Vec<ColumnStatistics>,
-    /// The first row of each row group, then the row count.
-    row_group_starts: Vec<u64>,
     rows_seen: u64,
     problems: Vec<FooterProblem>,
 }
@@ -695,91 +745,107 @@ impl FooterCheck {
         let mut problems = Vec::new();
         let row_groups = footer.row_groups();
         let mut row_group_starts = vec![0u64];
-        let (mut column_indexes, mut bloom_filters) = (Vec::new(), Vec::new());
+        let mut bloom_filters = Vec::new();
         for (g, row_group) in row_groups.iter().enumerate() {
             row_group_starts.push(row_group_starts[g] + row_group.num_rows().max(0) as u64);
             for chunk in row_group.columns() {
                 let path = chunk.column_path().string();
-                if chunk.column_index_offset().is_some() && !column_indexes.contains(&path) {
-                    column_indexes.push(path.clone());
-                }
                 if chunk.bloom_filter_offset().is_some() && !bloom_filters.contains(&path) {
                     bloom_filters.push(path);
                 }
             }
         }
-        for (what, columns) in [("column indexes", column_indexes), ("bloom filters", bloom_filters)] {
-            if !columns.is_empty() {
-                let detail = format!("{what}, which the writer never writes, on {}", columns.join(", "));
-                problems.push(FooterProblem { offset: None, detail });
-            }
+        if !bloom_filters.is_empty() {
+            let detail = format!("bloom filters, which the writer never writes, on {}", bloom_filters.join(", "));
+            problems.push(FooterProblem { offset: None, detail });
         }
         let parquet_schema = footer.file_metadata().schema_descr();
+        let all_row_groups: Vec<usize> = (0..row_groups.len()).collect();
         let mut columns = Vec::new();
         for field in schema.fields() {
             let name = field.name();
-            let read = StatisticsConverter::try_new(name, schema, parquet_schema).and_then(|converter| {
-                let converter = converter.with_missing_null_counts_as_zero(false);
-                Ok((
-                    converter.parquet_column_index(),
-                    converter.row_group_mins(row_groups)?,
-                    converter.row_group_maxes(row_groups)?,
-                    converter.row_group_null_counts(row_groups)?,
-                ))
-            });
-            let (index, mins, maxes, null_counts) = match read {
-                Ok(read) => read,
+            let converter = match StatisticsConverter::try_new(name, schema, parquet_schema) {
+                Ok(converter) => converter.with_missing_null_counts_as_zero(false),
                 Err(e) => {
                     problems.push(FooterProblem { offset: None, detail: format!("{name}: {e}") });
                     continue;
                 }
             };
-            // A bound the converter cannot read as the column's type (text that is not UTF-8)
-            // comes back null, and a reader that compares bytes may still skip by it.
-            for (g, row_group) in row_groups.iter().enumerate() {
-                let Some(stats) = index.and_then(|i| row_group.column(i).statistics()) else { continue };
-                for (bound, given, read) in
-                    [("min", stats.min_bytes_opt(), &mins), ("max", stats.max_bytes_opt(), &maxes)]
-                {
-                    if given.is_some() && read.is_null(g) {
-                        let detail = format!("row group {g}: the footer's {bound} of {name} does not read as its type");
-                        problems.push(FooterProblem { offset: None, detail });
+            let Some(index) = converter.parquet_column_index() else { continue };
+            let chunk_level = || -> parquet::errors::Result<ColumnStatistics> {
+                let bounds = [converter.row_group_mins(row_groups)?, converter.row_group_maxes(row_groups)?];
+                let nulls = converter.row_group_null_counts(row_groups)?;
+                Ok(ColumnStatistics::new(name, row_group_starts.clone(), None, bounds, nulls))
+            };
+            match chunk_level() {
+                Ok(column) => {
+                    // A bound the converter cannot read as the column's type (text that is not
+                    // UTF-8) comes back null, and a reader that compares bytes may still skip by it.
+                    for (g, row_group) in row_groups.iter().enumerate() {
+                        let Some(stats) = row_group.column(index).statistics() else { continue };
+                        for (bound, given, read) in [
+                            ("min", stats.min_bytes_opt(), &column.mins),
+                            ("max", stats.max_bytes_opt(), &column.maxes),
+                        ] {
+                            if given.is_some() && read.is_null(g) {
+                                let detail =
+                                    format!("row group {g}: the footer's {bound} of {name} does not read as its type");
+                                problems.push(FooterProblem { offset: None, detail });
+                            }
+                        }
+                    }
+                    if column.gives_anything() {
+                        columns.push(column);
                     }
                 }
+                Err(e) => problems.push(FooterProblem { offset: None, detail: format!("{name}: {e}") }),
             }
-            let given = |a: &dyn Array| a.null_count() < a.len();
-            if given(&mins) || given(&maxes) || given(&null_counts) {
-                let groups = row_groups.len();
-                columns.push(ColumnStatistics {
-                    name: name.clone(),
-                    mins,
-                    maxes,
-                    null_counts: null_counts.iter().collect(),
-                    nulls_seen: vec![0; groups],
-                    min_attained: vec![false; groups],
-                    max_attained: vec![false; groups],
-                    reported: vec![false; groups],
-                    read: false,
-                });
+            let Some(page_index) = footer.page_index() else { continue };
+            if !(0..row_groups.len()).any(|g| page_index.column_index(g, index).is_some()) {
+                continue;
+            }
+            let page_level = || -> Result<ColumnStatistics, String> {
+                let page_index = page_index.as_ref();
+                let bounds = [
+                    converter.data_page_mins(page_index, &all_row_groups).map_err(|e| e.to_string())?,
+                    converter.data_page_maxes(page_index, &all_row_groups).map_err(|e| e.to_string())?,
+                ];
+                let nulls = converter.data_page_null_counts(page_index, &all_row_groups).map_err(|e| e.to_string())?;
+                let rows = converter
+                    .data_page_row_counts(page_index, row_groups, &all_row_groups)
+                    .map_err(|e| e.to_string())?
+                    .filter(|rows| rows.null_count() == 0)
+                    .ok_or("its column index has no offset index to place its pages")?;
+                let pages: Vec<(usize, usize)> = (0..row_groups.len())
+                    .flat_map(|g| {
+                        let count = page_index.column_index(g, index).map_or(0, |c| c.num_pages() as usize);
+                        (0..count).map(move |p| (g, p))
+                    })
+                    .collect();
+                let mut starts = vec![0u64];
+                for rows in rows.values() {
+                    starts.push(starts.last().copied().unwrap_or(0) + rows);
+                }
+                let (placed, total) = (starts.last().copied(), row_group_starts.last().copied());
+                if pages.len() != rows.len() || bounds[0].len() != rows.len() || placed != total {
+                    return Err(format!("its pages cover {placed:?} rows, the row groups {total:?}"));
+                }
+                Ok(ColumnStatistics::new(name, starts, Some(pages), bounds, nulls))
+            };
+            match page_level() {
+                Ok(column) if column.gives_anything() => columns.push(column),
+                Ok(_) => {}
+                Err(e) => problems.push(FooterProblem { offset: None, detail: format!("{name}'s column index: {e}") }),
             }
         }
-        FooterCheck { columns, row_group_starts, rows_seen: 0, problems }
+        FooterCheck { columns, rows_seen: 0, problems }
     }
 
     /// Checks the next batch of rows, in file order.
     pub fn check_batch(&mut self, batch: &RecordBatch) {
         let offsets = batch.column_by_name("kafka_offset").and_then(|c| c.as_primitive_opt::<Int64Type>());
         let offset_of = |i: usize| offsets.filter(|o| o.is_valid(i)).map(|o| o.value(i));
-        let last_group = self.row_group_starts.len().saturating_sub(2);
-        let mut group = self.row_group_starts.partition_point(|&start| start <= self.rows_seen).saturating_sub(1);
-        let groups: Vec<usize> = (self.rows_seen..self.rows_seen + batch.num_rows() as u64)
-            .map(|row| {
-                while group < last_group && self.row_group_starts[group + 1] <= row {
-                    group += 1;
-                }
-                group.min(last_group)
-            })
-            .collect();
+        let first_row = self.rows_seen;
         self.rows_seen += batch.num_rows() as u64;
         for column in &mut self.columns {
             let Some(values) = batch.column_by_name(&column.name) else { continue };
@@ -796,8 +862,13 @@ impl FooterCheck {
                         continue;
                     }
                 };
+            let last_group = column.starts.len() - 2;
+            let mut g = column.starts.partition_point(|&start| start <= first_row).saturating_sub(1).min(last_group);
             let floats = values.as_primitive_opt::<Float64Type>();
-            for (i, &g) in groups.iter().enumerate() {
+            for i in 0..batch.num_rows() {
+                while g < last_group && column.starts[g + 1] <= first_row + i as u64 {
+                    g += 1;
+                }
                 if values.is_null(i) {
                     column.nulls_seen[g] += 1;
                     continue;
@@ -834,7 +905,7 @@ impl FooterCheck {
                 };
                 column.reported[g] = true;
                 let detail =
-                    format!("row group {g}: the footer's {bound} of {} excludes this row's value", column.name);
+                    format!("{}: the footer's {bound} of {} excludes this row's value", column.group(g), column.name);
                 self.problems.push(FooterProblem { offset: offset_of(i), detail });
             }
         }
@@ -844,8 +915,11 @@ impl FooterCheck {
         for column in self.columns.iter().filter(|column| column.read) {
             for (g, (given, seen)) in column.null_counts.iter().zip(&column.nulls_seen).enumerate() {
                 if let Some(given) = given.filter(|given| given != seen) {
-                    let detail =
-                        format!("row group {g}: the footer counts {given} nulls in {}, the values {seen}", column.name);
+                    let detail = format!(
+                        "{}: the footer counts {given} nulls in {}, the values {seen}",
+                        column.group(g),
+                        column.name
+                    );
                     self.problems.push(FooterProblem { offset: None, detail });
                 }
             }
@@ -856,7 +930,8 @@ impl FooterCheck {
                 for (bound, given, attained) in bounds {
                     if given.is_valid(g) && !attained && !column.reported[g] {
                         let detail = format!(
-                            "row group {g}: the footer's {bound} of {} is not the values' {bound} (an aggregate read from the footer would be wrong)",
+                            "{}: the footer's {bound} of {} is not the values' {bound} (an aggregate read from the footer would be wrong)",
+                            column.group(g),
                             column.name
                         );
                         self.problems.push(FooterProblem { offset: None, detail });
@@ -1293,7 +1368,7 @@ mod tests {
         let (records, config) = footer_sample();
         let segments = encode_flush("trail", "t", 0, &records, &config).unwrap();
         let trail = &segments.iter().find(|s| matches!(s.placement, Placement::Trail { .. })).unwrap().body;
-        let open = open_segment(trail.clone(), CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS)).unwrap();
+        let open = open_segment(trail.clone(), CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS), true).unwrap();
         let mut check = FooterCheck::new(&open.footer, &open.schema);
         for batch in open.reader {
             // The values' reviewer_id filled in where the footer counts nulls (every row but the
@@ -1318,7 +1393,7 @@ mod tests {
     }
 
     #[test]
-    fn a_column_index_or_bloom_filter_the_writer_never_writes_is_found() {
+    fn a_bloom_filter_is_found_and_a_column_index_held_page_by_page() {
         let (records, config) = footer_sample();
         let rows: Vec<&ChainedRecord> = records.iter().filter(|r| r.outcome.is_ok()).collect();
         let base = || {
@@ -1330,12 +1405,44 @@ mod tests {
             footer_problems(encode_rows("t", 0, &rows, props).unwrap()).into_iter().map(|p| p.detail).collect()
         };
         assert_eq!(details(base().build()), Vec::<String>::new());
-        let page_statistics = base().set_column_statistics_enabled("user_id".into(), EnabledStatistics::Page);
-        assert_eq!(details(page_statistics.build()), ["column indexes, which the writer never writes, on user_id"]);
         let bloom = base()
             .set_column_bloom_filter_enabled("user_id".into(), true)
             .set_column_bloom_filter_enabled("action".into(), true);
         assert_eq!(details(bloom.build()), ["bloom filters, which the writer never writes, on user_id, action"]);
+
+        // Page statistics (as the first images wrote them), two rows a page: the column index
+        // holds for the values; values outside a page's bounds are found in that page.
+        let paged = base()
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_data_page_row_count_limit(2)
+            .set_write_batch_size(2)
+            .build();
+        let body = encode_rows("t", 0, &rows, paged).unwrap();
+        assert_eq!(footer_problems(body.clone()), vec![]);
+        let open = open_segment(body, ["kafka_offset"], true).unwrap();
+        let footer = open.footer.clone();
+        assert!(footer.page_index().is_some_and(|p| p.column_index(0, 2).is_some_and(|c| c.num_pages() == 2)));
+        let mut check = FooterCheck::new(&footer, &open.schema);
+        for batch in open.reader {
+            // Offset 1002 (row group 0, page 1, rows 1002 and 1003) read as 1001: inside the
+            // row group's bounds, below its page's min.
+            let batch = batch.unwrap();
+            let offsets: arrow_array::Int64Array = batch
+                .column(0)
+                .as_primitive::<Int64Type>()
+                .iter()
+                .map(|o| o.map(|o| if o == 1002 { 1001 } else { o }))
+                .collect();
+            check.check_batch(&RecordBatch::try_new(batch.schema(), vec![Arc::new(offsets)]).unwrap());
+        }
+        let found: Vec<_> = check.finish().into_iter().map(|p| (p.offset, p.detail)).collect();
+        assert_eq!(
+            found,
+            [(
+                Some(1001),
+                "row group 0, page 1: the footer's min of kafka_offset excludes this row's value".to_string()
+            )]
+        );
     }
 
     #[test]
