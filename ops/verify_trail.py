@@ -400,7 +400,10 @@ def load_segment(store, key: str) -> Segment:
     seg.unreadable = column_problem(table)
     if seg.unreadable:
         return seg
-    seg.footer_problems = footer_problems(parquet.metadata, table)
+    try:
+        seg.footer_problems = footer_problems(parquet.metadata, table)
+    except Exception as e:  # a footer pyarrow reads but no writer makes: reported, not a crash
+        seg.footer_problems = [(None, f"the statistics could not be checked: {e!r}")]
     root = meta.get(b"aegis.merkle_root")
     seg.footer_root = root.decode(errors="replace") if root is not None else None
     chain = [table.column(c).to_pylist() for c in COLUMNS]
@@ -442,8 +445,8 @@ def footer_problems(meta: pq.FileMetaData, table: pa.Table) -> list[tuple[int | 
     start = 0
     for g in range(meta.num_row_groups):
         row_group = meta.row_group(g)
-        rows = table.slice(start, row_group.num_rows)
-        start += row_group.num_rows
+        rows = table.slice(start, max(row_group.num_rows, 0))
+        start += max(row_group.num_rows, 0)
         for j in range(row_group.num_columns):
             chunk = row_group.column(j)
             name = chunk.path_in_schema

@@ -25,10 +25,11 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, SortOptions, TimeUnit};
 use bytes::Bytes;
 use chrono::{DateTime, Datelike, Utc};
 use parquet::arrow::arrow_reader::statistics::StatisticsConverter;
-use parquet::arrow::arrow_reader::{ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
 use parquet::arrow::{ArrowWriter, ProjectionMask};
 use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData};
+use parquet::file::metadata::{KeyValue, PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::page_index::column_index::ColumnIndexMetaData;
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
 use parquet::schema::types::ColumnPath;
 
@@ -599,15 +600,8 @@ struct OpenSegment {
     reader: ParquetRecordBatchReader,
 }
 
-/// With `page_index`, the column and offset indexes are read too, where the file has them.
-fn open_segment<'c>(
-    body: Bytes,
-    columns: impl IntoIterator<Item = &'c str>,
-    page_index: bool,
-) -> Result<OpenSegment, String> {
-    let policy = if page_index { PageIndexPolicy::Optional } else { PageIndexPolicy::Skip };
-    let options = ArrowReaderOptions::new().with_page_index_policy(policy);
-    let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(body, options).map_err(|e| e.to_string())?;
+fn open_segment<'c>(body: Bytes, columns: impl IntoIterator<Item = &'c str>) -> Result<OpenSegment, String> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(body).map_err(|e| e.to_string())?;
     let metadata = builder
         .metadata()
         .file_metadata()
@@ -621,7 +615,7 @@ fn open_segment<'c>(
 }
 
 pub fn read_segment(body: Bytes) -> Result<SegmentRead, String> {
-    let open = open_segment(body, CHAIN_COLUMNS, false)?;
+    let open = open_segment(body, CHAIN_COLUMNS)?;
     let mut rows = Vec::new();
     for batch in open.reader {
         chain_rows(&batch.map_err(|e| e.to_string())?, &mut rows)?;
@@ -641,8 +635,17 @@ pub struct SegmentCheckRead {
 /// [`read_segment`], the rows' [`DerivedColumns`], and the footer held against the values.
 pub fn read_segment_for_verify(body: Bytes) -> Result<SegmentCheckRead, String> {
     let columns = CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS).chain(DERIVED_OTHER_COLUMNS);
-    let open = open_segment(body, columns, true)?;
-    let mut footer_check = FooterCheck::new(&open.footer, &open.schema);
+    // The rows are read without the page index: with one, parquet-rs reads the pages where the
+    // offset index points, which need not be the pages other readers read (the whole chunk).
+    let open = open_segment(body.clone(), columns)?;
+    let mut footer_check = match footer_with_page_index(&body) {
+        Ok(footer) => FooterCheck::new(&footer, &open.schema),
+        Err(e) => {
+            let mut check = FooterCheck::new(&open.footer, &open.schema);
+            check.problems.push(FooterProblem { offset: None, detail: format!("the page index does not read: {e}") });
+            check
+        }
+    };
     let (mut rows, mut derived) = (Vec::new(), Vec::new());
     for batch in open.reader {
         let batch = batch.map_err(|e| e.to_string())?;
@@ -652,6 +655,14 @@ pub fn read_segment_for_verify(body: Bytes) -> Result<SegmentCheckRead, String> 
     }
     let segment = SegmentRead { rows, metadata: open.metadata };
     Ok(SegmentCheckRead { segment, derived, footer_problems: footer_check.finish() })
+}
+
+/// The footer with the column and offset indexes, where the file has them.
+fn footer_with_page_index(body: &Bytes) -> Result<ParquetMetaData, String> {
+    ParquetMetaDataReader::new()
+        .with_page_index_policy(PageIndexPolicy::Optional)
+        .parse_and_finish(body)
+        .map_err(|e| e.to_string())
 }
 
 /// A footer that does not hold for the segment's values.
@@ -670,6 +681,8 @@ struct ColumnStatistics {
     starts: Vec<u64>,
     /// (row group, page) of each group, for pages; `None` for row groups.
     pages: Option<Vec<(usize, usize)>>,
+    /// Pages the column index marks as holding only nulls (readers skip them for any value).
+    null_pages: Vec<bool>,
     mins: ArrayRef,
     maxes: ArrayRef,
     null_counts: Vec<Option<u64>>,
@@ -704,6 +717,7 @@ impl ColumnStatistics {
             min_attained: vec![false; groups],
             max_attained: vec![false; groups],
             reported: vec![false; groups],
+            null_pages: vec![false; groups],
             read: false,
         }
     }
@@ -736,6 +750,8 @@ impl ColumnStatistics {
 /// held like the row groups, page by page.)
 pub struct FooterCheck {
     columns: Vec<ColumnStatistics>,
+    /// The row groups' row counts, summed.
+    footer_rows: u64,
     rows_seen: u64,
     problems: Vec<FooterProblem>,
 }
@@ -806,31 +822,56 @@ impl FooterCheck {
             }
             let page_level = || -> Result<ColumnStatistics, String> {
                 let page_index = page_index.as_ref();
+                // The shape parquet's converter assumes (it panics on some others), checked first.
+                let mut pages = Vec::new();
+                let mut null_pages = Vec::new();
+                let mut starts = vec![0u64];
+                for (g, row_group) in row_groups.iter().enumerate() {
+                    let at = |what: String| format!("row group {g}: {what}");
+                    let column_index = page_index.column_index(g, index).ok_or_else(|| at("no column index".into()))?;
+                    let locations = page_index
+                        .offset_index(g, index)
+                        .ok_or_else(|| at("no offset index to place its pages".into()))?
+                        .page_locations();
+                    let count = column_index.num_pages() as usize;
+                    if count == 0 || count != locations.len() {
+                        return Err(at(format!("{count} pages indexed, {} placed", locations.len())));
+                    }
+                    let firsts: Vec<i64> = locations.iter().map(|l| l.first_row_index).collect();
+                    let rows = row_group.num_rows();
+                    if firsts[0] != 0 || firsts.windows(2).any(|w| w[0] >= w[1]) || firsts[count - 1] >= rows {
+                        return Err(at(format!("pages start at rows {firsts:?} of {rows}")));
+                    }
+                    let group_start = starts.last().copied().unwrap_or(0);
+                    starts.extend(firsts[1..].iter().map(|&first| group_start + first as u64));
+                    starts.push(group_start + rows as u64);
+                    for p in 0..count {
+                        pages.push((g, p));
+                        null_pages.push(column_index.is_null_page(p));
+                        // A page bound the converter cannot read as text comes back null.
+                        if let ColumnIndexMetaData::BYTE_ARRAY(bytes) = column_index {
+                            let given = [("min", bytes.min_value(p)), ("max", bytes.max_value(p))];
+                            for (bound, raw) in given {
+                                if field.data_type() == &DataType::Utf8
+                                    && raw.is_some_and(|r| std::str::from_utf8(r).is_err())
+                                {
+                                    return Err(at(format!("page {p}'s {bound} does not read as its type")));
+                                }
+                            }
+                        }
+                    }
+                }
                 let bounds = [
                     converter.data_page_mins(page_index, &all_row_groups).map_err(|e| e.to_string())?,
                     converter.data_page_maxes(page_index, &all_row_groups).map_err(|e| e.to_string())?,
                 ];
                 let nulls = converter.data_page_null_counts(page_index, &all_row_groups).map_err(|e| e.to_string())?;
-                let rows = converter
-                    .data_page_row_counts(page_index, row_groups, &all_row_groups)
-                    .map_err(|e| e.to_string())?
-                    .filter(|rows| rows.null_count() == 0)
-                    .ok_or("its column index has no offset index to place its pages")?;
-                let pages: Vec<(usize, usize)> = (0..row_groups.len())
-                    .flat_map(|g| {
-                        let count = page_index.column_index(g, index).map_or(0, |c| c.num_pages() as usize);
-                        (0..count).map(move |p| (g, p))
-                    })
-                    .collect();
-                let mut starts = vec![0u64];
-                for rows in rows.values() {
-                    starts.push(starts.last().copied().unwrap_or(0) + rows);
+                if bounds[0].len() != pages.len() || nulls.len() != pages.len() {
+                    return Err(format!("{} pages, {} bounds", pages.len(), bounds[0].len()));
                 }
-                let (placed, total) = (starts.last().copied(), row_group_starts.last().copied());
-                if pages.len() != rows.len() || bounds[0].len() != rows.len() || placed != total {
-                    return Err(format!("its pages cover {placed:?} rows, the row groups {total:?}"));
-                }
-                Ok(ColumnStatistics::new(name, starts, Some(pages), bounds, nulls))
+                let mut column = ColumnStatistics::new(name, starts, Some(pages), bounds, nulls);
+                column.null_pages = null_pages;
+                Ok(column)
             };
             match page_level() {
                 Ok(column) if column.gives_anything() => columns.push(column),
@@ -838,7 +879,8 @@ impl FooterCheck {
                 Err(e) => problems.push(FooterProblem { offset: None, detail: format!("{name}'s column index: {e}") }),
             }
         }
-        FooterCheck { columns, rows_seen: 0, problems }
+        let footer_rows = row_group_starts.last().copied().unwrap_or(0);
+        FooterCheck { columns, footer_rows, rows_seen: 0, problems }
     }
 
     /// Checks the next batch of rows, in file order.
@@ -850,18 +892,21 @@ impl FooterCheck {
         for column in &mut self.columns {
             let Some(values) = batch.column_by_name(&column.name) else { continue };
             column.read = true;
-            let (min_vs, max_vs) =
-                match (bound_comparator(&column.mins, values), bound_comparator(&column.maxes, values)) {
-                    (Ok(min), Ok(max)) => (min, max),
-                    (Err(e), _) | (_, Err(e)) => {
-                        let detail = format!("{}: statistics not comparable with the values: {e}", column.name);
-                        self.problems.push(FooterProblem { offset: None, detail });
-                        column.reported.fill(true);
-                        column.min_attained.fill(true);
-                        column.max_attained.fill(true);
-                        continue;
-                    }
-                };
+            let compared = (
+                bound_comparator(&column.mins, values, std::cmp::Ordering::Less),
+                bound_comparator(&column.maxes, values, std::cmp::Ordering::Greater),
+            );
+            let (min_vs, max_vs) = match compared {
+                (Ok(min), Ok(max)) => (min, max),
+                (Err(e), _) | (_, Err(e)) => {
+                    let detail = format!("{}: statistics not comparable with the values: {e}", column.name);
+                    self.problems.push(FooterProblem { offset: None, detail });
+                    column.reported.fill(true);
+                    column.min_attained.fill(true);
+                    column.max_attained.fill(true);
+                    continue;
+                }
+            };
             let last_group = column.starts.len() - 2;
             let mut g = column.starts.partition_point(|&start| start <= first_row).saturating_sub(1).min(last_group);
             let floats = values.as_primitive_opt::<Float64Type>();
@@ -876,6 +921,15 @@ impl FooterCheck {
                 // Writers leave NaN out of min/max (and no JSON number is one).
                 if floats.is_some_and(|f| f.value(i).is_nan()) {
                     continue;
+                }
+                if column.null_pages[g] && !column.reported[g] {
+                    column.reported[g] = true;
+                    let detail = format!(
+                        "{}: the column index says {} holds only nulls, this row has a value",
+                        column.group(g),
+                        column.name
+                    );
+                    self.problems.push(FooterProblem { offset: offset_of(i), detail });
                 }
                 let (has_min, has_max) = (column.mins.is_valid(g), column.maxes.is_valid(g));
                 let (to_min, to_max) = (min_vs(g, i), max_vs(g, i));
@@ -912,6 +966,11 @@ impl FooterCheck {
     }
 
     pub fn finish(mut self) -> Vec<FooterProblem> {
+        // parquet-rs reads every page; readers that trust the footer's row counts stop short.
+        if self.rows_seen != self.footer_rows {
+            let detail = format!("the footer counts {} rows, the pages hold {}", self.footer_rows, self.rows_seen);
+            self.problems.push(FooterProblem { offset: None, detail });
+        }
         for column in self.columns.iter().filter(|column| column.read) {
             for (g, (given, seen)) in column.null_counts.iter().zip(&column.nulls_seen).enumerate() {
                 if let Some(given) = given.filter(|given| given != seen) {
@@ -968,15 +1027,17 @@ fn byte_pair<'a>(
     Some((v.value(i), b.value(g), b.value(g).len().saturating_sub(1)))
 }
 
-/// Compares bound `g` with value `i`. Doubles as IEEE 754 numbers (+0 equals -0; a NaN bound
-/// says nothing), which every reader's order agrees with; other types as Parquet orders them.
+/// Compares bound `g` with value `i`. Doubles as IEEE 754 numbers (+0 equals -0), which every
+/// reader's order agrees with, and a NaN bound as `nan` (below every value for a min, above for
+/// a max: it excludes none and is none of them); other types as Parquet orders them.
 fn bound_comparator(
     bounds: &ArrayRef,
     values: &ArrayRef,
+    nan: std::cmp::Ordering,
 ) -> Result<arrow_ord::ord::DynComparator, arrow_schema::ArrowError> {
     if let (Some(b), Some(v)) = (bounds.as_primitive_opt::<Float64Type>(), values.as_primitive_opt::<Float64Type>()) {
         let (b, v) = (b.clone(), v.clone());
-        return Ok(Box::new(move |g, i| b.value(g).partial_cmp(&v.value(i)).unwrap_or(std::cmp::Ordering::Equal)));
+        return Ok(Box::new(move |g, i| b.value(g).partial_cmp(&v.value(i)).unwrap_or(nan)));
     }
     make_comparator(bounds.as_ref(), values.as_ref(), SortOptions::default())
 }
@@ -1368,7 +1429,7 @@ mod tests {
         let (records, config) = footer_sample();
         let segments = encode_flush("trail", "t", 0, &records, &config).unwrap();
         let trail = &segments.iter().find(|s| matches!(s.placement, Placement::Trail { .. })).unwrap().body;
-        let open = open_segment(trail.clone(), CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS), true).unwrap();
+        let open = open_segment(trail.clone(), CHAIN_COLUMNS.into_iter().chain(DERIVED_TEXT_COLUMNS)).unwrap();
         let mut check = FooterCheck::new(&open.footer, &open.schema);
         for batch in open.reader {
             // The values' reviewer_id filled in where the footer counts nulls (every row but the
@@ -1419,8 +1480,8 @@ mod tests {
             .build();
         let body = encode_rows("t", 0, &rows, paged).unwrap();
         assert_eq!(footer_problems(body.clone()), vec![]);
-        let open = open_segment(body, ["kafka_offset"], true).unwrap();
-        let footer = open.footer.clone();
+        let footer = footer_with_page_index(&body).unwrap();
+        let open = open_segment(body, ["kafka_offset"]).unwrap();
         assert!(footer.page_index().is_some_and(|p| p.column_index(0, 2).is_some_and(|c| c.num_pages() == 2)));
         let mut check = FooterCheck::new(&footer, &open.schema);
         for batch in open.reader {
@@ -1443,6 +1504,36 @@ mod tests {
                 "row group 0, page 1: the footer's min of kafka_offset excludes this row's value".to_string()
             )]
         );
+    }
+
+    #[test]
+    fn a_page_marked_all_null_that_holds_a_value_and_rows_the_footer_does_not_count_are_found() {
+        let (records, config) = footer_sample();
+        let rows: Vec<&ChainedRecord> = records.iter().filter(|r| r.outcome.is_ok()).collect();
+        let paged = WriterProperties::builder()
+            .set_max_row_group_row_count(Some(config.row_group_rows))
+            .set_statistics_enabled(EnabledStatistics::Page)
+            .set_data_page_row_count_limit(2)
+            .set_write_batch_size(2)
+            .build();
+        let body = encode_rows("t", 0, &rows, paged).unwrap();
+        let footer = footer_with_page_index(&body).unwrap();
+        let open = open_segment(body, ["kafka_offset", "reviewer_id"]).unwrap();
+        let mut check = FooterCheck::new(&footer, &open.schema);
+        // Only rows 1000-1003 (row group 0: decisions, two pages of nulls), reviewer_id filled in.
+        let mut reader = open.reader;
+        let batch = reader.next().unwrap().unwrap().slice(0, 4);
+        let filled: StringArray = (0..batch.num_rows()).map(|_| Some("rev")).collect();
+        let batch = RecordBatch::try_new(batch.schema(), vec![batch.column(0).clone(), Arc::new(filled)]).unwrap();
+        check.check_batch(&batch);
+        let found: Vec<_> = check.finish().into_iter().map(|p| (p.offset, p.detail)).collect();
+        let null_page = (
+            Some(1000),
+            "row group 0, page 0: the column index says reviewer_id holds only nulls, this row has a value".to_string(),
+        );
+        assert!(found.contains(&null_page), "{found:?}");
+        let uncounted = (None, "the footer counts 9 rows, the pages hold 4".to_string());
+        assert!(found.contains(&uncounted), "{found:?}");
     }
 
     #[test]
