@@ -363,12 +363,12 @@ def tamper_made_up_objects(bucket):
     return {"unexpected_object"}
 
 
-def rows_duckdb_finds(body: bytes, offset: int) -> int:
+def duckdb_answer(body: bytes, query: str) -> int:
+    """DuckDB's answer to `SELECT <query> FROM <body as a Parquet file>`."""
     with tempfile.NamedTemporaryFile(suffix=".parquet") as f:
         f.write(body)
         f.flush()
-        return duckdb.connect().execute(
-            f"SELECT count(*) FROM read_parquet('{f.name}') WHERE kafka_offset = {offset}").fetchone()[0]
+        return duckdb.connect().execute(f"SELECT {query.format(file=f'read_parquet({f.name!r})')}").fetchone()[0]
 
 
 def patch_footer(body: bytes, old: bytes, new: bytes) -> bytes:
@@ -393,7 +393,8 @@ def tamper_narrowed_statistic(bucket):
     narrowed = patch_footer(body, struct.pack("<q", top), struct.pack("<q", top - 1))
     assert pq.read_metadata(io.BytesIO(narrowed)).row_group(0).column(2).statistics.max == top - 1
     assert pq.read_table(io.BytesIO(narrowed)).equals(pq.read_table(io.BytesIO(body))), "the rows are untouched"
-    assert (rows_duckdb_finds(body, top), rows_duckdb_finds(narrowed, top)) == (1, 0), "the row is hidden"
+    find = f"count(*) FROM {{file}} WHERE kafka_offset = {top}"
+    assert (duckdb_answer(body, find), duckdb_answer(narrowed, find)) == (1, 0), "the row is hidden"
     s3.put_object(Bucket=bucket, Key=victim, Body=narrowed, ChecksumAlgorithm="SHA256")
     return {"statistics", "object_changed"}
 
@@ -408,13 +409,9 @@ def tamper_widened_statistic(bucket):
     assert meta.num_row_groups == 1 and meta.row_group(0).column(2).path_in_schema == "kafka_offset"
     top = meta.row_group(0).column(2).statistics.max
     widened = patch_footer(body, struct.pack("<q", top), struct.pack("<q", top + 1000))
-
-    def duckdb_max(data: bytes) -> int:
-        with tempfile.NamedTemporaryFile(suffix=".parquet") as f:
-            f.write(data)
-            f.flush()
-            return duckdb.connect().execute(f"SELECT max(kafka_offset) FROM read_parquet('{f.name}')").fetchone()[0]
-    assert (duckdb_max(body), duckdb_max(widened)) == (top, top + 1000), "DuckDB reads max() from the footer"
+    top_of = "max(kafka_offset) FROM {file}"
+    assert (duckdb_answer(body, top_of), duckdb_answer(widened, top_of)) == (top, top + 1000), \
+        "DuckDB reads max() from the footer"
     s3.put_object(Bucket=bucket, Key=victim, Body=widened, ChecksumAlgorithm="SHA256")
     return {"statistics", "object_changed"}
 
